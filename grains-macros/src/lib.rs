@@ -1,0 +1,67 @@
+//! The `#[grain]` attribute. Use it through the `grains` crate (`grains::grain`), which documents it.
+//!
+//! The macro is a small pipeline, in the manner of serde_derive: [`parse`] reads the annotated item into a
+//! model, [`validate`] collects every misuse as a spanned error that says what to write instead, and
+//! [`expand`] emits code that names everything through `::grains::__private`. On invalid input the item is
+//! emitted unchanged beside the errors, so the user sees our message and not a cascade of follow-on errors.
+
+use proc_macro::TokenStream;
+use proc_macro2::TokenStream as TokenStream2;
+use quote::ToTokens;
+
+mod expand;
+mod parse;
+mod validate;
+
+/// Turns a struct into a virtual grain type, or an impl block into its callable methods.
+///
+/// See the `grains` crate documentation for the full story and an example.
+///
+/// On the struct: `#[grain]`, `#[grain(name = "shop.Cart")]` (the type name on the wire and in storage;
+/// default: the struct name), `#[grain(idle_timeout = "10m")]` (idle time before passivation; default: the
+/// silo's, 15 minutes). Fields of type `PersistentState<T>` are loaded on activation (state name: the field
+/// name, or `#[state(name = "...")]`), `GrainContext` fields receive the context, other fields are defaulted.
+///
+/// On the impl block: every `pub async fn` taking `&self` or `&mut self` becomes a grain method, and
+/// `on_activate` / `on_deactivate` (`async fn(&mut self, &GrainContext) -> Result<(), GrainError>`) are
+/// lifecycle hooks. The macro generates `XRequest` and `XResponse` enums and the typed reference `XRef`.
+#[proc_macro_attribute]
+pub fn grain(args: TokenStream, input: TokenStream) -> TokenStream {
+    expand_grain(args.into(), input.into()).into()
+}
+
+fn expand_grain(args: TokenStream2, input: TokenStream2) -> TokenStream2 {
+    let item: syn::Item = match syn::parse2(input.clone()) {
+        Ok(item) => item,
+        Err(e) => return e.to_compile_error(),
+    };
+    let result = match item {
+        syn::Item::Struct(item) => parse::GrainStruct::parse(args, item)
+            .and_then(|model| validate::grain_struct(&model).map(|()| model))
+            .map(|model| expand::grain_struct(&model)),
+        syn::Item::Impl(item) => parse::GrainImpl::parse(args, item)
+            .and_then(|model| validate::grain_impl(&model).map(|()| model))
+            .map(|model| expand::grain_impl(&model)),
+        other => Err(syn::Error::new_spanned(
+            other,
+            "#[grain] goes on a struct (the grain's state) and on its `impl` block (the grain's methods)",
+        )),
+    };
+    match result {
+        Ok(tokens) => tokens,
+        Err(errors) => {
+            // Emit the item untouched beside the errors, with `#[state]` helpers removed, so that only
+            // our message is reported.
+            let mut out = errors.to_compile_error();
+            match syn::parse2::<syn::Item>(input) {
+                Ok(syn::Item::Struct(mut s)) => {
+                    parse::strip_state_attrs(&mut s);
+                    s.to_tokens(&mut out);
+                }
+                Ok(item) => item.to_tokens(&mut out),
+                Err(_) => {}
+            }
+            out
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Reads `#[grain]` input into a model; only syntax errors are reported here, misuse is for `validate`.
+
+use proc_macro2::TokenStream;
+use syn::parse::Parser;
+use syn::punctuated::Punctuated;
+use syn::spanned::Spanned;
+use syn::{Attribute, Expr, ExprLit, FnArg, Ident, ImplItem, ImplItemFn, Lit, LitStr, Meta, Pat, Token, Type};
+
+/// `#[grain(...)]` on a struct.
+pub(crate) struct GrainStruct {
+    pub(crate) item: syn::ItemStruct,
+    pub(crate) name: Option<LitStr>,
+    pub(crate) idle_timeout: Option<LitStr>,
+    pub(crate) fields: Vec<GrainField>,
+}
+
+/// How a field of a grain struct is filled when the grain activates.
+pub(crate) enum FieldInit {
+    /// `PersistentState<T>`: loaded from storage under this state name.
+    State(LitStr),
+    /// `GrainContext`: a clone of the activation's context.
+    Context,
+    /// Anything else: `Default::default()`.
+    Default,
+}
+
+pub(crate) struct GrainField {
+    pub(crate) ident: Ident,
+    pub(crate) init: FieldInit,
+}
+
+/// `#[grain]` on an impl block.
+pub(crate) struct GrainImpl {
+    pub(crate) item: syn::ItemImpl,
+    pub(crate) args: TokenStream,
+    pub(crate) self_ident: Option<Ident>,
+    pub(crate) methods: Vec<GrainMethod>,
+    pub(crate) on_activate: Option<ImplItemFn>,
+    pub(crate) on_deactivate: Option<ImplItemFn>,
+}
+
+/// The receiver of a method, as written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Receiver {
+    Ref,
+    RefMut,
+    Value,
+    None,
+}
+
+/// A `pub fn` with a receiver in a grain impl: a grain method (once validated).
+pub(crate) struct GrainMethod {
+    pub(crate) func: ImplItemFn,
+    pub(crate) receiver: Receiver,
+    pub(crate) args: Vec<(Ident, Type)>,
+    /// Arguments whose pattern is not a plain identifier.
+    pub(crate) bad_patterns: Vec<Pat>,
+    pub(crate) output: Type,
+}
+
+impl GrainMethod {
+    pub(crate) fn ident(&self) -> &Ident {
+        &self.func.sig.ident
+    }
+}
+
+fn lit_str(expr: &Expr, what: &str) -> syn::Result<LitStr> {
+    match expr {
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Ok(s.clone()),
+        other => Err(syn::Error::new_spanned(other, format!("`{what}` takes a string, e.g. {what} = \"...\""))),
+    }
+}
+
+fn is_last_segment(ty: &Type, name: &str) -> bool {
+    match ty {
+        Type::Path(p) => p.qself.is_none() && p.path.segments.last().is_some_and(|s| s.ident == name),
+        _ => false,
+    }
+}
+
+/// Removes `#[state(...)]` helper attributes from the struct's fields.
+pub(crate) fn strip_state_attrs(item: &mut syn::ItemStruct) {
+    for field in item.fields.iter_mut() {
+        field.attrs.retain(|a| !a.path().is_ident("state"));
+    }
+}
+
+fn state_name(attrs: &[Attribute], default: &Ident) -> syn::Result<LitStr> {
+    let mut name = LitStr::new(&default.to_string(), default.span());
+    for attr in attrs.iter().filter(|a| a.path().is_ident("state")) {
+        attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("name") {
+                name = meta.value()?.parse()?;
+                Ok(())
+            } else {
+                Err(meta.error("unknown state option: write #[state(name = \"...\")]"))
+            }
+        })?;
+    }
+    Ok(name)
+}
+
+impl GrainStruct {
+    pub(crate) fn parse(args: TokenStream, mut item: syn::ItemStruct) -> syn::Result<Self> {
+        let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(args)?;
+        let mut name = None;
+        let mut idle_timeout = None;
+        for meta in metas {
+            match &meta {
+                Meta::NameValue(nv) if nv.path.is_ident("name") => name = Some(lit_str(&nv.value, "name")?),
+                Meta::NameValue(nv) if nv.path.is_ident("idle_timeout") => {
+                    idle_timeout = Some(lit_str(&nv.value, "idle_timeout")?)
+                }
+                other => {
+                    return Err(syn::Error::new_spanned(
+                        other,
+                        "unknown grain option: expected `name = \"...\"` or `idle_timeout = \"10m\"`",
+                    ));
+                }
+            }
+        }
+        let mut fields = Vec::new();
+        if let syn::Fields::Unnamed(unnamed) = &item.fields {
+            return Err(syn::Error::new_spanned(
+                unnamed,
+                "a grain struct needs named fields (or none): write `struct Name { field: Type }`",
+            ));
+        }
+        for field in item.fields.iter() {
+            let Some(ident) = field.ident.clone() else { continue };
+            let init = if is_last_segment(&field.ty, "PersistentState") {
+                FieldInit::State(state_name(&field.attrs, &ident)?)
+            } else if is_last_segment(&field.ty, "GrainContext") {
+                FieldInit::Context
+            } else {
+                FieldInit::Default
+            };
+            fields.push(GrainField { ident, init });
+        }
+        strip_state_attrs(&mut item);
+        Ok(Self { item, name, idle_timeout, fields })
+    }
+}
+
+impl GrainImpl {
+    pub(crate) fn parse(args: TokenStream, item: syn::ItemImpl) -> syn::Result<Self> {
+        let self_ident = match &*item.self_ty {
+            Type::Path(p) if p.qself.is_none() => p.path.segments.last().map(|s| s.ident.clone()),
+            _ => None,
+        };
+        let mut methods = Vec::new();
+        let mut on_activate = None;
+        let mut on_deactivate = None;
+        for impl_item in &item.items {
+            let ImplItem::Fn(func) = impl_item else { continue };
+            let name = func.sig.ident.to_string();
+            if name == "on_activate" {
+                on_activate = Some(func.clone());
+                continue;
+            }
+            if name == "on_deactivate" {
+                on_deactivate = Some(func.clone());
+                continue;
+            }
+            if !matches!(func.vis, syn::Visibility::Public(_)) {
+                continue; // private helpers stay plain methods
+            }
+            let mut receiver = Receiver::None;
+            let mut args = Vec::new();
+            let mut bad_patterns = Vec::new();
+            for input in &func.sig.inputs {
+                match input {
+                    FnArg::Receiver(r) => {
+                        receiver = match (&r.reference, &*r.ty) {
+                            (Some(_), _) if r.mutability.is_some() => Receiver::RefMut,
+                            (Some(_), _) => Receiver::Ref,
+                            (None, Type::Reference(tr)) if tr.mutability.is_some() => Receiver::RefMut,
+                            (None, Type::Reference(_)) => Receiver::Ref,
+                            (None, _) => Receiver::Value,
+                        };
+                    }
+                    FnArg::Typed(pt) => match &*pt.pat {
+                        Pat::Ident(pi) if pi.by_ref.is_none() && pi.subpat.is_none() => {
+                            args.push((pi.ident.clone(), (*pt.ty).clone()))
+                        }
+                        other => bad_patterns.push(other.clone()),
+                    },
+                }
+            }
+            if receiver == Receiver::None {
+                continue; // associated functions (constructors, helpers) are not grain methods
+            }
+            let output = match &func.sig.output {
+                syn::ReturnType::Default => syn::parse_quote_spanned!(func.sig.span()=> ()),
+                syn::ReturnType::Type(_, ty) => (**ty).clone(),
+            };
+            methods.push(GrainMethod { func: func.clone(), receiver, args, bad_patterns, output });
+        }
+        Ok(Self { item, args, self_ident, methods, on_activate, on_deactivate })
+    }
+}

@@ -1,0 +1,185 @@
+//! Checks a parsed grain against the rules, collecting every violation (combined into one error set) with a
+//! span on the offending tokens and a message that says what to write instead.
+
+use std::collections::HashMap;
+
+use quote::ToTokens;
+use syn::spanned::Spanned;
+use syn::{GenericArgument, PathArguments, Type};
+
+use crate::parse::{GrainImpl, GrainMethod, GrainStruct, Receiver};
+
+/// Collects errors, to report them all at once.
+#[derive(Default)]
+struct Errors(Option<syn::Error>);
+
+impl Errors {
+    fn push(&mut self, error: syn::Error) {
+        match &mut self.0 {
+            Some(all) => all.combine(error),
+            None => self.0 = Some(error),
+        }
+    }
+
+    fn finish(self) -> syn::Result<()> {
+        self.0.map_or(Ok(()), Err)
+    }
+}
+
+/// Names the generated reference already uses for its own methods.
+const RESERVED: &[&str] = &["id", "with_timeout", "core", "from_core"];
+
+pub(crate) fn grain_struct(model: &GrainStruct) -> syn::Result<()> {
+    let mut errors = Errors::default();
+    let generics = &model.item.generics;
+    if !generics.params.is_empty() {
+        errors.push(syn::Error::new_spanned(
+            generics,
+            "a grain struct cannot be generic: the silo looks grain types up by name at run time. \
+             Declare a concrete struct per grain type, e.g. `struct IntCounter { inner: Counter<i64> }`",
+        ));
+    }
+    if let Some(lit) = &model.name
+        && lit.value().trim().is_empty()
+    {
+        errors.push(syn::Error::new_spanned(lit, "a grain type name cannot be empty"));
+    }
+    errors.finish()
+}
+
+pub(crate) fn grain_impl(model: &GrainImpl) -> syn::Result<()> {
+    let mut errors = Errors::default();
+    let item = &model.item;
+    if !model.args.is_empty() {
+        errors.push(syn::Error::new_spanned(
+            &model.args,
+            "`#[grain]` on an impl block takes no options: put them on the struct, e.g. `#[grain(idle_timeout = \"10m\")]`",
+        ));
+    }
+    if let Some((_, path, _)) = &item.trait_ {
+        errors.push(syn::Error::new_spanned(
+            path,
+            "#[grain] goes on the grain's inherent impl block (`impl Cart { ... }`), not on a trait impl",
+        ));
+    }
+    if !item.generics.params.is_empty() {
+        errors.push(syn::Error::new_spanned(
+            &item.generics,
+            "a grain impl cannot be generic: grain types are concrete, declare one struct per grain type",
+        ));
+    }
+    if model.self_ident.is_none() {
+        errors.push(syn::Error::new_spanned(
+            &item.self_ty,
+            "#[grain] needs an impl of a named struct: `impl Cart { ... }`",
+        ));
+    }
+    let mut seen: HashMap<String, &GrainMethod> = HashMap::new();
+    for method in &model.methods {
+        check_method(method, &mut errors);
+        let name = method.ident().to_string();
+        if seen.insert(name.clone(), method).is_some() {
+            errors.push(syn::Error::new_spanned(
+                method.ident(),
+                format!("duplicate grain method `{name}`: grain methods are called by name, give each a distinct name"),
+            ));
+        }
+    }
+    for hook in [&model.on_activate, &model.on_deactivate].into_iter().flatten() {
+        if hook.sig.asyncness.is_none() {
+            errors.push(syn::Error::new_spanned(
+                hook.sig.fn_token,
+                format!(
+                    "lifecycle hooks are async: write `async fn {}(&mut self, ctx: &GrainContext) -> Result<(), GrainError>`",
+                    hook.sig.ident
+                ),
+            ));
+        }
+    }
+    errors.finish()
+}
+
+fn check_method(method: &GrainMethod, errors: &mut Errors) {
+    let sig = &method.func.sig;
+    let name = &sig.ident;
+    if sig.asyncness.is_none() {
+        errors.push(syn::Error::new_spanned(
+            sig.fn_token,
+            format!(
+                "grain method `{name}` must be async: write `pub async fn {name}(...)`. \
+                 (Make it private if it is a helper and not a grain method.)"
+            ),
+        ));
+    }
+    if method.receiver == Receiver::Value {
+        let receiver = sig.receiver().map(|r| r.span()).unwrap_or_else(|| sig.span());
+        errors.push(syn::Error::new(
+            receiver,
+            format!("grain method `{name}` takes `self` by value, but the runtime owns the grain: take `&self` or `&mut self`"),
+        ));
+    }
+    if !sig.generics.params.is_empty() {
+        errors.push(syn::Error::new_spanned(
+            &sig.generics,
+            format!(
+                "grain method `{name}` cannot be generic: its arguments cross the wire, so give them concrete types"
+            ),
+        ));
+    }
+    if RESERVED.contains(&name.to_string().as_str()) {
+        errors.push(syn::Error::new_spanned(
+            name,
+            format!("`{name}` is a method of the generated reference: rename this grain method"),
+        ));
+    }
+    for pat in &method.bad_patterns {
+        errors.push(syn::Error::new_spanned(
+            pat,
+            "grain method arguments need plain names (`item: String`), not patterns",
+        ));
+    }
+    for (arg, ty) in &method.args {
+        if let Some(message) = unowned_type(ty) {
+            errors.push(syn::Error::new_spanned(ty, format!("argument `{arg}` of grain method `{name}`: {message}")));
+        }
+    }
+    if let Some(message) = unowned_type(&method.output) {
+        errors
+            .push(syn::Error::new_spanned(&method.output, format!("return type of grain method `{name}`: {message}")));
+    }
+}
+
+/// Why `ty` cannot cross the wire by value, if it cannot.
+fn unowned_type(ty: &Type) -> Option<String> {
+    match ty {
+        Type::Reference(r) => {
+            let owned = match &*r.elem {
+                Type::Path(p) if p.path.is_ident("str") => "String".to_owned(),
+                Type::Slice(s) => format!("Vec<{}>", s.elem.to_token_stream()),
+                other => other.to_token_stream().to_string(),
+            };
+            Some(format!(
+                "references cannot cross the wire; take an owned value: write `{owned}` instead of `{}`",
+                ty.to_token_stream()
+            ))
+        }
+        Type::ImplTrait(_) => Some("`impl Trait` cannot cross the wire; name a concrete type".to_owned()),
+        Type::TraitObject(_) => Some("trait objects cannot cross the wire; name a concrete type".to_owned()),
+        Type::Ptr(_) => Some("raw pointers cannot cross the wire".to_owned()),
+        Type::Paren(p) => unowned_type(&p.elem),
+        Type::Tuple(t) => t.elems.iter().find_map(unowned_type),
+        Type::Array(a) => unowned_type(&a.elem),
+        Type::Slice(s) => unowned_type(&s.elem),
+        Type::Path(p) => p.path.segments.iter().find_map(|seg| match &seg.arguments {
+            PathArguments::AngleBracketed(args) => args.args.iter().find_map(|a| match a {
+                GenericArgument::Type(t) => unowned_type(t),
+                GenericArgument::Lifetime(_) => {
+                    Some("borrowed types cannot cross the wire; take an owned value".to_owned())
+                }
+                _ => None,
+            }),
+            _ => None,
+        }),
+        _ => None,
+    }
+}

@@ -1,0 +1,69 @@
+//! What a grain knows about its own activation.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use grains_storage::GrainStateStore;
+
+use crate::grain::Grain;
+use crate::id::{GrainId, GrainKey};
+use crate::reference::{GrainRef, RefCore};
+use crate::runtime::GrainRuntime;
+
+/// The activation's view of itself and the cluster: its id, a way to call other grains, and lifecycle requests.
+///
+/// Put a `GrainContext` field in a `#[grain]` struct to keep it; lifecycle hooks also receive it.
+#[derive(Clone)]
+pub struct GrainContext {
+    inner: Arc<ContextInner>,
+}
+
+struct ContextInner {
+    id: GrainId,
+    runtime: Arc<dyn GrainRuntime>,
+    store: Arc<dyn GrainStateStore>,
+    deactivate_requested: AtomicBool,
+}
+
+impl std::fmt::Debug for GrainContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrainContext").field("id", &self.inner.id).finish_non_exhaustive()
+    }
+}
+
+impl GrainContext {
+    /// A context for the activation of `id`. Called by the runtime.
+    pub fn new(id: GrainId, runtime: Arc<dyn GrainRuntime>, store: Arc<dyn GrainStateStore>) -> Self {
+        Self { inner: Arc::new(ContextInner { id, runtime, store, deactivate_requested: AtomicBool::new(false) }) }
+    }
+
+    /// This grain's id.
+    pub fn id(&self) -> &GrainId {
+        &self.inner.id
+    }
+
+    /// A reference to another grain (or this one), for grain-to-grain calls.
+    pub fn grain<G: Grain>(&self, key: impl Into<GrainKey>) -> G::Ref {
+        G::Ref::from_core(RefCore::new(GrainId::new(G::TYPE_NAME, key), self.inner.runtime.clone()))
+    }
+
+    /// The runtime this grain runs on.
+    pub fn runtime(&self) -> &Arc<dyn GrainRuntime> {
+        &self.inner.runtime
+    }
+
+    /// The storage provider for this grain's persistent state.
+    pub fn state_store(&self) -> &Arc<dyn GrainStateStore> {
+        &self.inner.store
+    }
+
+    /// Asks the runtime to deactivate this grain as soon as the current turn ends.
+    pub fn deactivate_on_idle(&self) {
+        self.inner.deactivate_requested.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`deactivate_on_idle`](Self::deactivate_on_idle) was called. Read by the runtime.
+    pub fn deactivation_requested(&self) -> bool {
+        self.inner.deactivate_requested.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,155 @@
+//! # Grains: virtual actors for Rust
+//!
+//! A **grain** is an entity with an identity (a cart, a player, a device) that lives in memory on one silo of a
+//! cluster, handles its calls one at a time, and keeps its state in durable storage. You never create or destroy
+//! grains: calling a grain id activates it on demand, an idle grain is passivated, and if its silo dies the next
+//! call activates it again elsewhere from storage. This is the virtual actor model of Microsoft Orleans.
+//!
+//! ## Write a grain
+//!
+//! Put `#[grain]` on a struct and on its impl block. Public `async fn`s taking `&self` or `&mut self` become the
+//! grain's methods; `on_activate` and `on_deactivate` are lifecycle hooks. Fields of type
+//! [`PersistentState<T>`] are loaded from storage on activation, [`GrainContext`] fields receive the context,
+//! and every other field starts at its `Default`.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use grains::prelude::*;
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Default, Serialize, Deserialize)]
+//! pub struct CartState {
+//!     items: BTreeMap<String, u32>,
+//! }
+//!
+//! #[derive(Debug, Serialize, Deserialize, thiserror::Error)]
+//! pub enum CartError {
+//!     #[error("quantity must be positive")]
+//!     ZeroQuantity,
+//!     #[error("storage: {0}")]
+//!     Storage(String),
+//! }
+//!
+//! impl From<StateError> for CartError {
+//!     fn from(e: StateError) -> Self {
+//!         CartError::Storage(e.to_string())
+//!     }
+//! }
+//!
+//! #[grain(idle_timeout = "10m")]
+//! pub struct Cart {
+//!     state: PersistentState<CartState>,
+//! }
+//!
+//! #[grain]
+//! impl Cart {
+//!     /// Adds `qty` of `item`; returns the new quantity of that item.
+//!     pub async fn add(&mut self, item: String, qty: u32) -> Result<u32, CartError> {
+//!         if qty == 0 {
+//!             return Err(CartError::ZeroQuantity);
+//!         }
+//!         let n = self.state.items.entry(item).or_default();
+//!         *n += qty;
+//!         let n = *n;
+//!         self.state.write().await?;
+//!         Ok(n)
+//!     }
+//!
+//!     /// The cart's items.
+//!     pub async fn items(&self) -> Vec<(String, u32)> {
+//!         self.state.items.iter().map(|(k, v)| (k.clone(), *v)).collect()
+//!     }
+//! }
+//! ```
+//!
+//! ## Call it
+//!
+//! `#[grain]` generates `CartRef`, a typed reference with one async method per grain method. Get one from a
+//! silo or an external client (`grains_silo::Client`), or from inside a grain through its [`GrainContext`]:
+//! `ctx.grain::<Cart>("alice").add("apple".into(), 2).await`. Every call returns
+//! `Result<R, CallError>`, where `R` is what the grain method returns and [`CallError`] is a failure of the
+//! call itself (timeout, unknown grain type, codec, ...). Calls time out after 30 s unless the reference sets
+//! its own deadline (`cart.with_timeout(...)`).
+//!
+//! ## Run it
+//!
+//! A silo binary is a `main` that calls `grains_silo::cli::run()`; it hosts every `#[grain]` type linked into
+//! it. See the `grains-silo` crate.
+//!
+//! ## Semantics
+//! - **Single activation.** A grain id has at most one activation in a silo; concurrent first calls queue
+//!   behind the one activation being built.
+//! - **Turn-based.** An activation runs one call at a time, to completion, so `&mut self` needs no locks.
+//!   A grain that calls back into a grain waiting on it (A → B → A) gets [`CallError::Deadlock`] at once.
+//! - **At most once.** The runtime never retries a call that may have reached a grain; a timeout means the
+//!   outcome is unknown.
+
+pub mod codec;
+mod context;
+pub mod duration;
+mod error;
+mod grain;
+mod id;
+mod reference;
+pub mod runtime;
+mod state;
+
+pub use context::GrainContext;
+pub use error::{CallError, GrainError, StateError, StorageError};
+pub use grain::{BuildFn, ErasedGrain, Grain, GrainOptions, GrainRegistration, GrainType, WireMessage};
+pub use grains_macros::grain;
+pub use id::{GrainId, GrainKey};
+pub use reference::{GrainRef, RefCore};
+pub use state::PersistentState;
+pub use uuid::Uuid;
+
+/// The names a grain author needs: `use grains::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        CallError, Grain, GrainContext, GrainError, GrainId, GrainKey, GrainRef, GrainType, PersistentState,
+        StateError, grain,
+    };
+    pub use serde::{Deserialize, Serialize};
+}
+
+/// Items used by code that `#[grain]` generates. Not public API: names and shapes change without notice.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::codec::{decode, encode};
+    pub use crate::duration::duration_const;
+    pub use crate::reference::mismatched_reply;
+    pub use crate::{
+        CallError, Grain, GrainContext, GrainError, GrainOptions, GrainRef, GrainRegistration, GrainType,
+        PersistentState, RefCore, WireMessage, codec::CodecError,
+    };
+    pub use inventory;
+    pub use serde;
+    pub use std::future::Future;
+    pub use std::result::Result;
+    pub use std::time::Duration;
+    pub use uuid::Uuid;
+
+    /// A type that can cross the wire as a grain method's argument.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be a grain method argument",
+        label = "grain arguments must implement `Serialize + DeserializeOwned + Send + 'static`",
+        note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`, or pass an owned type that does"
+    )]
+    pub trait GrainArgument {}
+    impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> GrainArgument for T {}
+
+    /// A type that can cross the wire as a grain method's return value.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be returned from a grain method",
+        label = "grain return types must implement `Serialize + DeserializeOwned + Send + 'static`",
+        note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`"
+    )]
+    pub trait GrainReturn {}
+    impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> GrainReturn for T {}
+
+    /// Compile-time check that `T` can be an argument.
+    pub const fn assert_argument<T: GrainArgument + ?Sized>() {}
+
+    /// Compile-time check that `T` can be a return value.
+    pub const fn assert_return<T: GrainReturn + ?Sized>() {}
+}

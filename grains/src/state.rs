@@ -1,0 +1,122 @@
+//! Persistent grain state with optimistic concurrency.
+//!
+//! A `PersistentState<T>` field is loaded when the grain activates and written only when the grain asks
+//! ([`write`](PersistentState::write)), so a grain chooses write-through per call or batching. Every write and
+//! clear carries the etag of the version this activation last saw; a store that holds a newer version refuses
+//! with [`StateError::Conflict`](crate::StateError::Conflict). On a conflict the activation has lost the race
+//! to another writer (a duplicate activation, or a stale one), so it asks to be deactivated, as Orleans does:
+//! the next call reloads the winner's state.
+//!
+//! ## Evolving a state type
+//! State is stored as a JSON document (serde_json). Adding a field with `#[serde(default)]` keeps old records
+//! readable; removing a field is fine (unknown fields are ignored unless the type denies them); renaming needs
+//! `#[serde(alias = "old")]`.
+
+use std::ops::{Deref, DerefMut};
+
+use grains_storage::{ETag, StateKey, StorageError};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::context::GrainContext;
+use crate::error::StateError;
+
+/// A grain's persistent state of type `T`, loaded at activation; dereferences to `T`.
+#[derive(Debug)]
+pub struct PersistentState<T> {
+    value: T,
+    etag: Option<ETag>,
+    key: StateKey,
+    ctx: GrainContext,
+}
+
+impl<T> PersistentState<T>
+where
+    T: Serialize + DeserializeOwned + Default + Send + Sync + 'static,
+{
+    /// Loads the state called `name` of the grain behind `ctx` (default `T` when none is stored).
+    pub async fn load(ctx: &GrainContext, name: &str) -> Result<Self, StateError> {
+        let id = ctx.id();
+        let key = StateKey::new(id.grain_type(), id.key().to_string(), name);
+        let mut state = Self { value: T::default(), etag: None, key, ctx: ctx.clone() };
+        state.read().await?;
+        Ok(state)
+    }
+
+    /// Re-reads the state from storage, replacing the value held in memory.
+    pub async fn read(&mut self) -> Result<(), StateError> {
+        match self.ctx.state_store().read(&self.key).await? {
+            Some(stored) => {
+                self.value = serde_json::from_value(stored.document)
+                    .map_err(|e| StorageError::Codec(format!("{}: {e}", self.key)))?;
+                self.etag = Some(stored.etag);
+            }
+            None => {
+                self.value = T::default();
+                self.etag = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the value to storage. Returns once the store has committed it.
+    pub async fn write(&mut self) -> Result<(), StateError> {
+        let document =
+            serde_json::to_value(&self.value).map_err(|e| StorageError::Codec(format!("{}: {e}", self.key)))?;
+        let result = self.ctx.state_store().write(&self.key, &document, self.etag.as_deref()).await;
+        let etag = self.on_conflict_deactivate(result)?;
+        self.etag = Some(etag);
+        Ok(())
+    }
+
+    /// Removes the state from storage and resets the value to `T::default()`.
+    pub async fn clear(&mut self) -> Result<(), StateError> {
+        let result = self.ctx.state_store().clear(&self.key, self.etag.as_deref()).await;
+        self.on_conflict_deactivate(result)?;
+        self.value = T::default();
+        self.etag = None;
+        Ok(())
+    }
+
+    fn on_conflict_deactivate<R>(&self, result: Result<R, StateError>) -> Result<R, StateError> {
+        if let Err(StorageError::Conflict { .. }) = &result {
+            tracing::warn!(state = %self.key, "state write refused by etag check; deactivating this activation");
+            self.ctx.deactivate_on_idle();
+        }
+        result
+    }
+
+    /// The etag of the stored version this activation last read or wrote (`None`: nothing stored).
+    pub fn etag(&self) -> Option<&str> {
+        self.etag.as_deref()
+    }
+
+    /// Whether a record exists in storage for this state.
+    pub fn record_exists(&self) -> bool {
+        self.etag.is_some()
+    }
+
+    /// The state value.
+    pub fn get(&self) -> &T {
+        &self.value
+    }
+
+    /// The state value, for changing it (call [`write`](Self::write) to persist).
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.value
+    }
+}
+
+impl<T> Deref for PersistentState<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T> DerefMut for PersistentState<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.value
+    }
+}

@@ -1,0 +1,201 @@
+//! Activations: the in-memory instances of grains, one task each, running one call at a time.
+//!
+//! The activation table maps a [`GrainId`] to the mailbox of its activation. A call to a grain that is not in
+//! the table claims the slot with the map's entry API and spawns the activation task in the same step, so
+//! concurrent first calls all land in the one mailbox being built: a grain id has exactly one activation per
+//! silo. The task builds the grain (state loaded, `on_activate`), then drains its mailbox one call at a time:
+//! a turn runs to completion before the next starts, and no lock is held across the grain's `.await`s.
+//!
+//! Leaving the table is the reverse: the task runs `on_deactivate` while new calls still queue in its mailbox,
+//! then removes its entry (only if it is still its own), closes the mailbox, and hands every call still queued
+//! back to the silo, which activates the grain afresh for them. A call never falls between two activations.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use grains::runtime::{CallChain, Payload, run_in_turn};
+use grains::{CallError, ErasedGrain, GrainContext, GrainId, GrainRegistration};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::silo::SiloInner;
+
+/// A call waiting in a mailbox.
+pub(crate) struct Invocation {
+    pub(crate) method: std::borrow::Cow<'static, str>,
+    pub(crate) payload: Payload,
+    pub(crate) deadline: Instant,
+    pub(crate) chain: CallChain,
+    pub(crate) reply: oneshot::Sender<Result<Payload, CallError>>,
+}
+
+/// What a mailbox carries.
+pub(crate) enum Mail {
+    /// Run a call.
+    Call(Invocation),
+    /// The idle collector thinks this activation is idle (`force`: deactivate regardless, for shutdown).
+    Deactivate {
+        /// Deactivate even if not idle.
+        force: bool,
+    },
+}
+
+/// What the activation task and the idle collector share.
+#[derive(Debug)]
+pub(crate) struct ActivationShared {
+    /// Milliseconds since the silo's clock origin at the end of the last turn.
+    last_active_ms: AtomicU64,
+    /// How long this activation may idle.
+    pub(crate) idle_timeout: Duration,
+}
+
+impl ActivationShared {
+    pub(crate) fn new(now_ms: u64, idle_timeout: Duration) -> Self {
+        Self { last_active_ms: AtomicU64::new(now_ms), idle_timeout }
+    }
+
+    fn touch(&self, now_ms: u64) {
+        self.last_active_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Whether the activation has been idle for its whole timeout at `now_ms`.
+    pub(crate) fn is_idle(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.last_active_ms.load(Ordering::Relaxed)) >= self.idle_timeout.as_millis() as u64
+    }
+}
+
+/// The activation table's entry for one grain.
+#[derive(Debug)]
+pub(crate) struct ActivationHandle {
+    /// Unique per activation, so that a dying activation removes only its own entry.
+    pub(crate) activation_id: u64,
+    pub(crate) mailbox: mpsc::UnboundedSender<Mail>,
+    pub(crate) shared: Arc<ActivationShared>,
+}
+
+/// Everything the activation task starts with.
+pub(crate) struct ActivationStart {
+    pub(crate) silo: Arc<SiloInner>,
+    pub(crate) id: GrainId,
+    pub(crate) activation_id: u64,
+    pub(crate) registration: &'static GrainRegistration,
+    pub(crate) mailbox: mpsc::UnboundedReceiver<Mail>,
+    pub(crate) shared: Arc<ActivationShared>,
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// Builds the grain and runs `on_activate`; a panic in either counts as a failure.
+async fn activate(start: &ActivationStart, ctx: &GrainContext) -> Result<Box<dyn ErasedGrain>, String> {
+    let build = async {
+        let mut grain = (start.registration.build)(ctx.clone()).await?;
+        grain.on_activate(ctx).await?;
+        Ok::<_, grains::GrainError>(grain)
+    };
+    match AssertUnwindSafe(build).catch_unwind().await {
+        Ok(Ok(grain)) => Ok(grain),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!("panicked: {}", panic_message(&*panic))),
+    }
+}
+
+/// The life of one activation, from build to the hand-back of its last queued calls.
+pub(crate) async fn run(mut start: ActivationStart) {
+    let silo = start.silo.clone();
+    let id = start.id.clone();
+    let ctx = GrainContext::new(id.clone(), silo.runtime(), silo.store.clone());
+
+    let mut grain = match activate(&start, &ctx).await {
+        Ok(grain) => grain,
+        Err(reason) => {
+            tracing::warn!(grain = %id, %reason, "activation failed");
+            silo.metrics.activation_failures.fetch_add(1, Ordering::Relaxed);
+            silo.remove_activation(&id, start.activation_id);
+            start.mailbox.close();
+            while let Ok(mail) = start.mailbox.try_recv() {
+                if let Mail::Call(call) = mail {
+                    let _ = call
+                        .reply
+                        .send(Err(CallError::ActivationFailed { grain: id.to_string(), reason: reason.clone() }));
+                }
+            }
+            return;
+        }
+    };
+    silo.metrics.activations.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(grain = %id, activation = start.activation_id, "activated");
+
+    let mut panicked = false;
+    while let Some(mail) = start.mailbox.recv().await {
+        match mail {
+            Mail::Call(call) => {
+                if call.reply.is_closed() {
+                    continue; // the caller gave up: do not run a call nobody waits for
+                }
+                if Instant::now() >= call.deadline {
+                    let _ = call.reply.send(Err(CallError::Timeout(Duration::ZERO)));
+                    continue;
+                }
+                let span = tracing::debug_span!("grain.turn", grain = %id, method = %call.method);
+                let turn = run_in_turn(call.chain, id.clone(), grain.handle(&call.method, call.payload));
+                let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
+                start.shared.touch(silo.now_ms());
+                match outcome {
+                    Ok(result) => {
+                        let _ = call.reply.send(result);
+                    }
+                    Err(panic) => {
+                        let message = panic_message(&*panic);
+                        tracing::error!(grain = %id, method = %call.method, %message, "grain method panicked; deactivating");
+                        let _ = call.reply.send(Err(CallError::Panicked {
+                            grain: id.to_string(),
+                            method: call.method.into_owned(),
+                            message,
+                        }));
+                        panicked = true;
+                        break;
+                    }
+                }
+                if ctx.deactivation_requested() {
+                    break;
+                }
+            }
+            Mail::Deactivate { force } => {
+                if force || start.shared.is_idle(silo.now_ms()) {
+                    break;
+                }
+            }
+        }
+    }
+
+    // A grain that panicked may hold broken state: it is dropped without its on_deactivate hook.
+    if !panicked {
+        match AssertUnwindSafe(grain.on_deactivate(&ctx)).catch_unwind().await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(grain = %id, error = %e, "on_deactivate failed"),
+            Err(panic) => tracing::warn!(grain = %id, message = %panic_message(&*panic), "on_deactivate panicked"),
+        }
+    }
+    drop(grain);
+    silo.remove_activation(&id, start.activation_id);
+    start.mailbox.close();
+    silo.metrics.deactivations.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(grain = %id, activation = start.activation_id, "deactivated");
+    while let Ok(mail) = start.mailbox.try_recv() {
+        if let Mail::Call(call) = mail {
+            silo.redeliver(id.clone(), call);
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The silo binary's command line: a user's silo is `fn main() -> ExitCode { grains_silo::cli::run() }`,
+//! hosting every `#[grain]` type linked into that binary.
+//!
+//! Settings come from defaults, then a TOML file (`--config`), then `GRAINS_*` environment variables, then
+//! flags; the effective configuration is printed at start-up. The silo runs until Ctrl-C or SIGTERM, then
+//! shuts down gracefully (grains deactivate and may flush their state).
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use crate::config::{SiloConfig, StorageKind};
+use crate::silo::Silo;
+
+fn duration_arg(text: &str) -> Result<Duration, String> {
+    grains::duration::parse_duration(text).map_err(str::to_owned)
+}
+
+/// Command-line flags of a silo. Every flag can also be set through its `GRAINS_*` environment variable.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "grains-silo", version, about = "A Grains silo: hosts virtual grains and serves clients")]
+pub struct SiloArgs {
+    /// A TOML configuration file (keys as printed at start-up).
+    #[arg(long, env = "GRAINS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// A name for logs.
+    #[arg(long, env = "GRAINS_NAME")]
+    pub name: Option<String>,
+    /// The address to bind.
+    #[arg(long, env = "GRAINS_HOST")]
+    pub host: Option<IpAddr>,
+    /// The client gateway port (0: any free port).
+    #[arg(long, env = "GRAINS_GATEWAY_PORT")]
+    pub gateway_port: Option<u16>,
+    /// Idle time before passivation for grain types without their own (e.g. 15m).
+    #[arg(long, env = "GRAINS_DEFAULT_IDLE_TIMEOUT", value_parser = duration_arg)]
+    pub default_idle_timeout: Option<Duration>,
+    /// How often the idle collector runs (e.g. 1m).
+    #[arg(long, env = "GRAINS_COLLECTION_INTERVAL", value_parser = duration_arg)]
+    pub collection_interval: Option<Duration>,
+    /// The default call deadline (e.g. 30s).
+    #[arg(long, env = "GRAINS_CALL_TIMEOUT", value_parser = duration_arg)]
+    pub call_timeout: Option<Duration>,
+    /// The largest payload accepted, in bytes.
+    #[arg(long, env = "GRAINS_MAX_PAYLOAD_BYTES")]
+    pub max_payload_bytes: Option<usize>,
+    /// The grain-state storage provider.
+    #[arg(long, env = "GRAINS_STORAGE", value_enum)]
+    pub storage: Option<StorageKind>,
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax (e.g. `info`, `grains_silo=debug`).
+    #[arg(long, env = "GRAINS_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl SiloArgs {
+    /// The effective configuration: defaults, then the file, then these flags (which include env vars).
+    pub fn to_config(&self) -> anyhow::Result<SiloConfig> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                SiloConfig::from_toml(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => SiloConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident),*) => { $( if let Some(v) = &self.$field { config.$field = v.clone(); } )* };
+        }
+        set!(
+            name,
+            host,
+            gateway_port,
+            default_idle_timeout,
+            collection_interval,
+            call_timeout,
+            max_payload_bytes,
+            storage
+        );
+        Ok(config)
+    }
+}
+
+/// Parses the process's arguments and runs a silo until Ctrl-C or SIGTERM. The whole `main` of a silo binary.
+pub fn run() -> ExitCode {
+    let args = SiloArgs::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run_with(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("silo failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a silo with `args` until Ctrl-C or SIGTERM (for binaries that build their own runtime).
+pub async fn run_with(args: SiloArgs) -> anyhow::Result<()> {
+    init_logging(&args.log);
+    let config = args.to_config()?;
+    println!("# effective silo configuration\n{}", config.to_toml());
+    let silo = Silo::builder().config(config).start().await?;
+    if let Some(addr) = silo.gateway_addr() {
+        // A line scripts and tests wait for.
+        println!("gateway listening on {addr}");
+    }
+    wait_for_stop_signal().await;
+    silo.shutdown(Duration::from_secs(30)).await;
+    Ok(())
+}
+
+/// Installs a `tracing` subscriber writing to stderr, unless one is installed already.
+pub fn init_logging(filter: &str) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn wait_for_stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("grains-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("silo.toml");
+        std::fs::write(&file, "gateway_port = 4100\nname = \"from-file\"\ncall_timeout = \"5s\"\n").unwrap();
+        let args = SiloArgs::parse_from(["silo", "--config", file.to_str().unwrap(), "--gateway-port", "4200"]);
+        let config = args.to_config().unwrap();
+        assert_eq!(config.gateway_port, 4200);
+        assert_eq!(config.name, "from-file");
+        assert_eq!(config.call_timeout, Duration::from_secs(5));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,154 @@
+//! Silo configuration: one typed struct with defaults, read from a TOML file, `GRAINS_*` environment variables
+//! and command-line flags (in rising precedence), and printed at start-up.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Which grain-state storage provider a silo uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// In-process memory: the embedded default; state lives as long as the silo process.
+    #[default]
+    Memory,
+}
+
+/// Per-grain-type settings that override what the grain type declares.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrainTypeConfig {
+    /// Idle time before an activation of this type is passivated.
+    #[serde(with = "duration_text::option", skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Everything a silo needs to start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SiloConfig {
+    /// A name for logs.
+    pub name: String,
+    /// The address the gateway binds to.
+    pub host: IpAddr,
+    /// The port external clients connect to (0: any free port; the bound address is printed).
+    pub gateway_port: u16,
+    /// Whether to start the client gateway at all.
+    pub gateway: bool,
+    /// Idle time before an activation is passivated, for grain types that do not set their own.
+    #[serde(with = "duration_text")]
+    pub default_idle_timeout: Duration,
+    /// How often the idle collector looks for activations to passivate.
+    #[serde(with = "duration_text")]
+    pub collection_interval: Duration,
+    /// The deadline of calls that do not set their own.
+    #[serde(with = "duration_text")]
+    pub call_timeout: Duration,
+    /// The largest request or reply payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+    /// The grain-state storage provider.
+    pub storage: StorageKind,
+    /// Per-grain-type overrides, keyed by grain type name: `[grain.Cart] idle_timeout = "1m"`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub grain: BTreeMap<String, GrainTypeConfig>,
+}
+
+/// The default gateway port.
+pub const DEFAULT_GATEWAY_PORT: u16 = 30_000;
+
+impl Default for SiloConfig {
+    fn default() -> Self {
+        Self {
+            name: "silo".to_owned(),
+            host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            gateway_port: DEFAULT_GATEWAY_PORT,
+            gateway: true,
+            default_idle_timeout: Duration::from_secs(15 * 60),
+            collection_interval: Duration::from_secs(60),
+            call_timeout: grains::runtime::DEFAULT_CALL_TIMEOUT,
+            max_payload_bytes: 4 * 1024 * 1024,
+            storage: StorageKind::Memory,
+            grain: BTreeMap::new(),
+        }
+    }
+}
+
+impl SiloConfig {
+    /// Reads a TOML configuration file; missing keys keep their defaults.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The configuration as TOML, as printed at start-up.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+    }
+
+    /// The idle timeout for a grain type: silo override, else the type's own, else the silo default.
+    pub fn idle_timeout_for(&self, grain_type: &str, declared: Option<Duration>) -> Duration {
+        self.grain.get(grain_type).and_then(|g| g.idle_timeout).or(declared).unwrap_or(self.default_idle_timeout)
+    }
+}
+
+/// Serde for durations written as text (`30s`, `10m`), via `grains::duration`.
+pub(crate) mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&grains::duration::format_duration(*d))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        grains::duration::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+
+    pub(crate) mod option {
+        use super::*;
+
+        pub(crate) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => super::serialize(d, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partial_file_keeps_the_other_defaults() {
+        let config = SiloConfig::from_toml(
+            "gateway_port = 4000\ndefault_idle_timeout = \"2m\"\n[grain.Cart]\nidle_timeout = \"30s\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.gateway_port, 4000);
+        assert_eq!(config.call_timeout, Duration::from_secs(30));
+        assert_eq!(config.idle_timeout_for("Cart", Some(Duration::from_secs(600))), Duration::from_secs(30));
+        assert_eq!(config.idle_timeout_for("Hello", Some(Duration::from_secs(600))), Duration::from_secs(600));
+        assert_eq!(config.idle_timeout_for("Other", None), Duration::from_secs(120));
+    }
+
+    #[test]
+    fn the_printed_config_reads_back_the_same() {
+        let mut config = SiloConfig::default();
+        config.grain.insert("Cart".into(), GrainTypeConfig { idle_timeout: Some(Duration::from_secs(5)) });
+        assert_eq!(SiloConfig::from_toml(&config.to_toml()).unwrap(), config);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(SiloConfig::from_toml("gateway_prot = 1").is_err());
+    }
+}

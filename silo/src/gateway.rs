@@ -1,0 +1,196 @@
+//! The client gateway: a tonic server whose one method is a bidirectional stream of envelopes.
+//!
+//! Each connection gets one reader loop and one outbound queue. Every request is handed to the silo's call
+//! path as it arrives and answered when it completes, so one slow grain never holds up the other calls on the
+//! same connection. Tonic batches queued responses into as few HTTP/2 writes as it can.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use grains::CallError;
+use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codec::Streaming;
+
+use crate::silo::SiloInner;
+use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind};
+
+/// A running gateway.
+pub(crate) struct GatewayHandle {
+    pub(crate) local_addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl GatewayHandle {
+    /// Stops accepting connections and closes the open ones.
+    pub(crate) async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    }
+}
+
+/// Binds `addr` and serves the gateway until stopped.
+pub(crate) async fn start(silo: Arc<SiloInner>, addr: SocketAddr) -> std::io::Result<GatewayHandle> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local_addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let service = GatewayService { silo };
+    let incoming = TcpListenerStream::new(listener);
+    let task = tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .serve_with_incoming_shutdown(service, incoming, async {
+                let _ = stopped.await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "gateway stopped with an error");
+        }
+    });
+    tracing::info!(%local_addr, "gateway listening");
+    Ok(GatewayHandle { local_addr, stop, task })
+}
+
+/// The HTTP/2 service: routes the one gRPC path to [`serve_connection`].
+#[derive(Clone)]
+struct GatewayService {
+    silo: Arc<SiloInner>,
+}
+
+impl<B> tower_service::Service<http::Request<B>> for GatewayService
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<http::Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != CONNECT_PATH {
+            let path = request.uri().path().to_owned();
+            return Box::pin(async move { Ok(Status::unimplemented(format!("no method at {path}")).into_http()) });
+        }
+        let silo = self.silo.clone();
+        Box::pin(async move {
+            let limit = silo.config.max_payload_bytes;
+            let mut grpc = tonic::server::Grpc::new(EnvelopeCodec::new(limit))
+                .max_decoding_message_size(HARD_FRAME_LIMIT)
+                .max_encoding_message_size(HARD_FRAME_LIMIT);
+            Ok(grpc.streaming(ConnectMethod { silo }, request).await)
+        })
+    }
+}
+
+/// The streaming method: each accepted stream becomes a connection task.
+struct ConnectMethod {
+    silo: Arc<SiloInner>,
+}
+
+type Outbound = UnboundedReceiverStream<Result<Envelope, Status>>;
+
+impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMethod {
+    type Response = tonic::Response<Outbound>;
+    type Error = Status;
+    type Future = std::future::Ready<Result<Self::Response, Status>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: tonic::Request<Streaming<Inbound>>) -> Self::Future {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(serve_connection(self.silo.clone(), request.into_inner(), tx));
+        std::future::ready(Ok(tonic::Response::new(UnboundedReceiverStream::new(rx))))
+    }
+}
+
+/// Reads requests off one connection and answers each when its call completes.
+async fn serve_connection(
+    silo: Arc<SiloInner>,
+    mut inbound: Streaming<Inbound>,
+    outbound: mpsc::UnboundedSender<Result<Envelope, Status>>,
+) {
+    tracing::debug!("gateway connection opened");
+    loop {
+        let frame = match inbound.message().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(status) => {
+                tracing::debug!(%status, "gateway connection ended with an error");
+                break;
+            }
+        };
+        match frame {
+            Inbound::Envelope(envelope) if envelope.kind == Kind::Request as i32 => {
+                let silo = silo.clone();
+                let outbound = outbound.clone();
+                tokio::spawn(async move {
+                    let correlation_id = envelope.correlation_id;
+                    let result = call_from_envelope(&silo, envelope).await;
+                    let _ = outbound.send(Ok(Envelope::response(correlation_id, result)));
+                });
+            }
+            Inbound::Envelope(envelope) => {
+                let error = CallError::Protocol("a client sends requests only".to_owned());
+                let _ = outbound.send(Ok(Envelope::response(envelope.correlation_id, Err(error))));
+            }
+            Inbound::Malformed { correlation_id, reason } => {
+                tracing::debug!(correlation_id, %reason, "malformed frame");
+                let error = CallError::Protocol(format!("malformed frame: {reason}"));
+                let _ = outbound.send(Ok(Envelope::response(correlation_id, Err(error))));
+            }
+            Inbound::TooLarge { correlation_id, size } => {
+                let limit = silo.config.max_payload_bytes as u64;
+                let error = CallError::PayloadTooLarge { size: size as u64, limit };
+                let _ = outbound.send(Ok(Envelope::response(correlation_id, Err(error))));
+            }
+        }
+    }
+    tracing::debug!("gateway connection closed");
+}
+
+/// Runs the call an envelope describes and returns its encoded reply.
+async fn call_from_envelope(silo: &SiloInner, envelope: Envelope) -> Result<Bytes, CallError> {
+    let target = envelope.target.as_ref().ok_or_else(|| CallError::Protocol("request without a target".to_owned()))?;
+    let registration =
+        silo.grain_type(&target.grain_type).ok_or_else(|| CallError::UnknownGrainType(target.grain_type.clone()))?;
+    let target = target.to_grain_id(Some(registration.type_name))?;
+    let chain = envelope
+        .call_chain
+        .iter()
+        .map(|id| id.to_grain_id(silo.grain_type(&id.grain_type).map(|r| r.type_name)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let timeout = match envelope.timeout_ms {
+        0 => silo.config.call_timeout,
+        ms => Duration::from_millis(ms),
+    };
+    let call = Call {
+        target,
+        method: envelope.method.into(),
+        payload: Payload::Encoded(envelope.payload),
+        deadline: Instant::now() + timeout,
+        chain: chain.into(),
+    };
+    let reply = silo.invoke(call).await?.into_bytes()?;
+    let limit = silo.config.max_payload_bytes;
+    if reply.len() > limit {
+        return Err(CallError::PayloadTooLarge { size: reply.len() as u64, limit: limit as u64 });
+    }
+    Ok(reply)
+}

@@ -1,0 +1,43 @@
+//! # grains-silo: the Grains runtime
+//!
+//! A **silo** hosts grain activations: it routes each call by grain id to the grain's one activation
+//! (activating it on demand), runs calls one at a time per activation, passivates idle grains, and serves
+//! external clients through a gateway. Every `#[grain]` type linked into the binary is hosted; there is no list
+//! to maintain.
+//!
+//! ```no_run
+//! # use grains::prelude::*;
+//! # #[grain] pub struct Hello;
+//! # #[grain] impl Hello { pub async fn hi(&self, name: String) -> String { format!("hi {name}") } }
+//! use std::time::Duration;
+//! use grains_silo::{Client, Silo, SiloConfig};
+//!
+//! # async fn demo() -> anyhow::Result<()> {
+//! // In the silo process (or use `grains_silo::cli::run()` as your `main`):
+//! let silo = Silo::builder().config(SiloConfig::default()).start().await?;
+//! let greeting = silo.grain::<Hello>("world").hi("you".into()).await?;
+//!
+//! // In another process:
+//! let client = Client::connect("http://127.0.0.1:30000").await?;
+//! let greeting = client.grain::<Hello>("world").hi("you".into()).await?;
+//!
+//! silo.shutdown(Duration::from_secs(10)).await;
+//! # Ok(()) }
+//! ```
+//!
+//! Modules: [`config`] (settings), [`cli`] (the silo binary's `main`), [`wire`] (the envelope protocol).
+//! The activation table, mailboxes and idle collector are internal.
+
+mod activation;
+pub mod cli;
+mod client;
+pub mod config;
+mod gateway;
+mod metrics;
+mod silo;
+pub mod wire;
+
+pub use client::{Client, ClientConfig, ConnectError};
+pub use config::{GrainTypeConfig, SiloConfig, StorageKind};
+pub use metrics::MetricsSnapshot;
+pub use silo::{Silo, SiloBuilder, SiloError};

@@ -1,0 +1,295 @@
+//! The envelope protocol spoken between clients and silos: prost messages on one bidirectional gRPC stream.
+//!
+//! The messages are derived in Rust (no `protoc` at build time); `proto/grains.proto` describes the same
+//! messages for clients in other languages. Each connection carries many calls at once: a request and its
+//! response share a `correlation_id`, and responses come back in completion order.
+//!
+//! A frame that cannot be decoded, or that is larger than the payload limit, is answered with a typed error
+//! for its correlation id (read from the frame's first field when possible, else 0) and the stream keeps
+//! working. Only a frame beyond the transport's hard cap ([`HARD_FRAME_LIMIT`]) ends the stream.
+
+use bytes::{Buf, Bytes};
+use grains::{CallError, GrainId, GrainKey};
+use prost::Message;
+use tonic::Status;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+/// The gRPC path of the gateway's one method: a bidirectional stream of [`Envelope`]s.
+pub const CONNECT_PATH: &str = "/grains.v1.Gateway/Connect";
+
+/// Frames above this size end the stream (the transport cannot skip them); below it, oversized frames are
+/// answered with [`CallError::PayloadTooLarge`].
+pub const HARD_FRAME_LIMIT: usize = 256 * 1024 * 1024;
+
+/// Whether an envelope is a request or a response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Kind {
+    /// A call to a grain.
+    Request = 0,
+    /// The answer to a call.
+    Response = 1,
+}
+
+/// One frame on a connection.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Envelope {
+    /// Matches a response to its request; chosen by the caller, unique per connection.
+    #[prost(uint64, tag = "1")]
+    pub correlation_id: u64,
+    /// Request or response.
+    #[prost(enumeration = "Kind", tag = "2")]
+    pub kind: i32,
+    /// The grain called (requests).
+    #[prost(message, optional, tag = "3")]
+    pub target: Option<WireGrainId>,
+    /// The method called (requests).
+    #[prost(string, tag = "4")]
+    pub method: String,
+    /// Arguments (requests) or return value (responses) in the payload codec (MessagePack).
+    #[prost(bytes = "bytes", tag = "5")]
+    pub payload: Bytes,
+    /// How long the caller waits, in milliseconds, counted from when the frame is received (0: the silo's
+    /// default). Relative, like gRPC's timeout header, so that clocks need not agree.
+    #[prost(uint64, tag = "6")]
+    pub timeout_ms: u64,
+    /// The grains waiting on this call, outermost first (for cycle detection).
+    #[prost(message, repeated, tag = "7")]
+    pub call_chain: Vec<WireGrainId>,
+    /// Set on a response when the call failed.
+    #[prost(message, optional, tag = "8")]
+    pub error: Option<WireError>,
+}
+
+/// A grain id on the wire.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireGrainId {
+    /// The grain type name.
+    #[prost(string, tag = "1")]
+    pub grain_type: String,
+    /// The key.
+    #[prost(oneof = "WireKey", tags = "2, 3, 4, 5")]
+    pub key: Option<WireKey>,
+}
+
+/// A grain key on the wire.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum WireKey {
+    /// A string key.
+    #[prost(string, tag = "2")]
+    Str(String),
+    /// An integer key.
+    #[prost(sint64, tag = "3")]
+    Int(i64),
+    /// A UUID key, 16 bytes big-endian.
+    #[prost(bytes, tag = "4")]
+    Uuid(Vec<u8>),
+    /// A compound key.
+    #[prost(message, tag = "5")]
+    Compound(CompoundKey),
+}
+
+/// An integer + string key.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CompoundKey {
+    /// The integer part.
+    #[prost(sint64, tag = "1")]
+    pub number: i64,
+    /// The string part.
+    #[prost(string, tag = "2")]
+    pub extension: String,
+}
+
+/// A call failure on the wire.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WireError {
+    /// Human-readable description.
+    #[prost(string, tag = "1")]
+    pub message: String,
+    /// The [`CallError`] in MessagePack with named fields, for clients that match on it.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub detail: Bytes,
+}
+
+impl From<&GrainId> for WireGrainId {
+    fn from(id: &GrainId) -> Self {
+        let key = match id.key() {
+            GrainKey::Str(s) => WireKey::Str(s.to_string()),
+            GrainKey::Int(i) => WireKey::Int(*i),
+            GrainKey::Uuid(u) => WireKey::Uuid(u.as_bytes().to_vec()),
+            GrainKey::Compound(n, s) => WireKey::Compound(CompoundKey { number: *n, extension: s.to_string() }),
+        };
+        WireGrainId { grain_type: id.grain_type().to_owned(), key: Some(key) }
+    }
+}
+
+impl WireGrainId {
+    /// The grain id, with the type name given as a `'static` string when the caller has one interned.
+    pub fn to_grain_id(&self, interned_type: Option<&'static str>) -> Result<GrainId, CallError> {
+        let key = match &self.key {
+            Some(WireKey::Str(s)) => GrainKey::Str(s.as_str().into()),
+            Some(WireKey::Int(i)) => GrainKey::Int(*i),
+            Some(WireKey::Uuid(bytes)) => {
+                let raw: [u8; 16] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| CallError::Protocol(format!("a UUID key has 16 bytes, not {}", bytes.len())))?;
+                GrainKey::Uuid(grains::Uuid::from_bytes(raw))
+            }
+            Some(WireKey::Compound(c)) => GrainKey::Compound(c.number, c.extension.as_str().into()),
+            None => return Err(CallError::Protocol("grain id without a key".to_owned())),
+        };
+        Ok(match interned_type {
+            Some(name) => GrainId::new(name, key),
+            None => GrainId::new(self.grain_type.clone(), key),
+        })
+    }
+}
+
+impl WireError {
+    /// Encodes a call error.
+    pub fn from_call_error(error: &CallError) -> Self {
+        WireError { message: error.to_string(), detail: rmp_detail(error) }
+    }
+
+    /// Decodes the call error (falls back to [`CallError::Protocol`] with the message).
+    pub fn to_call_error(&self) -> CallError {
+        grains::codec::decode_named(&self.detail).unwrap_or_else(|_| CallError::Protocol(self.message.clone()))
+    }
+}
+
+fn rmp_detail(error: &CallError) -> Bytes {
+    grains::codec::encode_named(error).map(Bytes::from).unwrap_or_default()
+}
+
+impl Envelope {
+    /// A response carrying `result` for `correlation_id`.
+    pub fn response(correlation_id: u64, result: Result<Bytes, CallError>) -> Self {
+        let mut envelope = Envelope { correlation_id, kind: Kind::Response as i32, ..Default::default() };
+        match result {
+            Ok(payload) => envelope.payload = payload,
+            Err(error) => envelope.error = Some(WireError::from_call_error(&error)),
+        }
+        envelope
+    }
+}
+
+/// A frame as read from a stream: an envelope, or what went wrong with it.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A well-formed envelope.
+    Envelope(Envelope),
+    /// A frame that is not a valid envelope.
+    Malformed {
+        /// The correlation id, if the frame's first field could be read (else 0).
+        correlation_id: u64,
+        /// The decoder's complaint.
+        reason: String,
+    },
+    /// A frame larger than the payload limit; skipped unread.
+    TooLarge {
+        /// The correlation id, if the frame's first field could be read (else 0).
+        correlation_id: u64,
+        /// The frame size in bytes.
+        size: usize,
+    },
+}
+
+/// Reads the `correlation_id` (field 1, varint) from the start of an encoded envelope, if it is there.
+fn peek_correlation_id(mut frame: &[u8]) -> u64 {
+    match prost::encoding::decode_key(&mut frame) {
+        Ok((1, prost::encoding::WireType::Varint)) => prost::encoding::decode_varint(&mut frame).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The tonic codec for envelope streams: encodes [`Envelope`]s, decodes [`Inbound`] frames.
+#[derive(Debug, Clone, Copy)]
+pub struct EnvelopeCodec {
+    limit: usize,
+}
+
+impl EnvelopeCodec {
+    /// A codec that refuses frames larger than `limit` bytes (with a typed reply, not a broken stream).
+    pub fn new(limit: usize) -> Self {
+        Self { limit }
+    }
+}
+
+impl Codec for EnvelopeCodec {
+    type Encode = Envelope;
+    type Decode = Inbound;
+    type Encoder = EnvelopeCodec;
+    type Decoder = EnvelopeCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        *self
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        *self
+    }
+}
+
+impl Encoder for EnvelopeCodec {
+    type Item = Envelope;
+    type Error = Status;
+
+    fn encode(&mut self, item: Envelope, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(dst).map_err(|e| Status::internal(format!("encode envelope: {e}")))
+    }
+}
+
+impl Decoder for EnvelopeCodec {
+    type Item = Inbound;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Inbound>, Status> {
+        let size = src.remaining();
+        let correlation_id = peek_correlation_id(src.chunk());
+        // The envelope's own fields are small; the limit applies to the frame as a whole.
+        if size > self.limit + 1024 {
+            src.advance(size);
+            return Ok(Some(Inbound::TooLarge { correlation_id, size }));
+        }
+        let frame = src.copy_to_bytes(size);
+        Ok(Some(match Envelope::decode(frame) {
+            Ok(envelope) => Inbound::Envelope(envelope),
+            Err(e) => Inbound::Malformed { correlation_id, reason: e.to_string() },
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_shape_survives_the_wire() {
+        let keys: [GrainKey; 4] = ["alice".into(), GrainKey::Int(-7), GrainKey::Uuid(uuid_from(3)), (9, "eu").into()];
+        for key in keys {
+            let id = GrainId::new("Cart", key);
+            let wire = WireGrainId::from(&id);
+            let decoded = WireGrainId::decode(wire.encode_to_vec().as_slice()).unwrap();
+            assert_eq!(decoded.to_grain_id(None).unwrap(), id);
+        }
+    }
+
+    fn uuid_from(n: u8) -> grains::Uuid {
+        grains::Uuid::from_bytes([n; 16])
+    }
+
+    #[test]
+    fn the_correlation_id_is_read_from_a_broken_frame() {
+        let mut bytes = Envelope { correlation_id: 42, method: "x".into(), ..Default::default() }.encode_to_vec();
+        bytes.truncate(bytes.len() - 1);
+        assert_eq!(peek_correlation_id(&bytes), 42);
+        assert!(Envelope::decode(bytes.as_slice()).is_err());
+    }
+
+    #[test]
+    fn errors_round_trip_as_typed_errors() {
+        let error = CallError::UnknownMethod { grain_type: "Cart".into(), method: "nope".into() };
+        assert_eq!(WireError::from_call_error(&error).to_call_error(), error);
+    }
+}
