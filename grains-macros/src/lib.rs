@@ -58,6 +58,15 @@ fn expand_grain(args: TokenStream2, input: TokenStream2) -> TokenStream2 {
                     parse::strip_state_attrs(&mut s);
                     s.to_tokens(&mut out);
                 }
+                Ok(syn::Item::Impl(mut i)) => {
+                    // Keep the first of duplicated methods, so rustc does not report them again.
+                    let mut seen = std::collections::HashSet::new();
+                    i.items.retain(|item| match item {
+                        syn::ImplItem::Fn(f) => seen.insert(f.sig.ident.to_string()),
+                        _ => true,
+                    });
+                    i.to_tokens(&mut out);
+                }
                 Ok(item) => item.to_tokens(&mut out),
                 Err(_) => {}
             }

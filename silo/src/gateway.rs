@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use grains::CallError;
 use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
@@ -27,15 +27,18 @@ use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbou
 /// A running gateway.
 pub(crate) struct GatewayHandle {
     pub(crate) local_addr: SocketAddr,
-    stop: oneshot::Sender<()>,
+    stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl GatewayHandle {
-    /// Stops accepting connections and closes the open ones.
-    pub(crate) async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+    /// Stops accepting connections and requests; each open stream ends once its calls in flight are answered.
+    /// Waits up to `grace`, then drops whatever is left.
+    pub(crate) async fn stop(mut self, grace: Duration) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
+            self.task.abort();
+        }
     }
 }
 
@@ -43,15 +46,13 @@ impl GatewayHandle {
 pub(crate) async fn start(silo: Arc<SiloInner>, addr: SocketAddr) -> std::io::Result<GatewayHandle> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local_addr = listener.local_addr()?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let service = GatewayService { silo };
+    let (stop, stopped) = watch::channel(false);
+    let service = GatewayService { silo, stopped: stopped.clone() };
     let incoming = TcpListenerStream::new(listener);
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .serve_with_incoming_shutdown(service, incoming, async {
-                let _ = stopped.await;
-            })
+            .serve_with_incoming_shutdown(service, incoming, wait_for_stop(stopped))
             .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "gateway stopped with an error");
@@ -61,10 +62,15 @@ pub(crate) async fn start(silo: Arc<SiloInner>, addr: SocketAddr) -> std::io::Re
     Ok(GatewayHandle { local_addr, stop, task })
 }
 
+async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
 /// The HTTP/2 service: routes the one gRPC path to [`serve_connection`].
 #[derive(Clone)]
 struct GatewayService {
     silo: Arc<SiloInner>,
+    stopped: watch::Receiver<bool>,
 }
 
 impl<B> tower_service::Service<http::Request<B>> for GatewayService
@@ -87,12 +93,13 @@ where
             return Box::pin(async move { Ok(Status::unimplemented(format!("no method at {path}")).into_http()) });
         }
         let silo = self.silo.clone();
+        let stopped = self.stopped.clone();
         Box::pin(async move {
             let limit = silo.config.max_payload_bytes;
             let mut grpc = tonic::server::Grpc::new(EnvelopeCodec::new(limit))
                 .max_decoding_message_size(HARD_FRAME_LIMIT)
                 .max_encoding_message_size(HARD_FRAME_LIMIT);
-            Ok(grpc.streaming(ConnectMethod { silo }, request).await)
+            Ok(grpc.streaming(ConnectMethod { silo, stopped }, request).await)
         })
     }
 }
@@ -100,6 +107,7 @@ where
 /// The streaming method: each accepted stream becomes a connection task.
 struct ConnectMethod {
     silo: Arc<SiloInner>,
+    stopped: watch::Receiver<bool>,
 }
 
 type Outbound = UnboundedReceiverStream<Result<Envelope, Status>>;
@@ -115,20 +123,28 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
 
     fn call(&mut self, request: tonic::Request<Streaming<Inbound>>) -> Self::Future {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(serve_connection(self.silo.clone(), request.into_inner(), tx));
+        tokio::spawn(serve_connection(self.silo.clone(), request.into_inner(), tx, self.stopped.clone()));
         std::future::ready(Ok(tonic::Response::new(UnboundedReceiverStream::new(rx))))
     }
 }
 
-/// Reads requests off one connection and answers each when its call completes.
+/// Reads requests off one connection and answers each when its call completes. When the gateway stops, reading
+/// ends; the response stream closes once the last call in flight has been answered.
 async fn serve_connection(
     silo: Arc<SiloInner>,
     mut inbound: Streaming<Inbound>,
     outbound: mpsc::UnboundedSender<Result<Envelope, Status>>,
+    stopped: watch::Receiver<bool>,
 ) {
     tracing::debug!("gateway connection opened");
+    let stop = wait_for_stop(stopped);
+    tokio::pin!(stop);
     loop {
-        let frame = match inbound.message().await {
+        let next = tokio::select! {
+            next = inbound.message() => next,
+            () = &mut stop => break,
+        };
+        let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
             Err(status) => {

@@ -345,13 +345,13 @@ impl Silo {
     /// `on_deactivate`, so grains can flush state) and waits up to `grace` for them to finish.
     pub async fn shutdown(self, grace: Duration) {
         tracing::info!(silo = %self.inner.config.name, "silo shutting down");
+        let deadline = Instant::now() + grace;
         if let Some(gateway) = self.gateway {
-            gateway.stop().await;
+            gateway.stop(grace).await;
         }
         self.inner.shutting_down.store(true, Ordering::Relaxed);
         self.collector.abort();
         self.inner.signal_all(true);
-        let deadline = Instant::now() + grace;
         while !self.inner.table.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

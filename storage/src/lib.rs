@@ -16,7 +16,7 @@ pub use memory::MemoryStateStore;
 pub use state::{ETag, GrainStateStore, StateKey, StoredState};
 
 /// Why a storage operation failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
 pub enum StorageError {
     /// The etag named by the writer is not the one in the store: another writer got there first.
     #[error("etag conflict on {key}: expected {expected:?}, store has {actual:?}")]

@@ -1,1 +1,179 @@
-//! placeholder
+//! Grains used by the integration tests, and helpers to start silos for them.
+//!
+//! Each grain exists to make one behaviour observable: how many activations ran, whether turns overlapped,
+//! what a panic or a failed activation does, how a call cycle ends.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use grains::prelude::*;
+use grains_silo::{Silo, SiloConfig};
+use grains_storage::GrainStateStore;
+
+/// Activation and deactivation counts per grain key, recorded by the test grains' hooks.
+#[derive(Debug, Default)]
+pub struct LifecycleLog {
+    activations: Mutex<HashMap<String, usize>>,
+    deactivations: Mutex<HashMap<String, usize>>,
+}
+
+fn bump(map: &Mutex<HashMap<String, usize>>, key: String) {
+    *map.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += 1;
+}
+
+fn read(map: &Mutex<HashMap<String, usize>>, key: &str) -> usize {
+    map.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied().unwrap_or(0)
+}
+
+impl LifecycleLog {
+    /// How many times the grain with this key (text form) was activated.
+    pub fn activations(&self, key: &str) -> usize {
+        read(&self.activations, key)
+    }
+
+    /// How many times the grain with this key (text form) was deactivated.
+    pub fn deactivations(&self, key: &str) -> usize {
+        read(&self.deactivations, key)
+    }
+}
+
+/// The lifecycle log shared by all test grains (tests use distinct keys, so they never see each other).
+pub static LIFECYCLE: LazyLock<LifecycleLog> = LazyLock::new(LifecycleLog::default);
+
+/// A counter whose state is persisted, and whose lifecycle is logged.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct CounterState {
+    /// The count.
+    pub value: u64,
+}
+
+/// A persisted counter that awaits between reading and writing its value: if two turns ever overlapped,
+/// increments would be lost.
+#[grain(idle_timeout = "10m")]
+pub struct Counter {
+    state: PersistentState<CounterState>,
+}
+
+#[grain]
+impl Counter {
+    /// Reads the value, yields to the runtime for `pause_ms`, then stores value + 1 and returns it.
+    pub async fn increment_slowly(&mut self, pause_ms: u64) -> Result<u64, StateError> {
+        let seen = self.state.value;
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        self.state.value = seen + 1;
+        self.state.write().await?;
+        Ok(self.state.value)
+    }
+
+    /// Adds one and stores it.
+    pub async fn increment(&mut self) -> Result<u64, StateError> {
+        self.state.value += 1;
+        self.state.write().await?;
+        Ok(self.state.value)
+    }
+
+    /// The value held by this activation.
+    pub async fn get(&self) -> u64 {
+        self.state.value
+    }
+
+    /// The etag of the stored version this activation knows.
+    pub async fn etag(&self) -> Option<String> {
+        self.state.etag().map(str::to_owned)
+    }
+
+    /// Sleeps for `ms` milliseconds inside a turn.
+    pub async fn sleep(&self, ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    /// Panics inside a turn.
+    pub async fn explode(&mut self) -> u64 {
+        panic!("counter exploded on purpose")
+    }
+
+    async fn on_activate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
+        bump(&LIFECYCLE.activations, ctx.id().key().to_string());
+        Ok(())
+    }
+
+    async fn on_deactivate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
+        bump(&LIFECYCLE.deactivations, ctx.id().key().to_string());
+        Ok(())
+    }
+}
+
+/// A grain whose activation fails when its key starts with `fail`, and which can call other grains.
+#[grain]
+pub struct Peer {
+    ctx: GrainContext,
+}
+
+#[grain]
+impl Peer {
+    /// Calls `Peer(peer).echo_back(me)`, which calls this grain back: a cycle.
+    pub async fn call_peer(&self, peer: String) -> Result<String, CallError> {
+        let me = self.ctx.id().key().to_string();
+        self.ctx.grain::<Peer>(peer).echo_back(me).await?
+    }
+
+    /// Calls `Peer(caller).name()`.
+    pub async fn echo_back(&self, caller: String) -> Result<String, CallError> {
+        self.ctx.grain::<Peer>(caller).name().await
+    }
+
+    /// This grain's key.
+    pub async fn name(&self) -> String {
+        self.ctx.id().key().to_string()
+    }
+
+    /// Calls `Peer(peer).name()`: a plain grain-to-grain call.
+    pub async fn ask_name(&self, peer: String) -> Result<String, CallError> {
+        self.ctx.grain::<Peer>(peer).name().await
+    }
+
+    /// Asks the runtime to deactivate this grain after this turn.
+    pub async fn deactivate(&self) {
+        self.ctx.deactivate_on_idle();
+    }
+
+    /// Echoes a payload (for size-limit tests).
+    pub async fn echo(&self, bytes: Vec<u8>) -> usize {
+        bytes.len()
+    }
+
+    async fn on_activate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
+        bump(&LIFECYCLE.activations, ctx.id().key().to_string());
+        if ctx.id().key().to_string().starts_with("fail") {
+            return Err(GrainError::failed("this grain refuses to activate"));
+        }
+        Ok(())
+    }
+
+    async fn on_deactivate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
+        bump(&LIFECYCLE.deactivations, ctx.id().key().to_string());
+        Ok(())
+    }
+}
+
+/// A silo config for tests: no gateway, fast idle collection.
+pub fn test_config() -> SiloConfig {
+    SiloConfig { gateway: false, collection_interval: Duration::from_millis(50), ..SiloConfig::default() }
+}
+
+/// Starts an in-process silo with `config` and the in-memory store.
+pub async fn start_silo(config: SiloConfig) -> Silo {
+    match Silo::builder().config(config).start().await {
+        Ok(silo) => silo,
+        Err(e) => panic!("silo failed to start: {e}"),
+    }
+}
+
+/// Starts an in-process silo with `config` over `store`.
+pub async fn start_silo_with_store(config: SiloConfig, store: Arc<dyn GrainStateStore>) -> Silo {
+    match Silo::builder().config(config).state_store(store).start().await {
+        Ok(silo) => silo,
+        Err(e) => panic!("silo failed to start: {e}"),
+    }
+}

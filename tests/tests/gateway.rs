@@ -1,0 +1,247 @@
+//! The client gateway: typed calls from an external client, and typed errors for bad input on a connection
+//! that keeps working.
+
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes};
+use grains::runtime::{Call, Payload};
+use grains::{CallError, GrainId};
+use grains_silo::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, Inbound, Kind, WireGrainId};
+use grains_silo::{Client, Silo, SiloConfig};
+use grains_tests::{Counter, Peer, start_silo};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming};
+
+async fn silo_with_gateway(max_payload_bytes: usize) -> (Silo, String) {
+    let config = SiloConfig { gateway_port: 0, max_payload_bytes, ..grains_tests::test_config() };
+    let config = SiloConfig { gateway: true, ..config };
+    let silo = start_silo(config).await;
+    let url = format!("http://{}", silo.gateway_addr().expect("gateway runs"));
+    (silo, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_external_client_calls_grains_with_every_key_shape() {
+    let (silo, url) = silo_with_gateway(4 << 20).await;
+    let client = Client::connect(&url).await.unwrap();
+    let counter = client.grain::<Counter>("gateway-counter");
+    assert_eq!(counter.increment().await.unwrap().unwrap(), 1);
+    assert_eq!(counter.increment().await.unwrap().unwrap(), 2);
+    let uuid = grains::Uuid::from_u128(99);
+    for (key, text) in [
+        (grains::GrainKey::from("s"), "s".to_owned()),
+        (grains::GrainKey::from(-5i64), "-5".to_owned()),
+        (uuid.into(), uuid.to_string()),
+        ((1, "x").into(), "1+x".to_owned()),
+    ] {
+        assert_eq!(client.grain::<Peer>(key).name().await.unwrap(), text);
+    }
+    // Grain-to-grain calls started from outside.
+    assert_eq!(client.grain::<Peer>("a").ask_name("b".into()).await.unwrap().unwrap(), "b");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_calls_share_one_connection() {
+    let (silo, url) = silo_with_gateway(4 << 20).await;
+    let client = Client::connect(&url).await.unwrap();
+    let calls: Vec<_> = (0..500i64)
+        .map(|i| {
+            let counter = client.grain::<Counter>(i % 50);
+            tokio::spawn(async move { counter.increment().await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap().unwrap();
+    }
+    for i in 0..50i64 {
+        assert_eq!(client.grain::<Counter>(i).get().await.unwrap(), 10);
+    }
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+fn encoded_call(grain_type: &'static str, method: &'static str, payload: Vec<u8>) -> Call {
+    Call {
+        target: GrainId::new(grain_type, "k"),
+        method: method.into(),
+        payload: Payload::Encoded(payload.into()),
+        deadline: tokio::time::Instant::now() + Duration::from_secs(5),
+        chain: Vec::new().into(),
+    }
+}
+
+#[tokio::test]
+async fn unknown_types_methods_and_undecodable_arguments_get_typed_errors() {
+    let (silo, url) = silo_with_gateway(4 << 20).await;
+    let client = Client::connect(&url).await.unwrap();
+    let runtime = client.runtime();
+
+    let err = runtime.invoke(encoded_call("NoSuchGrain", "get", vec![0x90])).await.unwrap_err();
+    assert_eq!(err, CallError::UnknownGrainType("NoSuchGrain".into()));
+
+    let err = runtime.invoke(encoded_call("Counter", "no_such_method", vec![0x90])).await.unwrap_err();
+    assert_eq!(err, CallError::UnknownMethod { grain_type: "Counter".into(), method: "no_such_method".into() });
+
+    // `sleep` takes one u64; send a string instead.
+    let wrong = grains::codec::encode(&("not a number",)).unwrap();
+    let err = runtime.invoke(encoded_call("Counter", "sleep", wrong)).await.unwrap_err();
+    assert!(matches!(err, CallError::Codec(_)), "got {err:?}");
+
+    // The connection still serves well-formed calls.
+    assert_eq!(client.grain::<Counter>("still-fine").increment().await.unwrap().unwrap(), 1);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_client_refuses_an_oversized_payload_before_sending() {
+    let (silo, url) = silo_with_gateway(1024).await;
+    let config = grains_silo::ClientConfig { max_payload_bytes: 1024, ..Default::default() };
+    let client = Client::connect_with(&url, config).await.unwrap();
+    let peer = client.grain::<Peer>("big");
+    let err = peer.echo(vec![7; 4096]).await.unwrap_err();
+    assert!(matches!(err, CallError::PayloadTooLarge { limit: 1024, .. }), "got {err:?}");
+    assert_eq!(peer.echo(vec![7; 100]).await.unwrap(), 100);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_client_deadline_ends_in_timeout() {
+    let (silo, url) = silo_with_gateway(4 << 20).await;
+    let client = Client::connect(&url).await.unwrap();
+    let counter = client.grain::<Counter>("client-slow").with_timeout(Duration::from_millis(100));
+    let result = counter.sleep(2_000).await;
+    assert!(matches!(result, Err(CallError::Timeout(_))), "got {result:?}");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_finishes_calls_in_flight_then_refuses_the_connection() {
+    let (silo, url) = silo_with_gateway(4 << 20).await;
+    let client = Client::connect(&url).await.unwrap();
+    let counter = client.grain::<Counter>("in-flight");
+    let call = tokio::spawn(async move { counter.sleep(3_000).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    silo.shutdown(Duration::from_millis(100)).await;
+    let result = tokio::time::timeout(Duration::from_secs(10), call).await.expect("no hang").unwrap();
+    assert_eq!(result, Ok(()), "the call in flight completed");
+    let after = client.grain::<Counter>("in-flight").get().await;
+    assert!(matches!(after, Err(CallError::Unavailable(_))), "got {after:?}");
+}
+
+/// A codec that sends raw bytes as frames, to put malformed and oversized frames on the wire.
+#[derive(Clone, Copy)]
+struct RawCodec;
+
+struct RawEncoder;
+
+impl Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+struct InboundDecoder(EnvelopeCodec);
+
+impl Decoder for InboundDecoder {
+    type Item = Inbound;
+    type Error = tonic::Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Inbound>, tonic::Status> {
+        self.0.decode(src)
+    }
+}
+
+impl Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = Inbound;
+    type Encoder = RawEncoder;
+    type Decoder = InboundDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> InboundDecoder {
+        InboundDecoder(EnvelopeCodec::new(usize::MAX / 2))
+    }
+}
+
+async fn raw_stream(url: &str) -> (mpsc::UnboundedSender<Bytes>, Streaming<Inbound>) {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let response = grpc
+        .streaming(
+            tonic::Request::new(UnboundedReceiverStream::new(rx)),
+            http::uri::PathAndQuery::from_static(CONNECT_PATH),
+            RawCodec,
+        )
+        .await
+        .unwrap();
+    (tx, response.into_inner())
+}
+
+async fn next_response(stream: &mut Streaming<Inbound>) -> Envelope {
+    match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
+        Ok(Ok(Some(Inbound::Envelope(envelope)))) => envelope,
+        other => panic!("expected a response envelope, got {other:?}"),
+    }
+}
+
+fn request(correlation_id: u64, method: &str, payload: Vec<u8>) -> Bytes {
+    Envelope {
+        correlation_id,
+        kind: Kind::Request as i32,
+        target: Some(WireGrainId::from(&GrainId::new("Peer", "raw"))),
+        method: method.into(),
+        payload: payload.into(),
+        timeout_ms: 5_000,
+        ..Default::default()
+    }
+    .encode_to_vec()
+    .into()
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_frames_get_typed_replies_and_the_stream_keeps_working() {
+    let (silo, url) = silo_with_gateway(1024).await;
+    let (tx, mut responses) = raw_stream(&url).await;
+
+    // A truncated envelope: field 1 (correlation id 41) is readable, the rest is cut off mid-field.
+    let mut broken = request(41, "name", grains::codec::encode(&()).unwrap()).to_vec();
+    broken.truncate(broken.len() - 1);
+    tx.send(broken.into()).unwrap();
+    let reply = next_response(&mut responses).await;
+    assert_eq!(reply.correlation_id, 41);
+    let error = reply.error.expect("an error reply").to_call_error();
+    assert!(matches!(error, CallError::Protocol(ref m) if m.contains("malformed")), "got {error:?}");
+
+    // A frame over the silo's 1 KiB limit.
+    tx.send(request(42, "echo", grains::codec::encode(&(vec![1u8; 8192],)).unwrap())).unwrap();
+    let reply = next_response(&mut responses).await;
+    assert_eq!(reply.correlation_id, 42);
+    let error = reply.error.expect("an error reply").to_call_error();
+    assert!(matches!(error, CallError::PayloadTooLarge { limit: 1024, .. }), "got {error:?}");
+
+    // Garbage with no readable correlation id.
+    tx.send(Bytes::from_static(&[0xff, 0xff, 0xff])).unwrap();
+    let reply = next_response(&mut responses).await;
+    assert_eq!(reply.correlation_id, 0);
+    assert!(reply.error.is_some(), "{reply:?}");
+
+    // The same stream still carries a good call.
+    tx.send(request(43, "echo", grains::codec::encode(&(vec![1u8; 10],)).unwrap())).unwrap();
+    let reply = next_response(&mut responses).await;
+    assert_eq!(reply.correlation_id, 43);
+    assert!(reply.error.is_none(), "{:?}", reply.error);
+    let n: usize = grains::codec::decode(&reply.payload).unwrap();
+    assert_eq!(n, 10);
+    silo.shutdown(Duration::from_secs(5)).await;
+}

@@ -1,0 +1,236 @@
+//! The single-silo runtime: activation, turns, passivation, state, deadlines, failures, call cycles.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use grains::{CallError, GrainId, StateError};
+use grains_silo::GrainTypeConfig;
+use grains_storage::{GrainStateStore, MemoryStateStore, StateKey};
+use grains_tests::{Counter, LIFECYCLE, Peer, start_silo, start_silo_with_store, test_config};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_first_calls_build_exactly_one_activation() {
+    let silo = start_silo(test_config()).await;
+    let key = "one-activation";
+    let calls: Vec<_> = (0..1000)
+        .map(|_| {
+            let counter = silo.grain::<Counter>(key);
+            tokio::spawn(async move { counter.increment().await })
+        })
+        .collect();
+    let mut values = Vec::new();
+    for call in calls {
+        values.push(call.await.unwrap().unwrap().unwrap());
+    }
+    values.sort_unstable();
+    assert_eq!(values, (1..=1000).collect::<Vec<u64>>(), "every call ran exactly once, one after another");
+    assert_eq!(LIFECYCLE.activations(key), 1);
+    assert_eq!(silo.metrics().activations, 1);
+    assert_eq!(silo.activation_count(), 1);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn turns_of_one_grain_never_overlap() {
+    let silo = start_silo(test_config()).await;
+    let counter = silo.grain::<Counter>("no-overlap");
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let counter = counter.clone();
+            tokio::spawn(async move { counter.increment_slowly(1).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap().unwrap();
+    }
+    // Each turn read, slept, then wrote value + 1: any overlap would have lost increments.
+    assert_eq!(counter.get().await.unwrap(), 200);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn an_idle_grain_is_passivated_and_its_state_reloads_on_the_next_call() {
+    let mut config = test_config();
+    config.grain.insert("Counter".into(), GrainTypeConfig { idle_timeout: Some(Duration::from_millis(200)) });
+    let silo = start_silo(config).await;
+    let key = "passivate-me";
+    let counter = silo.grain::<Counter>(key);
+    assert_eq!(counter.increment().await.unwrap().unwrap(), 1);
+    assert_eq!(counter.increment().await.unwrap().unwrap(), 2);
+    let id = GrainId::new("Counter", key);
+    assert!(silo.is_active(&id));
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while silo.is_active(&id) {
+        assert!(tokio::time::Instant::now() < deadline, "the idle collector never passivated the grain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(LIFECYCLE.deactivations(key), 1, "on_deactivate ran once");
+    assert_eq!(silo.activation_count(), 0, "the activation's memory is released from the table");
+
+    assert_eq!(counter.get().await.unwrap(), 2, "the new activation reloaded the stored state");
+    assert_eq!(LIFECYCLE.activations(key), 2);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_busy_grain_is_not_passivated() {
+    let mut config = test_config();
+    config.grain.insert("Counter".into(), GrainTypeConfig { idle_timeout: Some(Duration::from_millis(100)) });
+    let silo = start_silo(config).await;
+    let counter = silo.grain::<Counter>("busy");
+    // One turn that lasts well beyond the idle timeout, with the collector ticking throughout.
+    counter.sleep(400).await.unwrap();
+    assert_eq!(LIFECYCLE.deactivations("busy"), 0, "not deactivated in the middle of a turn");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_write_with_a_stale_etag_is_refused_and_the_loser_deactivates() {
+    let store = Arc::new(MemoryStateStore::new());
+    let silo = start_silo_with_store(test_config(), store.clone()).await;
+    let key = "etag-race";
+    let counter = silo.grain::<Counter>(key);
+    assert_eq!(counter.increment().await.unwrap().unwrap(), 1);
+    let etag = counter.etag().await.unwrap().expect("a stored version");
+
+    // Another writer (a duplicate activation elsewhere, an operator) replaces the record.
+    let state_key = StateKey::new("Counter", key, "state");
+    store.write(&state_key, &serde_json::json!({"value": 100}), Some(&etag)).await.unwrap();
+
+    let refused = counter.increment().await.unwrap();
+    assert!(matches!(refused, Err(StateError::Conflict { .. })), "got {refused:?}");
+    let stored = store.read(&state_key).await.unwrap().unwrap();
+    assert_eq!(stored.document, serde_json::json!({"value": 100}), "the other writer's state was not overwritten");
+
+    // The refused activation left; the next call reloads the winner's state.
+    assert_eq!(counter.increment().await.unwrap().unwrap(), 101);
+    assert_eq!(LIFECYCLE.activations(key), 2);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_call_past_its_deadline_ends_in_timeout() {
+    let silo = start_silo(test_config()).await;
+    let counter = silo.grain::<Counter>("slow").with_timeout(Duration::from_millis(100));
+    let started = std::time::Instant::now();
+    let result = counter.sleep(2_000).await;
+    assert!(matches!(result, Err(CallError::Timeout(_))), "got {result:?}");
+    assert!(started.elapsed() < Duration::from_secs(1), "the caller was released at its deadline");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn the_silo_default_deadline_applies_to_calls_without_their_own() {
+    let config = grains_silo::SiloConfig { call_timeout: Duration::from_millis(100), ..test_config() };
+    let silo = start_silo(config).await;
+    let result = silo.grain::<Counter>("default-deadline").sleep(2_000).await;
+    assert!(matches!(result, Err(CallError::Timeout(_))), "got {result:?}");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_method_fails_its_caller_and_deactivates_only_that_grain() {
+    let silo = start_silo(test_config()).await;
+    let victim = silo.grain::<Counter>("panics");
+    let bystander = silo.grain::<Counter>("bystander");
+    assert_eq!(victim.increment().await.unwrap().unwrap(), 1);
+    assert_eq!(bystander.increment().await.unwrap().unwrap(), 1);
+
+    let result = victim.explode().await;
+    match result {
+        Err(CallError::Panicked { method, message, .. }) => {
+            assert_eq!(method, "explode");
+            assert!(message.contains("on purpose"), "{message}");
+        }
+        other => panic!("expected a panic error, got {other:?}"),
+    }
+    assert_eq!(bystander.increment().await.unwrap().unwrap(), 2, "other grains keep serving");
+    assert_eq!(victim.get().await.unwrap(), 1, "the grain re-activated from its stored state");
+    assert_eq!(LIFECYCLE.activations("panics"), 2);
+    assert_eq!(LIFECYCLE.deactivations("panics"), 0, "on_deactivate does not run on a panicked grain");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_call_cycle_is_refused_at_once_instead_of_hanging() {
+    let silo = start_silo(test_config()).await;
+    let a = silo.grain::<Peer>("cycle-a");
+    let started = std::time::Instant::now();
+    let result = a.call_peer("cycle-b".into()).await.unwrap();
+    match result {
+        Err(CallError::Deadlock { chain }) => {
+            assert_eq!(chain, vec!["Peer/cycle-a", "Peer/cycle-b", "Peer/cycle-a"]);
+        }
+        other => panic!("expected a deadlock error, got {other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "refused, not timed out");
+    // Both grains are still healthy.
+    assert_eq!(a.ask_name("cycle-b".into()).await.unwrap().unwrap(), "cycle-b");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_failed_activation_returns_a_typed_error_and_leaves_nothing_behind() {
+    let silo = start_silo(test_config()).await;
+    let broken = silo.grain::<Peer>("fail-1");
+    for attempt in 1..=2 {
+        match broken.name().await {
+            Err(CallError::ActivationFailed { grain, reason }) => {
+                assert_eq!(grain, "Peer/fail-1");
+                assert!(reason.contains("refuses"), "{reason}");
+            }
+            other => panic!("expected an activation failure, got {other:?}"),
+        }
+        assert!(!silo.is_active(&GrainId::new("Peer", "fail-1")));
+        assert_eq!(LIFECYCLE.activations("fail-1"), attempt, "each call tries a fresh activation");
+    }
+    assert_eq!(silo.metrics().activation_failures, 2);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn deactivate_on_idle_ends_the_activation_after_the_turn() {
+    let silo = start_silo(test_config()).await;
+    let peer = silo.grain::<Peer>("leaves");
+    peer.deactivate().await.unwrap();
+    let id = GrainId::new("Peer", "leaves");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while silo.is_active(&id) {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(LIFECYCLE.deactivations("leaves"), 1);
+    assert_eq!(peer.name().await.unwrap(), "leaves", "the next call re-activates it");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn grains_call_grains_with_every_key_shape() {
+    let silo = start_silo(test_config()).await;
+    let a = silo.grain::<Peer>("caller");
+    assert_eq!(a.ask_name("callee".into()).await.unwrap().unwrap(), "callee");
+    let uuid = grains::Uuid::from_u128(0x1234);
+    for (key, text) in [
+        (grains::GrainKey::from(7i64), "7".to_owned()),
+        (uuid.into(), uuid.to_string()),
+        ((3, "eu").into(), "3+eu".to_owned()),
+    ] {
+        assert_eq!(silo.grain::<Peer>(key).name().await.unwrap(), text);
+    }
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn shutdown_deactivates_every_grain_and_refuses_new_calls() {
+    let silo = start_silo(test_config()).await;
+    for i in 0..10 {
+        silo.grain::<Counter>(format!("shutdown-{i}")).increment().await.unwrap().unwrap();
+    }
+    let late = silo.grain::<Counter>("shutdown-late");
+    silo.shutdown(Duration::from_secs(5)).await;
+    for i in 0..10 {
+        assert_eq!(LIFECYCLE.deactivations(&format!("shutdown-{i}")), 1);
+    }
+    assert!(matches!(late.get().await, Err(CallError::ShuttingDown)));
+}

@@ -1,0 +1,8 @@
+use grains::prelude::*;
+
+#[grain]
+pub struct Counter<T> {
+    value: T,
+}
+
+fn main() {}

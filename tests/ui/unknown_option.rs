@@ -1,0 +1,6 @@
+use grains::prelude::*;
+
+#[grain(idle = "10m")]
+pub struct Cart;
+
+fn main() {}
