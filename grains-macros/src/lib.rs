@@ -1,8 +1,8 @@
 //! The `#[grain]` attribute. Use it through the `grains` crate (`grains::grain`), which documents it.
 //!
-//! The macro is a small pipeline, in the manner of serde_derive: [`parse`] reads the annotated item into a
-//! model, [`validate`] collects every misuse as a spanned error that says what to write instead, and
-//! [`expand`] emits code that names everything through `::grains::__private`. On invalid input the item is
+//! The macro is a small pipeline, in the manner of serde_derive: `parse` reads the annotated item into a
+//! model, `validate` collects every misuse as a spanned error that says what to write instead, and
+//! `expand` emits code that names everything through `::grains::__private`. On invalid input the item is
 //! emitted unchanged beside the errors, so the user sees our message and not a cascade of follow-on errors.
 
 use proc_macro::TokenStream;
