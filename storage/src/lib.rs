@@ -6,13 +6,28 @@
 //! overwrite each other. The store knows nothing about grains beyond string keys; the `grains` crate maps a
 //! grain id and a state name onto a [`StateKey`].
 //!
+//! Beside grain state, the crate holds the two tables a cluster needs: the [`MembershipTable`] (who is in the
+//! cluster; versioned compare-and-swap, the Orleans protocol's storage) and the [`ReminderTable`] (durable
+//! periodic wake-ups).
+//!
 //! Providers:
-//! - [`MemoryStateStore`]: the embedded default, for development and tests; state lives as long as the process.
+//! - in-memory ([`MemoryStateStore`], [`MemoryMembershipTable`], [`MemoryReminderTable`]): the embedded
+//!   default for a single silo in development and for tests; everything lives as long as the process.
+//! - Postgres ([`postgres`], feature `postgres`): grain state as JSONB rows readable with psql, the membership
+//!   and reminder tables, and embedded migrations applied under an advisory lock.
 
+mod membership;
 mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+mod reminders;
 mod state;
 
-pub use memory::MemoryStateStore;
+pub use membership::{
+    MembershipEntry, MembershipRow, MembershipSnapshot, MembershipTable, SiloAddress, SiloStatus, Suspicion,
+};
+pub use memory::{MemoryMembershipTable, MemoryReminderTable, MemoryStateStore};
+pub use reminders::{ReminderEntry, ReminderRow, ReminderTable, in_ring_range};
 pub use state::{ETag, GrainStateStore, StateKey, StoredState};
 
 /// Why a storage operation failed.

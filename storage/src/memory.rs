@@ -136,3 +136,143 @@ mod tests {
         assert_eq!(store.read(&key()).await.unwrap(), None);
     }
 }
+
+/// The in-memory membership table: for a single-silo development cluster, and for tests.
+#[derive(Debug, Default)]
+pub struct MemoryMembershipTable {
+    table: std::sync::Mutex<(i64, Vec<crate::MembershipRow>)>,
+    next_etag: AtomicU64,
+}
+
+impl MemoryMembershipTable {
+    /// An empty table at version 0.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn fresh_etag(&self) -> ETag {
+        (self.next_etag.fetch_add(1, Ordering::Relaxed) + 1).to_string()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (i64, Vec<crate::MembershipRow>)> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl crate::MembershipTable for MemoryMembershipTable {
+    async fn read_all(&self) -> Result<crate::MembershipSnapshot, StorageError> {
+        let table = self.lock();
+        Ok(crate::MembershipSnapshot { version: table.0, rows: table.1.clone() })
+    }
+
+    async fn insert_row(&self, entry: &crate::MembershipEntry, expected_version: i64) -> Result<bool, StorageError> {
+        let mut table = self.lock();
+        if table.0 != expected_version || table.1.iter().any(|r| r.entry.silo == entry.silo) {
+            return Ok(false);
+        }
+        let etag = self.fresh_etag();
+        table.0 += 1;
+        table.1.push(crate::MembershipRow { entry: entry.clone(), etag });
+        Ok(true)
+    }
+
+    async fn update_row(
+        &self,
+        entry: &crate::MembershipEntry,
+        etag: &str,
+        expected_version: i64,
+    ) -> Result<bool, StorageError> {
+        let mut table = self.lock();
+        if table.0 != expected_version {
+            return Ok(false);
+        }
+        let fresh = self.fresh_etag();
+        let Some(row) = table.1.iter_mut().find(|r| r.entry.silo == entry.silo && r.etag == etag) else {
+            return Ok(false);
+        };
+        *row = crate::MembershipRow { entry: entry.clone(), etag: fresh };
+        table.0 += 1;
+        Ok(true)
+    }
+
+    async fn heartbeat(&self, silo: &crate::SiloAddress, at_ms: i64) -> Result<(), StorageError> {
+        let mut table = self.lock();
+        if let Some(row) = table.1.iter_mut().find(|r| &r.entry.silo == silo) {
+            row.entry.heartbeat_at_ms = at_ms;
+        }
+        Ok(())
+    }
+
+    async fn delete_all(&self) -> Result<(), StorageError> {
+        *self.lock() = (0, Vec::new());
+        Ok(())
+    }
+}
+
+/// The in-memory reminders table.
+#[derive(Debug, Default)]
+pub struct MemoryReminderTable {
+    rows: DashMap<(String, String, String), crate::ReminderRow>,
+    next_etag: AtomicU64,
+}
+
+impl MemoryReminderTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl crate::ReminderTable for MemoryReminderTable {
+    async fn read_grain(&self, grain_type: &str, grain_key: &str) -> Result<Vec<crate::ReminderRow>, StorageError> {
+        let mut rows: Vec<_> = self
+            .rows
+            .iter()
+            .filter(|r| r.key().0 == grain_type && r.key().1 == grain_key)
+            .map(|r| r.value().clone())
+            .collect();
+        rows.sort_by(|a, b| a.entry.name.cmp(&b.entry.name));
+        Ok(rows)
+    }
+
+    async fn read_row(
+        &self,
+        grain_type: &str,
+        grain_key: &str,
+        name: &str,
+    ) -> Result<Option<crate::ReminderRow>, StorageError> {
+        let key = (grain_type.to_owned(), grain_key.to_owned(), name.to_owned());
+        Ok(self.rows.get(&key).map(|r| r.value().clone()))
+    }
+
+    async fn read_range(&self, begin: u32, end: u32) -> Result<Vec<crate::ReminderRow>, StorageError> {
+        let mut rows: Vec<_> = self
+            .rows
+            .iter()
+            .filter(|r| crate::in_ring_range(r.entry.grain_hash, begin, end))
+            .map(|r| r.value().clone())
+            .collect();
+        rows.sort_by(|a, b| {
+            (&a.entry.grain_type, &a.entry.grain_key, &a.entry.name).cmp(&(
+                &b.entry.grain_type,
+                &b.entry.grain_key,
+                &b.entry.name,
+            ))
+        });
+        Ok(rows)
+    }
+
+    async fn upsert(&self, entry: &crate::ReminderEntry) -> Result<ETag, StorageError> {
+        let etag = (self.next_etag.fetch_add(1, Ordering::Relaxed) + 1).to_string();
+        let key = (entry.grain_type.clone(), entry.grain_key.clone(), entry.name.clone());
+        self.rows.insert(key, crate::ReminderRow { entry: entry.clone(), etag: etag.clone() });
+        Ok(etag)
+    }
+
+    async fn remove(&self, grain_type: &str, grain_key: &str, name: &str, etag: &str) -> Result<bool, StorageError> {
+        let key = (grain_type.to_owned(), grain_key.to_owned(), name.to_owned());
+        Ok(self.rows.remove_if(&key, |_, row| row.etag == etag).is_some())
+    }
+}

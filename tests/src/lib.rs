@@ -11,6 +11,8 @@ use grains::prelude::*;
 use grains_silo::{Silo, SiloConfig};
 use grains_storage::GrainStateStore;
 
+pub mod pg;
+
 /// Activation and deactivation counts per grain key, recorded by the test grains' hooks.
 #[derive(Debug, Default)]
 pub struct LifecycleLog {

@@ -1,0 +1,108 @@
+//! Postgres providers: grain state, membership and reminders over one `sqlx` pool.
+//!
+//! Queries are checked at run time, so building never needs a database. The schema ships inside the binary
+//! as migrations ([`migrate`]), applied under a Postgres advisory lock so that several silos starting at once
+//! against an empty database all come up; the migrations are tracked in `grains_schema_migrations`, apart
+//! from any `_sqlx_migrations` table the application keeps in the same database.
+//!
+//! Errors map onto [`StorageError`]: a lost or refused connection, a pool that cannot hand out a connection
+//! in time, or any server error is [`StorageError::Unavailable`] (the operation may or may not have been
+//! applied when the connection broke mid-commit); an etag or version mismatch is a conflict, never an
+//! overwrite.
+
+/// SQL text: Unix milliseconds in parameter `$n` (BIGINT) as a TIMESTAMPTZ.
+macro_rules! ms_to_timestamp {
+    ($param:literal) => {
+        concat!("to_timestamp(", $param, "::double precision / 1000)")
+    };
+}
+
+/// SQL text: a TIMESTAMPTZ column as Unix milliseconds.
+macro_rules! timestamp_to_ms {
+    ($column:literal) => {
+        concat!("(extract(epoch from ", $column, ") * 1000)::bigint")
+    };
+}
+
+mod membership;
+mod reminders;
+mod state;
+
+use std::time::Duration;
+
+pub use membership::PostgresMembershipTable;
+pub use reminders::PostgresReminderTable;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+pub use state::PostgresStateStore;
+
+use crate::StorageError;
+
+/// How to connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresOptions {
+    /// Maximum connections in the pool.
+    pub pool_size: u32,
+    /// How long an operation waits for a pooled connection before failing with `Unavailable`.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self { pool_size: 16, acquire_timeout: Duration::from_secs(3) }
+    }
+}
+
+/// Maps a sqlx error onto the storage contract.
+pub(crate) fn unavailable(error: sqlx::Error) -> StorageError {
+    match error {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StorageError::Codec(error.to_string()),
+        other => StorageError::Unavailable(other.to_string()),
+    }
+}
+
+/// Opens a pool to `url` and checks that the server answers.
+pub async fn connect(url: &str, options: &PostgresOptions) -> Result<PgPool, StorageError> {
+    let connect: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| StorageError::Unavailable(e.to_string()))?;
+    PgPoolOptions::new()
+        .max_connections(options.pool_size)
+        .acquire_timeout(options.acquire_timeout)
+        .connect_with(connect)
+        .await
+        .map_err(unavailable)
+}
+
+/// Opens a pool to `url`, retrying with exponential backoff (up to 5 s between attempts) until `give_up_after`
+/// has passed; each failed attempt is logged with the delay before the next.
+pub async fn connect_with_retry(
+    url: &str,
+    options: &PostgresOptions,
+    give_up_after: Duration,
+) -> Result<PgPool, StorageError> {
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 1u32;
+    loop {
+        match connect(url, options).await {
+            Ok(pool) => {
+                if attempt > 1 {
+                    tracing::info!(attempt, "connected to postgres");
+                }
+                return Ok(pool);
+            }
+            Err(error) if started.elapsed() + delay < give_up_after => {
+                tracing::warn!(attempt, %error, retry_in = ?delay, "postgres unavailable, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Applies the embedded migrations that `pool`'s database lacks, under an advisory lock.
+pub async fn migrate(pool: &PgPool) -> Result<(), StorageError> {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.dangerous_set_table_name("grains_schema_migrations");
+    migrator.run(pool).await.map_err(|e| StorageError::Unavailable(format!("migrations: {e}")))
+}

@@ -1,0 +1,352 @@
+//! One conformance suite for every storage provider: each test body runs against the in-memory provider and
+//! against Postgres (a fresh database per test), so both honour the same contract, races included.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use grains_storage::postgres::{PostgresMembershipTable, PostgresReminderTable, PostgresStateStore};
+use grains_storage::{
+    GrainStateStore, MembershipEntry, MembershipTable, MemoryMembershipTable, MemoryReminderTable, MemoryStateStore,
+    ReminderEntry, ReminderTable, SiloAddress, SiloStatus, StateKey, StorageError, Suspicion,
+};
+use grains_tests::pg::TestDatabase;
+use serde_json::json;
+
+/// The providers under test, and the database that backs them (dropped after the test).
+struct Providers {
+    state: Arc<dyn GrainStateStore>,
+    membership: Arc<dyn MembershipTable>,
+    reminders: Arc<dyn ReminderTable>,
+    _database: Option<TestDatabase>,
+}
+
+impl Providers {
+    fn memory() -> Self {
+        Providers {
+            state: Arc::new(MemoryStateStore::new()),
+            membership: Arc::new(MemoryMembershipTable::new()),
+            reminders: Arc::new(MemoryReminderTable::new()),
+            _database: None,
+        }
+    }
+
+    async fn postgres() -> Self {
+        let database = TestDatabase::create().await;
+        let pool = database.pool().await;
+        Providers {
+            state: Arc::new(PostgresStateStore::new(pool.clone())),
+            membership: Arc::new(PostgresMembershipTable::new(pool.clone(), "conformance")),
+            reminders: Arc::new(PostgresReminderTable::new(pool)),
+            _database: Some(database),
+        }
+    }
+}
+
+/// Runs each named test body once per provider.
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Providers::memory()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Providers::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    state_of_a_key_never_written_is_none,
+    state_writes_chain_by_etag,
+    state_write_with_a_stale_etag_is_a_conflict_and_changes_nothing,
+    state_first_write_expecting_an_etag_is_a_conflict,
+    state_second_first_write_is_a_conflict,
+    state_clear_is_etag_checked,
+    state_etags_are_not_reused_after_clear,
+    state_documents_round_trip,
+    state_twenty_concurrent_first_writes_have_exactly_one_winner,
+    state_twenty_concurrent_updates_from_one_etag_have_exactly_one_winner,
+    membership_empty_table_is_at_version_zero,
+    membership_insert_bumps_the_version,
+    membership_insert_at_a_stale_version_is_refused,
+    membership_second_insert_of_one_silo_is_refused,
+    membership_update_checks_etag_and_version,
+    membership_heartbeat_does_not_bump_the_version,
+    membership_twenty_concurrent_inserts_at_one_version_have_exactly_one_winner,
+    membership_delete_all_empties_the_table,
+    reminders_upsert_and_read_back,
+    reminders_upsert_replaces_and_changes_the_etag,
+    reminders_remove_is_etag_checked,
+    reminders_read_range_handles_wrap_around,
+);
+
+fn key(name: &str) -> StateKey {
+    StateKey::new("Cart", name, "state")
+}
+
+async fn state_of_a_key_never_written_is_none(p: Providers) {
+    assert_eq!(p.state.read(&key("nobody")).await.unwrap(), None);
+}
+
+async fn state_writes_chain_by_etag(p: Providers) {
+    let k = key("chain");
+    let e1 = p.state.write(&k, &json!({"n": 1}), None).await.unwrap();
+    let e2 = p.state.write(&k, &json!({"n": 2}), Some(&e1)).await.unwrap();
+    assert_ne!(e1, e2);
+    let stored = p.state.read(&k).await.unwrap().unwrap();
+    assert_eq!(stored.document, json!({"n": 2}));
+    assert_eq!(stored.etag, e2);
+}
+
+async fn state_write_with_a_stale_etag_is_a_conflict_and_changes_nothing(p: Providers) {
+    let k = key("stale");
+    let e1 = p.state.write(&k, &json!(1), None).await.unwrap();
+    let e2 = p.state.write(&k, &json!(2), Some(&e1)).await.unwrap();
+    let refused = p.state.write(&k, &json!(3), Some(&e1)).await;
+    assert!(matches!(refused, Err(StorageError::Conflict { .. })), "{refused:?}");
+    let stored = p.state.read(&k).await.unwrap().unwrap();
+    assert_eq!((stored.document, stored.etag), (json!(2), e2));
+}
+
+async fn state_first_write_expecting_an_etag_is_a_conflict(p: Providers) {
+    let k = key("phantom");
+    let refused = p.state.write(&k, &json!(1), Some("12345")).await;
+    assert!(matches!(refused, Err(StorageError::Conflict { .. })), "{refused:?}");
+    assert_eq!(p.state.read(&k).await.unwrap(), None);
+}
+
+async fn state_second_first_write_is_a_conflict(p: Providers) {
+    let k = key("twice");
+    p.state.write(&k, &json!("first"), None).await.unwrap();
+    let refused = p.state.write(&k, &json!("second"), None).await;
+    assert!(matches!(refused, Err(StorageError::Conflict { .. })), "{refused:?}");
+    assert_eq!(p.state.read(&k).await.unwrap().unwrap().document, json!("first"));
+}
+
+async fn state_clear_is_etag_checked(p: Providers) {
+    let k = key("clear");
+    let etag = p.state.write(&k, &json!(1), None).await.unwrap();
+    assert!(matches!(p.state.clear(&k, Some("999999")).await, Err(StorageError::Conflict { .. })));
+    assert!(matches!(p.state.clear(&k, None).await, Err(StorageError::Conflict { .. })));
+    p.state.clear(&k, Some(&etag)).await.unwrap();
+    assert_eq!(p.state.read(&k).await.unwrap(), None);
+    p.state.clear(&k, None).await.unwrap();
+}
+
+async fn state_etags_are_not_reused_after_clear(p: Providers) {
+    let k = key("aba");
+    let first = p.state.write(&k, &json!(1), None).await.unwrap();
+    p.state.clear(&k, Some(&first)).await.unwrap();
+    let again = p.state.write(&k, &json!(2), None).await.unwrap();
+    assert_ne!(first, again, "an activation holding the old etag must not match the new record");
+    assert!(matches!(p.state.write(&k, &json!(3), Some(&first)).await, Err(StorageError::Conflict { .. })));
+}
+
+async fn state_documents_round_trip(p: Providers) {
+    let k = StateKey::new("Player", "42+eu", "inventory");
+    let doc = json!({"items": {"sword": 1, "shield": 2}, "tags": ["a", "b"], "gold": 12.5, "nested": {"x": null}});
+    p.state.write(&k, &doc, None).await.unwrap();
+    assert_eq!(p.state.read(&k).await.unwrap().unwrap().document, doc);
+    // Other state names of the same grain are separate records.
+    assert_eq!(p.state.read(&StateKey::new("Player", "42+eu", "other")).await.unwrap(), None);
+}
+
+async fn state_twenty_concurrent_first_writes_have_exactly_one_winner(p: Providers) {
+    let k = key("race-insert");
+    let writes: Vec<_> = (0..20)
+        .map(|i| {
+            let store = p.state.clone();
+            let k = k.clone();
+            tokio::spawn(async move { (i, store.write(&k, &json!({"writer": i}), None).await) })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for write in writes {
+        let (i, result) = write.await.unwrap();
+        match result {
+            Ok(_) => winners.push(i),
+            Err(StorageError::Conflict { .. }) => {}
+            Err(other) => panic!("unexpected error {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    assert_eq!(p.state.read(&k).await.unwrap().unwrap().document, json!({"writer": winners[0]}));
+}
+
+async fn state_twenty_concurrent_updates_from_one_etag_have_exactly_one_winner(p: Providers) {
+    let k = key("race-update");
+    let etag = p.state.write(&k, &json!(0), None).await.unwrap();
+    let writes: Vec<_> = (1..=20)
+        .map(|i| {
+            let store = p.state.clone();
+            let (k, etag) = (k.clone(), etag.clone());
+            tokio::spawn(async move { (i, store.write(&k, &json!(i), Some(&etag)).await) })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for write in writes {
+        let (i, result) = write.await.unwrap();
+        if result.is_ok() {
+            winners.push(i);
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    assert_eq!(p.state.read(&k).await.unwrap().unwrap().document, json!(winners[0]));
+}
+
+fn silo(port: u16, epoch: i64) -> MembershipEntry {
+    MembershipEntry {
+        silo: SiloAddress { endpoint: format!("127.0.0.1:{port}"), epoch },
+        name: format!("silo-{port}"),
+        status: SiloStatus::Joining,
+        gateway: Some(format!("127.0.0.1:{}", port + 1000)),
+        started_at_ms: 1_700_000_000_000 + epoch,
+        heartbeat_at_ms: 1_700_000_000_000 + epoch,
+        suspicions: Vec::new(),
+    }
+}
+
+async fn membership_empty_table_is_at_version_zero(p: Providers) {
+    let snapshot = p.membership.read_all().await.unwrap();
+    assert_eq!(snapshot.version, 0);
+    assert!(snapshot.rows.is_empty());
+}
+
+async fn membership_insert_bumps_the_version(p: Providers) {
+    assert!(p.membership.insert_row(&silo(1, 1), 0).await.unwrap());
+    assert!(p.membership.insert_row(&silo(2, 1), 1).await.unwrap());
+    let snapshot = p.membership.read_all().await.unwrap();
+    assert_eq!(snapshot.version, 2);
+    assert_eq!(snapshot.rows.len(), 2);
+    assert_eq!(snapshot.row(&silo(1, 1).silo).unwrap().entry, silo(1, 1));
+}
+
+async fn membership_insert_at_a_stale_version_is_refused(p: Providers) {
+    assert!(p.membership.insert_row(&silo(1, 1), 0).await.unwrap());
+    assert!(!p.membership.insert_row(&silo(2, 1), 0).await.unwrap());
+    let snapshot = p.membership.read_all().await.unwrap();
+    assert_eq!((snapshot.version, snapshot.rows.len()), (1, 1));
+}
+
+async fn membership_second_insert_of_one_silo_is_refused(p: Providers) {
+    assert!(p.membership.insert_row(&silo(1, 1), 0).await.unwrap());
+    assert!(!p.membership.insert_row(&silo(1, 1), 1).await.unwrap());
+    assert_eq!(p.membership.read_all().await.unwrap().version, 1, "a refused insert does not bump the version");
+    // The same endpoint with a new epoch is a new incarnation.
+    assert!(p.membership.insert_row(&silo(1, 2), 1).await.unwrap());
+}
+
+async fn membership_update_checks_etag_and_version(p: Providers) {
+    assert!(p.membership.insert_row(&silo(1, 1), 0).await.unwrap());
+    let snapshot = p.membership.read_all().await.unwrap();
+    let row = snapshot.row(&silo(1, 1).silo).unwrap().clone();
+    let mut active = row.entry.clone();
+    active.status = SiloStatus::Active;
+    active.suspicions.push(Suspicion { by: silo(2, 1).silo, at_ms: 1_700_000_000_500 });
+
+    assert!(!p.membership.update_row(&active, "424242", snapshot.version).await.unwrap(), "stale etag");
+    assert!(!p.membership.update_row(&active, &row.etag, snapshot.version + 7).await.unwrap(), "stale version");
+    assert!(p.membership.update_row(&active, &row.etag, snapshot.version).await.unwrap());
+
+    let after = p.membership.read_all().await.unwrap();
+    assert_eq!(after.version, snapshot.version + 1);
+    let updated = after.row(&active.silo).unwrap();
+    assert_eq!(updated.entry, active);
+    assert_ne!(updated.etag, row.etag);
+    assert!(!p.membership.update_row(&active, &row.etag, after.version).await.unwrap(), "the old etag is spent");
+}
+
+async fn membership_heartbeat_does_not_bump_the_version(p: Providers) {
+    assert!(p.membership.insert_row(&silo(1, 1), 0).await.unwrap());
+    p.membership.heartbeat(&silo(1, 1).silo, 1_800_000_000_123).await.unwrap();
+    let snapshot = p.membership.read_all().await.unwrap();
+    assert_eq!(snapshot.version, 1);
+    assert_eq!(snapshot.rows[0].entry.heartbeat_at_ms, 1_800_000_000_123);
+}
+
+async fn membership_twenty_concurrent_inserts_at_one_version_have_exactly_one_winner(p: Providers) {
+    let inserts: Vec<_> = (0..20u16)
+        .map(|i| {
+            let table = p.membership.clone();
+            tokio::spawn(async move { table.insert_row(&silo(100 + i, 1), 0).await })
+        })
+        .collect();
+    let mut wins = 0;
+    for insert in inserts {
+        if insert.await.unwrap().unwrap() {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1);
+    let snapshot = p.membership.read_all().await.unwrap();
+    assert_eq!((snapshot.version, snapshot.rows.len()), (1, 1));
+}
+
+async fn membership_delete_all_empties_the_table(p: Providers) {
+    assert!(p.membership.insert_row(&silo(1, 1), 0).await.unwrap());
+    p.membership.delete_all().await.unwrap();
+    assert_eq!(p.membership.read_all().await.unwrap(), Default::default());
+}
+
+fn reminder(key: &str, name: &str, hash: u32) -> ReminderEntry {
+    ReminderEntry {
+        grain_type: "Cart".into(),
+        grain_key: key.into(),
+        name: name.into(),
+        grain_hash: hash,
+        start_at_ms: 1_700_000_000_000,
+        period_ms: 60_000,
+    }
+}
+
+async fn reminders_upsert_and_read_back(p: Providers) {
+    let r = reminder("alice", "expire", 7);
+    let etag = p.reminders.upsert(&r).await.unwrap();
+    let row = p.reminders.read_row("Cart", "alice", "expire").await.unwrap().unwrap();
+    assert_eq!((row.entry, row.etag), (r.clone(), etag));
+    p.reminders.upsert(&reminder("alice", "nag", 7)).await.unwrap();
+    p.reminders.upsert(&reminder("bob", "expire", 9)).await.unwrap();
+    let names: Vec<_> =
+        p.reminders.read_grain("Cart", "alice").await.unwrap().into_iter().map(|r| r.entry.name).collect();
+    assert_eq!(names, vec!["expire", "nag"]);
+    assert_eq!(p.reminders.read_row("Cart", "carol", "expire").await.unwrap(), None);
+}
+
+async fn reminders_upsert_replaces_and_changes_the_etag(p: Providers) {
+    let first = p.reminders.upsert(&reminder("alice", "expire", 7)).await.unwrap();
+    let mut changed = reminder("alice", "expire", 7);
+    changed.period_ms = 5_000;
+    let second = p.reminders.upsert(&changed).await.unwrap();
+    assert_ne!(first, second);
+    assert_eq!(p.reminders.read_row("Cart", "alice", "expire").await.unwrap().unwrap().entry.period_ms, 5_000);
+}
+
+async fn reminders_remove_is_etag_checked(p: Providers) {
+    let etag = p.reminders.upsert(&reminder("alice", "expire", 7)).await.unwrap();
+    assert!(!p.reminders.remove("Cart", "alice", "expire", "31337").await.unwrap());
+    assert!(p.reminders.remove("Cart", "alice", "expire", &etag).await.unwrap());
+    assert!(!p.reminders.remove("Cart", "alice", "expire", &etag).await.unwrap());
+    assert_eq!(p.reminders.read_row("Cart", "alice", "expire").await.unwrap(), None);
+}
+
+async fn reminders_read_range_handles_wrap_around(p: Providers) {
+    for (key, hash) in [("a", 10u32), ("b", 1_000), ("c", 4_000_000_000), ("d", u32::MAX)] {
+        p.reminders.upsert(&reminder(key, "r", hash)).await.unwrap();
+    }
+    let keys = |rows: Vec<grains_storage::ReminderRow>| -> HashSet<String> {
+        rows.into_iter().map(|r| r.entry.grain_key).collect()
+    };
+    let set = |ks: &[&str]| -> HashSet<String> { ks.iter().map(|k| k.to_string()).collect() };
+    assert_eq!(keys(p.reminders.read_range(10, 4_000_000_000).await.unwrap()), set(&["b", "c"]));
+    assert_eq!(keys(p.reminders.read_range(4_000_000_000, 10).await.unwrap()), set(&["d", "a"]));
+    assert_eq!(keys(p.reminders.read_range(5, 5).await.unwrap()), set(&["a", "b", "c", "d"]));
+}
