@@ -60,6 +60,14 @@ pub enum CallError {
         /// What went wrong.
         reason: String,
     },
+    /// The grain's storage could not be reached while activating it; the call did not run. Retry later.
+    #[error("storage unavailable while activating {grain}: {reason}")]
+    StorageUnavailable {
+        /// The grain id, in text form.
+        grain: String,
+        /// What the storage provider said.
+        reason: String,
+    },
     /// The grain method panicked. The activation was dropped; the next call activates the grain afresh
     /// from storage.
     #[error("{grain}.{method} panicked: {message}")]

@@ -7,6 +7,10 @@
 //! to another writer (a duplicate activation, or a stale one), so it asks to be deactivated, as Orleans does:
 //! the next call reloads the winner's state.
 //!
+//! Any other failed write also deactivates the grain after the current turn: the value in memory then holds
+//! changes storage may not have (or, if the connection broke mid-commit, may have), and only a reload tells.
+//! So a change is either acknowledged and stored, or it is not seen by any later call.
+//!
 //! ## Evolving a state type
 //! State is stored as a JSON document (serde_json). Adding a field with `#[serde(default)]` keeps old records
 //! readable; removing a field is fine (unknown fields are ignored unless the type denies them); renaming needs
@@ -64,7 +68,7 @@ where
         let document =
             serde_json::to_value(&self.value).map_err(|e| StorageError::Codec(format!("{}: {e}", self.key)))?;
         let result = self.ctx.state_store().write(&self.key, &document, self.etag.as_deref()).await;
-        let etag = self.on_conflict_deactivate(result)?;
+        let etag = self.on_failure_deactivate(result)?;
         self.etag = Some(etag);
         Ok(())
     }
@@ -72,16 +76,24 @@ where
     /// Removes the state from storage and resets the value to `T::default()`.
     pub async fn clear(&mut self) -> Result<(), StateError> {
         let result = self.ctx.state_store().clear(&self.key, self.etag.as_deref()).await;
-        self.on_conflict_deactivate(result)?;
+        self.on_failure_deactivate(result)?;
         self.value = T::default();
         self.etag = None;
         Ok(())
     }
 
-    fn on_conflict_deactivate<R>(&self, result: Result<R, StateError>) -> Result<R, StateError> {
-        if let Err(StorageError::Conflict { .. }) = &result {
-            tracing::warn!(state = %self.key, "state write refused by etag check; deactivating this activation");
-            self.ctx.deactivate_on_idle();
+    /// On a failed write, leaves it to the next activation to reload the truth from storage.
+    fn on_failure_deactivate<R>(&self, result: Result<R, StateError>) -> Result<R, StateError> {
+        match &result {
+            Err(StorageError::Conflict { .. }) => {
+                tracing::warn!(state = %self.key, "state write refused by etag check; deactivating this activation");
+                self.ctx.deactivate_on_idle();
+            }
+            Err(error) => {
+                tracing::warn!(state = %self.key, %error, "state write failed; deactivating this activation");
+                self.ctx.deactivate_on_idle();
+            }
+            Ok(_) => {}
         }
         result
     }

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use grains::runtime::{CallChain, Payload, run_in_turn};
-use grains::{CallError, ErasedGrain, GrainContext, GrainId, GrainRegistration};
+use grains::{CallError, ErasedGrain, GrainContext, GrainError, GrainId, GrainRegistration, StorageError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -98,16 +98,20 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Builds the grain and runs `on_activate`; a panic in either counts as a failure.
-async fn activate(start: &ActivationStart, ctx: &GrainContext) -> Result<Box<dyn ErasedGrain>, String> {
+async fn activate(start: &ActivationStart, ctx: &GrainContext) -> Result<Box<dyn ErasedGrain>, CallError> {
     let build = async {
         let mut grain = (start.registration.build)(ctx.clone()).await?;
         grain.on_activate(ctx).await?;
-        Ok::<_, grains::GrainError>(grain)
+        Ok::<_, GrainError>(grain)
     };
+    let grain = start.id.to_string();
     match AssertUnwindSafe(build).catch_unwind().await {
-        Ok(Ok(grain)) => Ok(grain),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(panic) => Err(format!("panicked: {}", panic_message(&*panic))),
+        Ok(Ok(built)) => Ok(built),
+        Ok(Err(GrainError::State(StorageError::Unavailable(reason)))) => {
+            Err(CallError::StorageUnavailable { grain, reason })
+        }
+        Ok(Err(e)) => Err(CallError::ActivationFailed { grain, reason: e.to_string() }),
+        Err(panic) => Err(CallError::ActivationFailed { grain, reason: format!("panicked: {}", panic_message(&*panic)) }),
     }
 }
 
@@ -119,16 +123,14 @@ pub(crate) async fn run(mut start: ActivationStart) {
 
     let mut grain = match activate(&start, &ctx).await {
         Ok(grain) => grain,
-        Err(reason) => {
-            tracing::warn!(grain = %id, %reason, "activation failed");
+        Err(error) => {
+            tracing::warn!(grain = %id, %error, "activation failed");
             silo.metrics.activation_failures.fetch_add(1, Ordering::Relaxed);
             silo.remove_activation(&id, start.activation_id);
             start.mailbox.close();
             while let Ok(mail) = start.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
-                    let _ = call
-                        .reply
-                        .send(Err(CallError::ActivationFailed { grain: id.to_string(), reason: reason.clone() }));
+                    let _ = call.reply.send(Err(error.clone()));
                 }
             }
             return;

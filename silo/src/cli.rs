@@ -51,6 +51,15 @@ pub struct SiloArgs {
     /// The grain-state storage provider.
     #[arg(long, env = "GRAINS_STORAGE", value_enum)]
     pub storage: Option<StorageKind>,
+    /// The Postgres URL for `--storage postgres` (e.g. postgres://user@127.0.0.1:5432/grains).
+    #[arg(long, env = "GRAINS_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Maximum Postgres connections.
+    #[arg(long, env = "GRAINS_DATABASE_POOL_SIZE")]
+    pub database_pool_size: Option<u32>,
+    /// How long to keep retrying to reach Postgres at start-up (e.g. 2m).
+    #[arg(long, env = "GRAINS_DATABASE_START_TIMEOUT", value_parser = duration_arg)]
+    pub database_start_timeout: Option<Duration>,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax (e.g. `info`, `grains_silo=debug`).
     #[arg(long, env = "GRAINS_LOG", default_value = "info")]
     pub log: String,

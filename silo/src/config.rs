@@ -14,6 +14,8 @@ pub enum StorageKind {
     /// In-process memory: the embedded default; state lives as long as the silo process.
     #[default]
     Memory,
+    /// PostgreSQL at `database_url`: state as JSONB rows, schema migrated at start-up.
+    Postgres,
 }
 
 /// Per-grain-type settings that override what the grain type declares.
@@ -50,6 +52,17 @@ pub struct SiloConfig {
     pub max_payload_bytes: usize,
     /// The grain-state storage provider.
     pub storage: StorageKind,
+    /// The Postgres URL, for `storage = "postgres"` (printed with its password masked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// Maximum Postgres connections.
+    pub database_pool_size: u32,
+    /// How long storage operations wait for a Postgres connection before failing as unavailable.
+    #[serde(with = "duration_text")]
+    pub database_acquire_timeout: Duration,
+    /// How long the silo keeps retrying (with backoff) to reach Postgres at start-up before giving up.
+    #[serde(with = "duration_text")]
+    pub database_start_timeout: Duration,
     /// Per-grain-type overrides, keyed by grain type name: `[grain.Cart] idle_timeout = "1m"`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub grain: BTreeMap<String, GrainTypeConfig>,
@@ -70,6 +83,10 @@ impl Default for SiloConfig {
             call_timeout: grains::runtime::DEFAULT_CALL_TIMEOUT,
             max_payload_bytes: 4 * 1024 * 1024,
             storage: StorageKind::Memory,
+            database_url: None,
+            database_pool_size: 16,
+            database_acquire_timeout: Duration::from_secs(3),
+            database_start_timeout: Duration::from_secs(120),
             grain: BTreeMap::new(),
         }
     }
@@ -81,14 +98,27 @@ impl SiloConfig {
         toml::from_str(text)
     }
 
-    /// The configuration as TOML, as printed at start-up.
+    /// The configuration as TOML, as printed at start-up (any password in `database_url` masked).
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+        let mut shown = self.clone();
+        shown.database_url = shown.database_url.as_deref().map(mask_password);
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
 
     /// The idle timeout for a grain type: silo override, else the type's own, else the silo default.
     pub fn idle_timeout_for(&self, grain_type: &str, declared: Option<Duration>) -> Duration {
         self.grain.get(grain_type).and_then(|g| g.idle_timeout).or(declared).unwrap_or(self.default_idle_timeout)
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn mask_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else { return url.to_owned() };
+    let rest = &url[scheme_end..];
+    let Some(at) = rest.find('@') else { return url.to_owned() };
+    match rest[..at].find(':') {
+        Some(colon) => format!("{}{}:***{}", &url[..scheme_end], &rest[..colon], &rest[at..]),
+        None => url.to_owned(),
     }
 }
 
@@ -145,6 +175,18 @@ mod tests {
         let mut config = SiloConfig::default();
         config.grain.insert("Cart".into(), GrainTypeConfig { idle_timeout: Some(Duration::from_secs(5)) });
         assert_eq!(SiloConfig::from_toml(&config.to_toml()).unwrap(), config);
+    }
+
+    #[test]
+    fn passwords_are_masked_when_printed() {
+        let config = SiloConfig {
+            database_url: Some("postgres://grains:s3cret@db:5432/grains".into()),
+            ..SiloConfig::default()
+        };
+        let printed = config.to_toml();
+        assert!(printed.contains("postgres://grains:***@db:5432/grains"), "{printed}");
+        assert!(!printed.contains("s3cret"));
+        assert_eq!(mask_password("postgres://u@h/db"), "postgres://u@h/db");
     }
 
     #[test]

@@ -14,19 +14,26 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload};
 use grains::{CallError, Grain, GrainId, GrainKey, GrainRef, GrainRegistration, RefCore};
+use grains_storage::postgres::{self, PostgresOptions};
 use grains_storage::{GrainStateStore, MemoryStateStore};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::activation::{self, ActivationHandle, ActivationShared, ActivationStart, Invocation, Mail};
-use crate::config::SiloConfig;
+use crate::config::{SiloConfig, StorageKind};
 use crate::gateway::{self, GatewayHandle};
 use crate::metrics::{Metrics, MetricsSnapshot};
 
 /// Why a silo could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SiloError {
+    /// The configuration is incomplete or inconsistent.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The storage provider could not be reached or prepared.
+    #[error("storage: {0}")]
+    Storage(#[from] grains_storage::StorageError),
     /// The gateway could not bind its address.
     #[error("cannot bind the gateway to {addr}: {source}")]
     Bind {
@@ -250,7 +257,10 @@ impl SiloBuilder {
     /// Starts the silo: the idle collector and, if configured, the client gateway.
     pub async fn start(self) -> Result<Silo, SiloError> {
         let config = self.config;
-        let store = self.store.unwrap_or_else(|| Arc::new(MemoryStateStore::new()));
+        let store = match self.store {
+            Some(store) => store,
+            None => open_state_store(&config).await?,
+        };
         let types = GrainRegistration::all()
             .map(|r| (r.type_name, (r, config.idle_timeout_for(r.type_name, r.options.idle_timeout))))
             .collect::<HashMap<_, _>>();
@@ -268,6 +278,7 @@ impl SiloBuilder {
         let mut names: Vec<_> = inner.types.keys().copied().collect();
         names.sort_unstable();
         tracing::info!(silo = %inner.config.name, storage = inner.store.name(), grain_types = ?names, "silo starting");
+        tracing::info!(provider = inner.store.name(), "grain state storage provider");
 
         let collector = tokio::spawn(collect_idle(Arc::downgrade(&inner)));
         let gateway = if inner.config.gateway {
@@ -277,6 +288,25 @@ impl SiloBuilder {
             None
         };
         Ok(Silo { inner, collector, gateway })
+    }
+}
+
+/// Opens the storage provider the configuration names (Postgres: connect with retries, then migrate).
+async fn open_state_store(config: &SiloConfig) -> Result<Arc<dyn GrainStateStore>, SiloError> {
+    match config.storage {
+        StorageKind::Memory => Ok(Arc::new(MemoryStateStore::new())),
+        StorageKind::Postgres => {
+            let url = config.database_url.as_deref().ok_or_else(|| {
+                SiloError::Config("storage = \"postgres\" needs database_url (or GRAINS_DATABASE_URL)".into())
+            })?;
+            let options = PostgresOptions {
+                pool_size: config.database_pool_size,
+                acquire_timeout: config.database_acquire_timeout,
+            };
+            let pool = postgres::connect_with_retry(url, &options, config.database_start_timeout).await?;
+            postgres::migrate(&pool).await?;
+            Ok(Arc::new(postgres::PostgresStateStore::new(pool)))
+        }
     }
 }
 
