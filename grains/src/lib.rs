@@ -136,6 +136,7 @@ pub mod __private {
         note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`, or pass an owned type that does"
     )]
     pub trait GrainArgument {}
+    #[diagnostic::do_not_recommend]
     impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> GrainArgument for T {}
 
     /// A type that can cross the wire as a grain method's return value.
@@ -145,6 +146,7 @@ pub mod __private {
         note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`"
     )]
     pub trait GrainReturn {}
+    #[diagnostic::do_not_recommend]
     impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> GrainReturn for T {}
 
     /// Compile-time check that `T` can be an argument.

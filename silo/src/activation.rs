@@ -111,7 +111,9 @@ async fn activate(start: &ActivationStart, ctx: &GrainContext) -> Result<Box<dyn
             Err(CallError::StorageUnavailable { grain, reason })
         }
         Ok(Err(e)) => Err(CallError::ActivationFailed { grain, reason: e.to_string() }),
-        Err(panic) => Err(CallError::ActivationFailed { grain, reason: format!("panicked: {}", panic_message(&*panic)) }),
+        Err(panic) => {
+            Err(CallError::ActivationFailed { grain, reason: format!("panicked: {}", panic_message(&*panic)) })
+        }
     }
 }
 

@@ -86,8 +86,13 @@ impl SiloArgs {
             collection_interval,
             call_timeout,
             max_payload_bytes,
-            storage
+            storage,
+            database_pool_size,
+            database_start_timeout
         );
+        if let Some(url) = &self.database_url {
+            config.database_url = Some(url.clone());
+        }
         Ok(config)
     }
 }
