@@ -62,6 +62,8 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
     let reference = format_ident!("{}Ref", grain);
 
     let names: Vec<&Ident> = model.methods.iter().map(|m| m.ident()).collect();
+    // Matching a reference to an enum without variants needs the place itself: `match *r {}`.
+    let deref = if names.is_empty() { quote!(*) } else { quote!() };
     let name_strs: Vec<LitStr> = names.iter().map(|n| LitStr::new(&n.to_string(), n.span())).collect();
     let arg_names: Vec<Vec<&Ident>> = model.methods.iter().map(|m| m.args.iter().map(|(n, _)| n).collect()).collect();
     let arg_types: Vec<Vec<&syn::Type>> =
@@ -148,7 +150,7 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
 
         impl ::grains::__private::WireMessage for #request {
             fn encode_body(&self) -> ::grains::__private::Result<::std::vec::Vec<u8>, ::grains::__private::CodecError> {
-                match self {
+                match #deref self {
                     #( Self::#names(#(#arg_names),*) => ::grains::__private::encode(&(#(#arg_names,)*)), )*
                 }
             }
@@ -156,7 +158,7 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
 
         impl ::grains::__private::WireMessage for #response {
             fn encode_body(&self) -> ::grains::__private::Result<::std::vec::Vec<u8>, ::grains::__private::CodecError> {
-                match self {
+                match #deref self {
                     #( Self::#names(value) => ::grains::__private::encode(value), )*
                 }
             }
@@ -202,7 +204,7 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
             const METHODS: &'static [&'static str] = &[#(#name_strs),*];
 
             fn method_name(request: &#request) -> &'static str {
-                match request {
+                match #deref request {
                     #( #request::#names(..) => #name_strs, )*
                 }
             }

@@ -22,7 +22,8 @@ mod validate;
 /// silo's, 15 minutes). Fields of type `PersistentState<T>` are loaded on activation (state name: the field
 /// name, or `#[state(name = "...")]`), `GrainContext` fields receive the context, other fields are defaulted.
 ///
-/// On the impl block: every `pub async fn` taking `&self` or `&mut self` becomes a grain method, and
+/// On the impl block: every `pub` (or `pub(crate)`, ...) `async fn` taking `&self` or `&mut self` becomes a
+/// grain method, and
 /// `on_activate` / `on_deactivate` (`async fn(&mut self, &GrainContext) -> Result<(), GrainError>`) are
 /// lifecycle hooks. The macro generates `XRequest` and `XResponse` enums and the typed reference `XRef`.
 #[proc_macro_attribute]

@@ -162,7 +162,7 @@ impl GrainImpl {
                 on_deactivate = Some(func.clone());
                 continue;
             }
-            if !matches!(func.vis, syn::Visibility::Public(_)) {
+            if matches!(func.vis, syn::Visibility::Inherited) {
                 continue; // private helpers stay plain methods
             }
             let mut receiver = Receiver::None;

@@ -1,0 +1,67 @@
+//! Warm local grain calls, one silo, vs a tokio mpsc + oneshot request/reply loop (the floor any in-process
+//! actor call stands on).
+
+use std::time::Duration;
+
+use grains::prelude::*;
+use grains_silo::{Silo, SiloConfig};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::harness::{header, measure, row};
+
+/// A grain that does almost nothing, to measure the call path itself.
+#[grain]
+pub(crate) struct Echo;
+
+#[grain]
+impl Echo {
+    /// Returns its argument plus one.
+    pub(crate) async fn bump(&self, n: u64) -> u64 {
+        n + 1
+    }
+}
+
+/// Measures local calls at 1 and 64 callers (each caller its own grain, each baseline caller its own actor).
+pub(crate) async fn run(window: Duration) -> anyhow::Result<()> {
+    let silo = Silo::builder().config(SiloConfig { gateway: false, ..SiloConfig::default() }).start().await?;
+    header("Local call, warm activation, same silo", "mpsc+oneshot");
+    for callers in [1usize, 64] {
+        let refs: Vec<EchoRef> = (0..callers).map(|i| silo.grain::<Echo>(i as i64)).collect();
+        for r in &refs {
+            r.bump(0).await?; // warm: activate before measuring
+        }
+        let ours = measure(callers, window, move |w| {
+            let r = refs[w].clone();
+            async move {
+                r.bump(1).await?;
+                Ok(())
+            }
+        })
+        .await?;
+
+        let actors: Vec<mpsc::UnboundedSender<(u64, oneshot::Sender<u64>)>> = (0..callers)
+            .map(|_| {
+                let (tx, mut rx) = mpsc::unbounded_channel::<(u64, oneshot::Sender<u64>)>();
+                tokio::spawn(async move {
+                    while let Some((n, reply)) = rx.recv().await {
+                        let _ = reply.send(n + 1);
+                    }
+                });
+                tx
+            })
+            .collect();
+        let baseline = measure(callers, window, move |w| {
+            let actor = actors[w].clone();
+            async move {
+                let (tx, rx) = oneshot::channel();
+                actor.send((1, tx)).map_err(|_| anyhow::anyhow!("actor gone"))?;
+                rx.await?;
+                Ok(())
+            }
+        })
+        .await?;
+        row("local call", callers, ours, baseline);
+    }
+    silo.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}

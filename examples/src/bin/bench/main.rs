@@ -1,0 +1,51 @@
+//! Grains benchmarks, each printed beside a baseline measured in the same run, with the ratio.
+//!
+//! `cargo run --release -p grains-examples --bin bench -- [--quick] [--only SECTION]...`
+//!
+//! Sections: `local` (warm grain call in one silo vs a tokio mpsc + oneshot loop) and `storage` (grain state
+//! writes and reads through the Postgres provider vs raw sqlx statements). Postgres comes from
+//! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`); the bench creates and drops a
+//! scratch database of its own. Timings are printed, never asserted.
+
+use std::time::Duration;
+
+use clap::Parser;
+mod harness;
+mod local;
+mod storage;
+
+use harness::Section;
+
+#[derive(Debug, Parser)]
+#[command(about = "Grains benchmarks with in-run baselines")]
+struct Args {
+    /// Short runs (a smoke test: finishes in well under a minute).
+    #[arg(long)]
+    quick: bool,
+    /// Run only these sections (default: all).
+    #[arg(long, value_enum)]
+    only: Vec<Section>,
+    /// Postgres admin URL for the storage section.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    database_url: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let window = if args.quick { Duration::from_millis(300) } else { Duration::from_secs(3) };
+    let wants = |s: Section| args.only.is_empty() || args.only.contains(&s);
+    println!(
+        "# Grains benchmarks ({} mode, {} ms per measurement)",
+        if args.quick { "quick" } else { "full" },
+        window.as_millis()
+    );
+    println!("# machine: {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    if wants(Section::Local) {
+        local::run(window).await?;
+    }
+    if wants(Section::Storage) {
+        storage::run(&args.database_url, window).await?;
+    }
+    Ok(())
+}
