@@ -18,6 +18,12 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> TokenStream {
         }
         None => quote!(::core::option::Option::None),
     };
+    let placement = match model.placement.as_ref().map(LitStr::value).as_deref() {
+        Some("prefer_local") => quote!(PreferLocal),
+        Some("hash") => quote!(Hash),
+        Some("fewest_activations") => quote!(FewestActivations),
+        _ => quote!(Random),
+    };
     let body = match &item.fields {
         syn::Fields::Named(_) => {
             let inits = model.fields.iter().map(|field| {
@@ -40,7 +46,10 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> TokenStream {
         impl ::grains::__private::GrainType for #ident {
             const TYPE_NAME: &'static str = #type_name;
             const OPTIONS: ::grains::__private::GrainOptions =
-                ::grains::__private::GrainOptions { idle_timeout: #idle_timeout };
+                ::grains::__private::GrainOptions {
+                    idle_timeout: #idle_timeout,
+                    placement: ::grains::__private::Placement::#placement,
+                };
 
             #[allow(unused_variables)]
             fn build(

@@ -11,6 +11,7 @@ pub(crate) struct GrainStruct {
     pub(crate) item: syn::ItemStruct,
     pub(crate) name: Option<LitStr>,
     pub(crate) idle_timeout: Option<LitStr>,
+    pub(crate) placement: Option<LitStr>,
     pub(crate) fields: Vec<GrainField>,
 }
 
@@ -105,16 +106,20 @@ impl GrainStruct {
         let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(args)?;
         let mut name = None;
         let mut idle_timeout = None;
+        let mut placement = None;
         for meta in metas {
             match &meta {
                 Meta::NameValue(nv) if nv.path.is_ident("name") => name = Some(lit_str(&nv.value, "name")?),
                 Meta::NameValue(nv) if nv.path.is_ident("idle_timeout") => {
                     idle_timeout = Some(lit_str(&nv.value, "idle_timeout")?)
                 }
+                Meta::NameValue(nv) if nv.path.is_ident("placement") => {
+                    placement = Some(lit_str(&nv.value, "placement")?)
+                }
                 other => {
                     return Err(syn::Error::new_spanned(
                         other,
-                        "unknown grain option: expected `name = \"...\"` or `idle_timeout = \"10m\"`",
+                        "unknown grain option: expected `name = \"...\"`, `idle_timeout = \"10m\"` or `placement = \"random\"`",
                     ));
                 }
             }
@@ -138,7 +143,7 @@ impl GrainStruct {
             fields.push(GrainField { ident, init });
         }
         strip_state_attrs(&mut item);
-        Ok(Self { item, name, idle_timeout, fields })
+        Ok(Self { item, name, idle_timeout, placement, fields })
     }
 }
 

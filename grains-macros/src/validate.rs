@@ -26,6 +26,9 @@ impl Errors {
     }
 }
 
+/// The placement strategies `#[grain(placement = "...")]` accepts.
+const PLACEMENTS: &[&str] = &["random", "prefer_local", "hash", "fewest_activations"];
+
 /// Names the generated reference already uses for its own methods.
 const RESERVED: &[&str] = &["id", "with_timeout", "core", "from_core"];
 
@@ -37,6 +40,14 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> syn::Result<()> {
             generics,
             "a grain struct cannot be generic: the silo looks grain types up by name at run time. \
              Declare a concrete struct per grain type, e.g. `struct IntCounter { inner: Counter<i64> }`",
+        ));
+    }
+    if let Some(lit) = &model.placement
+        && !PLACEMENTS.contains(&lit.value().as_str())
+    {
+        errors.push(syn::Error::new_spanned(
+            lit,
+            "unknown placement: write one of \"random\", \"prefer_local\", \"hash\", \"fewest_activations\"",
         ));
     }
     if let Some(lit) = &model.name

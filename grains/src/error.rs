@@ -29,6 +29,14 @@ pub enum CallError {
     /// The call may or may not have run.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The silo holding the grain died or could not be reached while the call was in flight or being sent.
+    /// The call may or may not have run (at most once); the next call re-activates the grain elsewhere.
+    #[error("silo unavailable: {0}")]
+    SiloUnavailable(String),
+    /// The silo a call was sent to does not host the grain (a stale routing cache). The runtime retries
+    /// through the directory; callers see this only when every retry was refused.
+    #[error("grain not hosted here: {0}")]
+    NotHere(String),
     /// No silo hosts a grain type of this name.
     #[error("unknown grain type `{0}`")]
     UnknownGrainType(String),

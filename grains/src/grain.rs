@@ -19,6 +19,35 @@ use crate::runtime::{BoxFuture, LocalMessage, Payload};
 pub struct GrainOptions {
     /// How long an activation may sit idle before it is passivated; `None` uses the silo's default.
     pub idle_timeout: Option<Duration>,
+    /// Where new activations of this type are placed.
+    pub placement: Placement,
+}
+
+/// Where the directory places a new activation (`#[grain(placement = "...")]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Placement {
+    /// A random active silo (`"random"`, the default): spreads load with no coordination.
+    #[default]
+    Random,
+    /// The silo of the caller, when it is active (`"prefer_local"`): keeps chatty grains next to their callers.
+    PreferLocal,
+    /// A silo chosen by hashing the grain id over the active silos (`"hash"`): stable while membership is.
+    Hash,
+    /// The active silo with the fewest activations it has reported (`"fewest_activations"`).
+    FewestActivations,
+}
+
+impl Placement {
+    /// Parses the attribute spelling (`random`, `prefer_local`, `hash`, `fewest_activations`).
+    pub const fn parse(text: &str) -> Option<Self> {
+        match text.as_bytes() {
+            b"random" => Some(Placement::Random),
+            b"prefer_local" => Some(Placement::PreferLocal),
+            b"hash" => Some(Placement::Hash),
+            b"fewest_activations" => Some(Placement::FewestActivations),
+            _ => None,
+        }
+    }
 }
 
 /// The struct half of a grain, implemented by `#[grain]` on the struct.

@@ -96,7 +96,7 @@ mod state;
 
 pub use context::GrainContext;
 pub use error::{CallError, GrainError, StateError, StorageError};
-pub use grain::{BuildFn, ErasedGrain, Grain, GrainOptions, GrainRegistration, GrainType, WireMessage};
+pub use grain::{BuildFn, ErasedGrain, Grain, GrainOptions, GrainRegistration, GrainType, Placement, WireMessage};
 pub use grains_macros::grain;
 pub use id::{GrainId, GrainKey};
 pub use reference::{GrainRef, RefCore};
@@ -120,7 +120,7 @@ pub mod __private {
     pub use crate::reference::mismatched_reply;
     pub use crate::{
         CallError, Grain, GrainContext, GrainError, GrainOptions, GrainRef, GrainRegistration, GrainType,
-        PersistentState, RefCore, WireMessage, codec::CodecError,
+        PersistentState, Placement, RefCore, WireMessage, codec::CodecError,
     };
     pub use inventory;
     pub use serde;

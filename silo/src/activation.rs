@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::cluster::Registration;
 use crate::silo::SiloInner;
 
 /// A call waiting in a mailbox.
@@ -75,6 +76,8 @@ pub(crate) struct ActivationHandle {
     pub(crate) activation_id: u64,
     pub(crate) mailbox: mpsc::UnboundedSender<Mail>,
     pub(crate) shared: Arc<ActivationShared>,
+    /// The directory registration the activation lives under.
+    pub(crate) registration: Registration,
 }
 
 /// Everything the activation task starts with.
@@ -82,7 +85,8 @@ pub(crate) struct ActivationStart {
     pub(crate) silo: Arc<SiloInner>,
     pub(crate) id: GrainId,
     pub(crate) activation_id: u64,
-    pub(crate) registration: &'static GrainRegistration,
+    pub(crate) grain_type: &'static GrainRegistration,
+    pub(crate) registration: Registration,
     pub(crate) mailbox: mpsc::UnboundedReceiver<Mail>,
     pub(crate) shared: Arc<ActivationShared>,
 }
@@ -100,7 +104,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// Builds the grain and runs `on_activate`; a panic in either counts as a failure.
 async fn activate(start: &ActivationStart, ctx: &GrainContext) -> Result<Box<dyn ErasedGrain>, CallError> {
     let build = async {
-        let mut grain = (start.registration.build)(ctx.clone()).await?;
+        let mut grain = (start.grain_type.build)(ctx.clone()).await?;
         grain.on_activate(ctx).await?;
         Ok::<_, GrainError>(grain)
     };
@@ -117,10 +121,47 @@ async fn activate(start: &ActivationStart, ctx: &GrainContext) -> Result<Box<dyn
     }
 }
 
+/// Confirms with the grain's directory owner that this activation is the grain's one activation (first
+/// writer wins). A loser hands its queued calls to the winner before it has run a turn or loaded any state.
+async fn confirm_registration(start: &mut ActivationStart) -> bool {
+    let silo = &start.silo;
+    let deadline = tokio::time::Instant::now() + silo.config.call_timeout;
+    let outcome = silo.cluster.register(vec![(start.id.clone(), start.registration.clone())], deadline).await;
+    let error = match outcome.map(|mut w| w.pop()) {
+        Ok(Some(winner)) if winner == start.registration => return true,
+        Ok(Some(winner)) => {
+            tracing::debug!(grain = %start.id, winner = %winner.silo, "lost the registration race; forwarding");
+            silo.remove_activation(&start.id, start.activation_id);
+            start.mailbox.close();
+            silo.cluster.cache.insert(start.id.clone(), winner);
+            while let Ok(mail) = start.mailbox.try_recv() {
+                if let Mail::Call(call) = mail {
+                    silo.redeliver(start.id.clone(), call);
+                }
+            }
+            return false;
+        }
+        Ok(None) => CallError::Protocol("directory gave no answer".to_owned()),
+        Err(error) => error,
+    };
+    tracing::warn!(grain = %start.id, %error, "activation not registered");
+    silo.remove_activation(&start.id, start.activation_id);
+    start.mailbox.close();
+    while let Ok(mail) = start.mailbox.try_recv() {
+        if let Mail::Call(call) = mail {
+            let _ = call.reply.send(Err(error.clone()));
+        }
+    }
+    false
+}
+
 /// The life of one activation, from build to the hand-back of its last queued calls.
 pub(crate) async fn run(mut start: ActivationStart) {
     let silo = start.silo.clone();
     let id = start.id.clone();
+    if !confirm_registration(&mut start).await {
+        return;
+    }
     let ctx = GrainContext::new(id.clone(), silo.runtime(), silo.store.clone());
 
     let mut grain = match activate(&start, &ctx).await {
@@ -129,6 +170,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
             tracing::warn!(grain = %id, %error, "activation failed");
             silo.metrics.activation_failures.fetch_add(1, Ordering::Relaxed);
             silo.remove_activation(&id, start.activation_id);
+            silo.activation_ended(&id, &start.registration);
             start.mailbox.close();
             while let Ok(mail) = start.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
@@ -194,6 +236,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
     }
     drop(grain);
     silo.remove_activation(&id, start.activation_id);
+    silo.activation_ended(&id, &start.registration);
     start.mailbox.close();
     silo.metrics.deactivations.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(grain = %id, activation = start.activation_id, "deactivated");

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 
-use crate::config::{SiloConfig, StorageKind};
+use crate::config::{FailureDetection, MembershipKind, SiloConfig, StorageKind};
 use crate::silo::Silo;
 
 fn duration_arg(text: &str) -> Result<Duration, String> {
@@ -33,9 +33,18 @@ pub struct SiloArgs {
     /// The address to bind.
     #[arg(long, env = "GRAINS_HOST")]
     pub host: Option<IpAddr>,
-    /// The client gateway port (0: any free port).
-    #[arg(long, env = "GRAINS_GATEWAY_PORT")]
-    pub gateway_port: Option<u16>,
+    /// The silo's port, for clients and peer silos (0: any free port).
+    #[arg(long, env = "GRAINS_PORT", alias = "gateway-port")]
+    pub port: Option<u16>,
+    /// The cluster to join (silos sharing a membership table and cluster id form one cluster).
+    #[arg(long, env = "GRAINS_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// Where the membership table lives (`postgres` for a multi-silo cluster).
+    #[arg(long, env = "GRAINS_MEMBERSHIP", value_enum)]
+    pub membership: Option<MembershipKind>,
+    /// Failure-detection timings.
+    #[arg(long, env = "GRAINS_FAILURE_DETECTION", value_enum)]
+    pub failure_detection: Option<FailureDetection>,
     /// Idle time before passivation for grain types without their own (e.g. 15m).
     #[arg(long, env = "GRAINS_DEFAULT_IDLE_TIMEOUT", value_parser = duration_arg)]
     pub default_idle_timeout: Option<Duration>,
@@ -81,7 +90,10 @@ impl SiloArgs {
         set!(
             name,
             host,
-            gateway_port,
+            port,
+            cluster_id,
+            membership,
+            failure_detection,
             default_idle_timeout,
             collection_interval,
             call_timeout,
@@ -170,10 +182,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("grains-cli-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("silo.toml");
-        std::fs::write(&file, "gateway_port = 4100\nname = \"from-file\"\ncall_timeout = \"5s\"\n").unwrap();
+        std::fs::write(&file, "port = 4100\nname = \"from-file\"\ncall_timeout = \"5s\"\n").unwrap();
         let args = SiloArgs::parse_from(["silo", "--config", file.to_str().unwrap(), "--gateway-port", "4200"]);
         let config = args.to_config().unwrap();
-        assert_eq!(config.gateway_port, 4200);
+        assert_eq!(config.port, 4200);
         assert_eq!(config.name, "from-file");
         assert_eq!(config.call_timeout, Duration::from_secs(5));
         std::fs::remove_dir_all(dir).unwrap();

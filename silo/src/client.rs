@@ -1,35 +1,35 @@
-//! The external client: calls grains from another process through a silo's gateway.
+//! The external client: calls grains from another process through the cluster's gateways.
 //!
-//! One client holds one HTTP/2 connection with one bidirectional stream; every call from every task shares it,
-//! matched to its response by correlation id. If the connection drops, calls in flight fail with
-//! [`CallError::Unavailable`] (their outcome is unknown: at most once) and the next call reconnects.
+//! A client knows one or more gateway addresses (every silo is a gateway) and keeps one connection — one
+//! multiplexed stream — per gateway it uses. Calls are spread over the gateways round-robin. A call is moved to
+//! another gateway only when it certainly did not run: the connection could not be opened, or the silo refused
+//! it because it is shutting down. A call lost in flight fails with [`CallError::Unavailable`] (outcome
+//! unknown: at most once). The gateway list is refreshed from the cluster's membership in the background.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
 use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload};
 use grains::{CallError, Grain, GrainId, GrainKey, GrainRef, RefCore};
-use http::uri::PathAndQuery;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::Mutex;
 use tokio::time::Instant;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::codec::Streaming;
-use tonic::transport::{Channel, Endpoint};
 
-use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind, WireGrainId};
+use crate::cluster::system::{self, SystemRequest, SystemResponse};
+use crate::connection::{Connection, PeerKind};
+use crate::wire::{Envelope, Mode, WireGrainId};
 
 /// Why a client could not connect.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// The gateway address is not a valid URL.
+    /// No gateway address was given, or one is not a valid address.
     #[error("invalid gateway address `{0}`")]
     InvalidAddress(String),
-    /// The gateway did not accept the connection.
+    /// No gateway accepted the connection.
     #[error("cannot connect to {url}: {reason}")]
     Unreachable {
-        /// The gateway address.
+        /// The gateway addresses tried.
         url: String,
         /// What went wrong.
         reason: String,
@@ -43,8 +43,10 @@ pub struct ClientConfig {
     pub call_timeout: Duration,
     /// The largest request payload the client sends, in bytes (larger ones fail locally).
     pub max_payload_bytes: usize,
-    /// How long to wait for a connection to the gateway.
+    /// How long to wait for a connection to a gateway.
     pub connect_timeout: Duration,
+    /// How often to refresh the gateway list from the cluster.
+    pub gateway_refresh_interval: Duration,
 }
 
 impl Default for ClientConfig {
@@ -53,11 +55,12 @@ impl Default for ClientConfig {
             call_timeout: grains::runtime::DEFAULT_CALL_TIMEOUT,
             max_payload_bytes: 4 * 1024 * 1024,
             connect_timeout: Duration::from_secs(5),
+            gateway_refresh_interval: Duration::from_secs(5),
         }
     }
 }
 
-/// A connection to a cluster's gateway, for calling grains from outside the silo process. Cheap to clone.
+/// A connection to a cluster's gateways, for calling grains from outside the silo processes. Cheap to clone.
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
@@ -65,49 +68,72 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("url", &self.inner.url).finish_non_exhaustive()
+        f.debug_struct("Client").field("gateways", &self.inner.gateways()).finish_non_exhaustive()
     }
 }
 
 struct ClientInner {
-    url: String,
-    endpoint: Endpoint,
     config: ClientConfig,
-    current: RwLock<Option<Arc<Connection>>>,
-    reconnect: Mutex<()>,
-    this: std::sync::Weak<ClientInner>,
+    gateways: RwLock<Vec<String>>,
+    connections: DashMap<String, Arc<Connection>>,
+    connecting: Mutex<()>,
+    next: AtomicUsize,
+    this: Weak<ClientInner>,
 }
 
-/// One open stream and the calls waiting on it.
-struct Connection {
-    outbound: mpsc::UnboundedSender<Envelope>,
-    pending: DashMap<u64, oneshot::Sender<Result<Payload, CallError>>>,
-    next_id: AtomicU64,
-    alive: AtomicBool,
+/// `http://host:port/` → `host:port`.
+fn normalize(url: &str) -> Result<String, ConnectError> {
+    let bare = url.split_once("://").map_or(url, |(_, rest)| rest).trim_end_matches('/');
+    if bare.is_empty() || !bare.contains(':') {
+        return Err(ConnectError::InvalidAddress(url.to_owned()));
+    }
+    Ok(bare.to_owned())
 }
 
 impl Client {
-    /// Connects to the gateway at `url` (e.g. `http://127.0.0.1:30000`) with default settings.
-    pub async fn connect(url: impl Into<String>) -> Result<Client, ConnectError> {
-        Self::connect_with(url, ClientConfig::default()).await
+    /// Connects to the gateway at `url` (e.g. `http://127.0.0.1:30000`) with default settings; other gateways of
+    /// the cluster are learned from it.
+    pub async fn connect(url: impl AsRef<str>) -> Result<Client, ConnectError> {
+        Self::connect_cluster([url.as_ref()], ClientConfig::default()).await
     }
 
     /// Connects to the gateway at `url` with `config`.
-    pub async fn connect_with(url: impl Into<String>, config: ClientConfig) -> Result<Client, ConnectError> {
-        let url = url.into();
-        let endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|_| ConnectError::InvalidAddress(url.clone()))?
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true);
+    pub async fn connect_with(url: impl AsRef<str>, config: ClientConfig) -> Result<Client, ConnectError> {
+        Self::connect_cluster([url.as_ref()], config).await
+    }
+
+    /// Connects to a cluster through any of `urls`; calls are spread over every gateway the cluster lists.
+    pub async fn connect_cluster<S: AsRef<str>>(
+        urls: impl IntoIterator<Item = S>,
+        config: ClientConfig,
+    ) -> Result<Client, ConnectError> {
+        let gateways = urls.into_iter().map(|u| normalize(u.as_ref())).collect::<Result<Vec<_>, _>>()?;
+        if gateways.is_empty() {
+            return Err(ConnectError::InvalidAddress(String::new()));
+        }
         let inner = Arc::new_cyclic(|this| ClientInner {
-            url: url.clone(),
-            endpoint,
             config,
-            current: RwLock::new(None),
-            reconnect: Mutex::new(()),
+            gateways: RwLock::new(gateways.clone()),
+            connections: DashMap::new(),
+            connecting: Mutex::new(()),
+            next: AtomicUsize::new(0),
             this: this.clone(),
         });
-        inner.connection().await.map_err(|e| ConnectError::Unreachable { url, reason: e.to_string() })?;
+        let mut last_error = None;
+        for gateway in &gateways {
+            match inner.connection(gateway).await {
+                Ok(_) => {
+                    last_error = None;
+                    break;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if let Some(e) = last_error {
+            return Err(ConnectError::Unreachable { url: gateways.join(", "), reason: e.to_string() });
+        }
+        inner.refresh_gateways().await;
+        tokio::spawn(refresh_loop(Arc::downgrade(&inner)));
         Ok(Client { inner })
     }
 
@@ -120,84 +146,97 @@ impl Client {
     pub fn runtime(&self) -> Arc<dyn GrainRuntime> {
         self.inner.clone()
     }
+
+    /// The gateways the client currently spreads calls over.
+    pub fn gateways(&self) -> Vec<String> {
+        self.inner.gateways()
+    }
+}
+
+async fn refresh_loop(inner: Weak<ClientInner>) {
+    loop {
+        let Some(interval) = inner.upgrade().map(|i| i.config.gateway_refresh_interval) else { return };
+        tokio::time::sleep(interval).await;
+        let Some(client) = inner.upgrade() else { return };
+        client.refresh_gateways().await;
+    }
 }
 
 impl ClientInner {
-    /// The live connection, opening a new one if there is none or the last one died.
-    async fn connection(&self) -> Result<Arc<Connection>, CallError> {
-        if let Some(conn) = self.live() {
-            return Ok(conn);
+    fn gateways(&self) -> Vec<String> {
+        self.gateways.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The open connection to `gateway`, opening one if there is none or the last one died.
+    async fn connection(&self, gateway: &str) -> Result<Arc<Connection>, CallError> {
+        if let Some(conn) = self.connections.get(gateway).filter(|c| c.is_alive()) {
+            return Ok(conn.clone());
         }
-        let _single_flight = self.reconnect.lock().await;
-        if let Some(conn) = self.live() {
-            return Ok(conn);
+        let _single_flight = self.connecting.lock().await;
+        if let Some(conn) = self.connections.get(gateway).filter(|c| c.is_alive()) {
+            return Ok(conn.clone());
         }
-        let conn = self.open().await?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        let conn = Connection::open(gateway, PeerKind::Gateway, self.config.connect_timeout).await?;
+        self.connections.insert(gateway.to_owned(), conn.clone());
         Ok(conn)
     }
 
-    fn live(&self) -> Option<Arc<Connection>> {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
-        current.as_ref().filter(|c| c.alive.load(Ordering::SeqCst)).cloned()
-    }
-
-    async fn open(&self) -> Result<Arc<Connection>, CallError> {
-        let unavailable = |e: &dyn std::fmt::Display| CallError::Unavailable(format!("gateway {}: {e}", self.url));
-        let channel: Channel = self.endpoint.connect().await.map_err(|e| unavailable(&e))?;
-        let mut grpc = tonic::client::Grpc::new(channel)
-            .max_decoding_message_size(HARD_FRAME_LIMIT)
-            .max_encoding_message_size(HARD_FRAME_LIMIT);
-        grpc.ready().await.map_err(|e| unavailable(&e))?;
-        let (outbound, rx) = mpsc::unbounded_channel();
-        let response = grpc
-            .streaming(
-                tonic::Request::new(UnboundedReceiverStream::new(rx)),
-                PathAndQuery::from_static(CONNECT_PATH),
-                EnvelopeCodec::new(usize::MAX / 2),
-            )
-            .await
-            .map_err(|e| unavailable(&e))?;
-        let conn = Arc::new(Connection {
-            outbound,
-            pending: DashMap::new(),
-            next_id: AtomicU64::new(1),
-            alive: AtomicBool::new(true),
-        });
-        tokio::spawn(read_responses(conn.clone(), response.into_inner()));
-        Ok(conn)
-    }
-}
-
-/// Resolves pending calls as their responses arrive; fails them all when the stream ends.
-async fn read_responses(conn: Arc<Connection>, mut inbound: Streaming<Inbound>) {
-    loop {
-        let envelope = match inbound.message().await {
-            Ok(Some(Inbound::Envelope(envelope))) => envelope,
-            Ok(Some(other)) => {
-                tracing::warn!(frame = ?other, "undecodable frame from the gateway");
-                continue;
+    /// Asks a gateway for the cluster's current gateway list and adopts it (keeping the old one on failure).
+    async fn refresh_gateways(&self) {
+        let deadline = Instant::now() + self.config.connect_timeout;
+        for gateway in self.gateways() {
+            let Ok(conn) = self.connection(&gateway).await else { continue };
+            match system::call(&conn, &SystemRequest::Gateways, deadline).await {
+                Ok(SystemResponse::Gateways(list)) if !list.is_empty() => {
+                    *self.gateways.write().unwrap_or_else(|e| e.into_inner()) = list;
+                    return;
+                }
+                _ => continue,
             }
-            Ok(None) => break,
-            Err(status) => {
-                tracing::debug!(%status, "gateway stream failed");
+        }
+    }
+
+    /// Sends one call through a gateway; moves to another gateway only if the call certainly did not run.
+    async fn send(&self, call: Call) -> Result<Payload, CallError> {
+        let payload = call.payload.into_bytes()?;
+        let limit = self.config.max_payload_bytes;
+        if payload.len() > limit {
+            return Err(CallError::PayloadTooLarge { size: payload.len() as u64, limit: limit as u64 });
+        }
+        let envelope = Envelope {
+            target: Some(WireGrainId::from(&call.target)),
+            method: call.method.into_owned(),
+            payload,
+            call_chain: call.chain.iter().map(WireGrainId::from).collect(),
+            mode: Mode::Route as i32,
+            ..Default::default()
+        };
+        let gateways = self.gateways();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = CallError::Unavailable("no gateway".to_owned());
+        for i in 0..gateways.len() {
+            if Instant::now() >= call.deadline {
                 break;
             }
-        };
-        if envelope.kind != Kind::Response as i32 {
-            continue;
-        }
-        if let Some((_, waiter)) = conn.pending.remove(&envelope.correlation_id) {
-            let result = match envelope.error {
-                Some(error) => Err(error.to_call_error()),
-                None => Ok(Payload::Encoded(envelope.payload)),
+            let gateway = &gateways[(start + i) % gateways.len()];
+            let conn = match self.connection(gateway).await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    last_error = e; // nothing was sent: try the next gateway
+                    continue;
+                }
             };
-            let _ = waiter.send(result);
+            match conn.call(envelope.clone(), call.deadline).await {
+                Ok(bytes) => return Ok(Payload::Encoded(bytes)),
+                Err(CallError::ShuttingDown) => {
+                    last_error = CallError::ShuttingDown; // refused before running: safe to move
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
         }
+        Err(last_error)
     }
-    conn.alive.store(false, Ordering::SeqCst);
-    // Dropping the senders fails every waiting call with `Unavailable`.
-    conn.pending.clear();
 }
 
 impl GrainRuntime for ClientInner {
@@ -210,50 +249,5 @@ impl GrainRuntime for ClientInner {
 
     fn default_timeout(&self) -> Duration {
         self.config.call_timeout
-    }
-}
-
-impl ClientInner {
-    /// Sends one call on the live connection and waits for its response or its deadline.
-    async fn send(&self, call: Call) -> Result<Payload, CallError> {
-        let payload = call.payload.into_bytes()?;
-        let limit = self.config.max_payload_bytes;
-        if payload.len() > limit {
-            return Err(CallError::PayloadTooLarge { size: payload.len() as u64, limit: limit as u64 });
-        }
-        let timeout = call.deadline.saturating_duration_since(Instant::now());
-        let conn = tokio::time::timeout_at(call.deadline, self.connection())
-            .await
-            .map_err(|_| CallError::Timeout(timeout))??;
-        let correlation_id = conn.next_id.fetch_add(1, Ordering::Relaxed);
-        let (waiter_tx, waiter) = oneshot::channel();
-        conn.pending.insert(correlation_id, waiter_tx);
-        // Checked after inserting: a reader that has already failed every pending call will not see ours.
-        if !conn.alive.load(Ordering::SeqCst) {
-            conn.pending.remove(&correlation_id);
-            return Err(CallError::Unavailable(format!("gateway {}: connection lost", self.url)));
-        }
-        let envelope = Envelope {
-            correlation_id,
-            kind: Kind::Request as i32,
-            target: Some(WireGrainId::from(&call.target)),
-            method: call.method.into_owned(),
-            payload,
-            timeout_ms: timeout.as_millis().max(1) as u64,
-            call_chain: call.chain.iter().map(WireGrainId::from).collect(),
-            error: None,
-        };
-        if conn.outbound.send(envelope).is_err() {
-            conn.pending.remove(&correlation_id);
-            return Err(CallError::Unavailable(format!("gateway {}: connection lost", self.url)));
-        }
-        match tokio::time::timeout_at(call.deadline, waiter).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(CallError::Unavailable(format!("gateway {}: connection lost during the call", self.url))),
-            Err(_) => {
-                conn.pending.remove(&correlation_id);
-                Err(CallError::Timeout(timeout))
-            }
-        }
     }
 }

@@ -18,6 +18,94 @@ pub enum StorageKind {
     Postgres,
 }
 
+/// Where the cluster's membership table lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MembershipKind {
+    /// In this process: a single-silo development cluster.
+    #[default]
+    Memory,
+    /// PostgreSQL at `database_url`: silos sharing the database and `cluster_id` form one cluster.
+    Postgres,
+}
+
+/// How quickly silos detect a dead peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureDetection {
+    /// Orleans-like production timings: probe every 5 s, suspect after 3 missed probes.
+    #[default]
+    Production,
+    /// Test timings: probe every 500 ms.
+    Fast,
+}
+
+/// The timings of membership and failure detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterTimings {
+    /// How often each silo probes its peers.
+    pub probe_interval: Duration,
+    /// How long a probe may take before it counts as missed.
+    pub probe_timeout: Duration,
+    /// Consecutive missed probes before a silo votes its peer suspect.
+    pub missed_probes_limit: u32,
+    /// Suspicion votes (within `vote_expiration`) that declare a silo dead (or every other active silo, when
+    /// fewer).
+    pub votes_for_death: usize,
+    /// How long a suspicion vote counts.
+    pub vote_expiration: Duration,
+    /// How often each silo re-reads the membership table (it also re-reads when told of a change).
+    pub table_refresh_interval: Duration,
+    /// How often each silo writes its heartbeat to the table.
+    pub heartbeat_interval: Duration,
+    /// How many peers each silo probes.
+    pub probed_peers: usize,
+    /// How long to wait for a connection to a peer.
+    pub connect_timeout: Duration,
+}
+
+impl ClusterTimings {
+    /// Production timings, after Orleans' defaults.
+    pub fn production() -> Self {
+        Self {
+            probe_interval: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(5),
+            missed_probes_limit: 3,
+            votes_for_death: 2,
+            vote_expiration: Duration::from_secs(180),
+            table_refresh_interval: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(30),
+            probed_peers: 3,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Fast timings for tests and demos.
+    pub fn fast() -> Self {
+        Self {
+            probe_interval: Duration::from_millis(500),
+            probe_timeout: Duration::from_millis(500),
+            missed_probes_limit: 3,
+            votes_for_death: 2,
+            vote_expiration: Duration::from_secs(30),
+            table_refresh_interval: Duration::from_millis(500),
+            heartbeat_interval: Duration::from_secs(1),
+            probed_peers: 3,
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl FailureDetection {
+    /// The timings of this profile.
+    pub fn timings(self) -> ClusterTimings {
+        match self {
+            FailureDetection::Production => ClusterTimings::production(),
+            FailureDetection::Fast => ClusterTimings::fast(),
+        }
+    }
+}
+
 /// Per-grain-type settings that override what the grain type declares.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -33,12 +121,20 @@ pub struct GrainTypeConfig {
 pub struct SiloConfig {
     /// A name for logs.
     pub name: String,
-    /// The address the gateway binds to.
+    /// The cluster this silo joins: silos sharing a membership table and cluster id form one cluster.
+    pub cluster_id: String,
+    /// The address the silo binds to, and advertises to peers and clients.
     pub host: IpAddr,
-    /// The port external clients connect to (0: any free port; the bound address is printed).
-    pub gateway_port: u16,
-    /// Whether to start the client gateway at all.
+    /// The silo's one port, for clients and peer silos alike (0: any free port; the bound address is
+    /// printed).
+    #[serde(alias = "gateway_port")]
+    pub port: u16,
+    /// Whether to listen at all (a silo that does not listen is a cluster of one, reachable in-process only).
     pub gateway: bool,
+    /// Where the membership table lives.
+    pub membership: MembershipKind,
+    /// Failure-detection timings.
+    pub failure_detection: FailureDetection,
     /// Idle time before an activation is passivated, for grain types that do not set their own.
     #[serde(with = "duration_text")]
     pub default_idle_timeout: Duration,
@@ -68,16 +164,19 @@ pub struct SiloConfig {
     pub grain: BTreeMap<String, GrainTypeConfig>,
 }
 
-/// The default gateway port.
-pub const DEFAULT_GATEWAY_PORT: u16 = 30_000;
+/// The default silo port.
+pub const DEFAULT_PORT: u16 = 30_000;
 
 impl Default for SiloConfig {
     fn default() -> Self {
         Self {
             name: "silo".to_owned(),
+            cluster_id: "dev".to_owned(),
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            gateway_port: DEFAULT_GATEWAY_PORT,
+            port: DEFAULT_PORT,
             gateway: true,
+            membership: MembershipKind::Memory,
+            failure_detection: FailureDetection::Production,
             default_idle_timeout: Duration::from_secs(15 * 60),
             collection_interval: Duration::from_secs(60),
             call_timeout: grains::runtime::DEFAULT_CALL_TIMEOUT,
@@ -159,11 +258,10 @@ mod tests {
 
     #[test]
     fn a_partial_file_keeps_the_other_defaults() {
-        let config = SiloConfig::from_toml(
-            "gateway_port = 4000\ndefault_idle_timeout = \"2m\"\n[grain.Cart]\nidle_timeout = \"30s\"\n",
-        )
-        .unwrap();
-        assert_eq!(config.gateway_port, 4000);
+        let config =
+            SiloConfig::from_toml("port = 4000\ndefault_idle_timeout = \"2m\"\n[grain.Cart]\nidle_timeout = \"30s\"\n")
+                .unwrap();
+        assert_eq!(config.port, 4000);
         assert_eq!(config.call_timeout, Duration::from_secs(30));
         assert_eq!(config.idle_timeout_for("Cart", Some(Duration::from_secs(600))), Duration::from_secs(30));
         assert_eq!(config.idle_timeout_for("Hello", Some(Duration::from_secs(600))), Duration::from_secs(600));
@@ -192,5 +290,6 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused() {
         assert!(SiloConfig::from_toml("gateway_prot = 1").is_err());
+        assert_eq!(SiloConfig::from_toml("gateway_port = 7").unwrap().port, 7, "the old name still reads");
     }
 }

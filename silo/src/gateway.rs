@@ -10,12 +10,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use grains::CallError;
-use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload};
+use grains::runtime::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::Status;
 use tonic::body::Body;
@@ -42,9 +40,8 @@ impl GatewayHandle {
     }
 }
 
-/// Binds `addr` and serves the gateway until stopped.
-pub(crate) async fn start(silo: Arc<SiloInner>, addr: SocketAddr) -> std::io::Result<GatewayHandle> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+/// Serves the silo's endpoint on `listener` until stopped.
+pub(crate) fn start(silo: Arc<SiloInner>, listener: tokio::net::TcpListener) -> std::io::Result<GatewayHandle> {
     let local_addr = listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
     let service = GatewayService { silo, stopped: stopped.clone() };
@@ -158,7 +155,14 @@ async fn serve_connection(
                 let outbound = outbound.clone();
                 tokio::spawn(async move {
                     let correlation_id = envelope.correlation_id;
-                    let result = call_from_envelope(&silo, envelope).await;
+                    let limit = silo.config.max_payload_bytes;
+                    let result = silo.serve_request(envelope).await.and_then(|reply| {
+                        if reply.len() > limit {
+                            Err(CallError::PayloadTooLarge { size: reply.len() as u64, limit: limit as u64 })
+                        } else {
+                            Ok(reply)
+                        }
+                    });
                     let _ = outbound.send(Ok(Envelope::response(correlation_id, result)));
                 });
             }
@@ -179,34 +183,4 @@ async fn serve_connection(
         }
     }
     tracing::debug!("gateway connection closed");
-}
-
-/// Runs the call an envelope describes and returns its encoded reply.
-async fn call_from_envelope(silo: &SiloInner, envelope: Envelope) -> Result<Bytes, CallError> {
-    let target = envelope.target.as_ref().ok_or_else(|| CallError::Protocol("request without a target".to_owned()))?;
-    let registration =
-        silo.grain_type(&target.grain_type).ok_or_else(|| CallError::UnknownGrainType(target.grain_type.clone()))?;
-    let target = target.to_grain_id(Some(registration.type_name))?;
-    let chain = envelope
-        .call_chain
-        .iter()
-        .map(|id| id.to_grain_id(silo.grain_type(&id.grain_type).map(|r| r.type_name)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let timeout = match envelope.timeout_ms {
-        0 => silo.config.call_timeout,
-        ms => Duration::from_millis(ms),
-    };
-    let call = Call {
-        target,
-        method: envelope.method.into(),
-        payload: Payload::Encoded(envelope.payload),
-        deadline: Instant::now() + timeout,
-        chain: chain.into(),
-    };
-    let reply = silo.invoke(call).await?.into_bytes()?;
-    let limit = silo.config.max_payload_bytes;
-    if reply.len() > limit {
-        return Err(CallError::PayloadTooLarge { size: reply.len() as u64, limit: limit as u64 });
-    }
-    Ok(reply)
 }

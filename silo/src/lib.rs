@@ -31,13 +31,16 @@
 mod activation;
 pub mod cli;
 mod client;
+pub mod cluster;
 pub mod config;
+mod connection;
 mod gateway;
 mod metrics;
 mod silo;
 pub mod wire;
 
 pub use client::{Client, ClientConfig, ConnectError};
-pub use config::{GrainTypeConfig, SiloConfig, StorageKind};
+pub use cluster::ClusterView;
+pub use config::{ClusterTimings, FailureDetection, GrainTypeConfig, MembershipKind, SiloConfig, StorageKind};
 pub use metrics::MetricsSnapshot;
 pub use silo::{Silo, SiloBuilder, SiloError};

@@ -28,10 +28,12 @@ pub struct MetricsSnapshot {
     pub deactivations: u64,
     /// Activations in the table now.
     pub active: u64,
+    /// Grain directory entries this silo owns now.
+    pub directory_entries: u64,
 }
 
 impl Metrics {
-    pub(crate) fn snapshot(&self, active: usize) -> MetricsSnapshot {
+    pub(crate) fn snapshot(&self, active: usize, directory_entries: usize) -> MetricsSnapshot {
         MetricsSnapshot {
             calls: self.calls.load(Ordering::Relaxed),
             call_errors: self.call_errors.load(Ordering::Relaxed),
@@ -39,6 +41,7 @@ impl Metrics {
             activation_failures: self.activation_failures.load(Ordering::Relaxed),
             deactivations: self.deactivations.load(Ordering::Relaxed),
             active: active as u64,
+            directory_entries: directory_entries as u64,
         }
     }
 }
@@ -59,6 +62,7 @@ impl MetricsSnapshot {
             ),
             ("grains_deactivations_total", "counter", "Activations ended.", self.deactivations),
             ("grains_activations_active", "gauge", "Activations in the table.", self.active),
+            ("grains_directory_entries", "gauge", "Grain directory entries owned.", self.directory_entries),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
         }

@@ -1,8 +1,9 @@
-//! The silo: hosts activations, routes every call by grain id, collects idle grains, serves the gateway.
+//! The silo: hosts activations, routes every call by grain id, collects idle grains, serves its endpoint.
 //!
-//! Every call, from a grain or from a client, goes through [`SiloInner::deliver`]: look the grain id up in the
-//! activation table, activate on a miss, enqueue in the mailbox. This is the single path that the cluster's
-//! directory lookup extends.
+//! Every call, from a grain, a client or a peer, goes one way: if the grain has an activation here, the call
+//! goes into its mailbox (no lookup, no encoding). Otherwise [`SiloInner::route`] asks the cluster where the
+//! grain lives — the routing cache, else the grain's directory owner, which places the grain if it lives
+//! nowhere — and either activates it here or sends the call to the silo that holds it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,20 +11,26 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload};
-use grains::{CallError, Grain, GrainId, GrainKey, GrainRef, GrainRegistration, RefCore};
-use grains_storage::postgres::{self, PostgresOptions};
-use grains_storage::{GrainStateStore, MemoryStateStore};
-use tokio::sync::{mpsc, oneshot};
+use grains::{CallError, Grain, GrainId, GrainKey, GrainRef, GrainRegistration, Placement, RefCore};
+use grains_storage::postgres::{self, PostgresMembershipTable, PostgresOptions};
+use grains_storage::{
+    GrainStateStore, MembershipTable, MemoryMembershipTable, MemoryStateStore, SiloAddress, SiloStatus,
+};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::activation::{self, ActivationHandle, ActivationShared, ActivationStart, Invocation, Mail};
-use crate::config::{SiloConfig, StorageKind};
+use crate::cluster::system::{SystemRequest, SystemResponse};
+use crate::cluster::{Cluster, ClusterView, Registration, membership};
+use crate::config::{MembershipKind, SiloConfig, StorageKind};
 use crate::gateway::{self, GatewayHandle};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::wire::{Envelope, Mode, WireGrainId};
 
 /// Why a silo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -31,11 +38,11 @@ pub enum SiloError {
     /// The configuration is incomplete or inconsistent.
     #[error("configuration: {0}")]
     Config(String),
-    /// The storage provider could not be reached or prepared.
+    /// The storage provider or membership table could not be reached or prepared.
     #[error("storage: {0}")]
     Storage(#[from] grains_storage::StorageError),
-    /// The gateway could not bind its address.
-    #[error("cannot bind the gateway to {addr}: {source}")]
+    /// The silo could not bind its address.
+    #[error("cannot bind {addr}: {source}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -44,11 +51,7 @@ pub enum SiloError {
     },
 }
 
-fn kept_closing(id: &GrainId) -> CallError {
-    CallError::Unavailable(format!("{id}: activation kept closing under the call"))
-}
-
-/// How many times a call is re-aimed at a mailbox that closed under it before giving up.
+/// How many times a call is re-aimed at a mailbox that closed under it before routing it afresh.
 const MAX_DELIVERY_ATTEMPTS: usize = 16;
 
 pub(crate) struct SiloInner {
@@ -56,17 +59,40 @@ pub(crate) struct SiloInner {
     types: HashMap<&'static str, (&'static GrainRegistration, Duration)>,
     table: DashMap<GrainId, ActivationHandle>,
     pub(crate) store: Arc<dyn GrainStateStore>,
+    pub(crate) cluster: Arc<Cluster>,
     next_activation_id: AtomicU64,
     clock_origin: Instant,
     shutting_down: AtomicBool,
+    stopped: watch::Sender<bool>,
     pub(crate) metrics: Metrics,
     this: Weak<SiloInner>,
+}
+
+fn wait_reply(
+    waiter: oneshot::Receiver<Result<Payload, CallError>>,
+    deadline: Instant,
+) -> impl std::future::Future<Output = Result<Payload, CallError>> {
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    async move {
+        match tokio::time::timeout_at(deadline, waiter).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CallError::Unavailable("the activation ended without replying".to_owned())),
+            Err(_) => Err(CallError::Timeout(timeout)),
+        }
+    }
 }
 
 impl SiloInner {
     /// This silo as the runtime that grain contexts and references call through.
     pub(crate) fn runtime(&self) -> Arc<dyn GrainRuntime> {
-        self.runtime_inner()
+        self.arc()
+    }
+
+    fn arc(&self) -> Arc<SiloInner> {
+        match self.this.upgrade() {
+            Some(me) => me,
+            None => unreachable!("a silo's own methods run only while it is alive"),
+        }
     }
 
     /// Milliseconds since the silo started, for idle bookkeeping.
@@ -74,9 +100,28 @@ impl SiloInner {
         self.clock_origin.elapsed().as_millis() as u64
     }
 
+    /// This silo's address in the cluster.
+    pub(crate) fn me(&self) -> &SiloAddress {
+        &self.cluster.me
+    }
+
+    /// Whether the silo has stopped serving (shut down, or declared dead).
+    pub(crate) fn is_stopped(&self) -> bool {
+        *self.stopped.borrow()
+    }
+
+    /// Whether the silo refuses new work.
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+
     /// The registration of a grain type hosted here.
     pub(crate) fn grain_type(&self, name: &str) -> Option<&'static GrainRegistration> {
         self.types.get(name).map(|(r, _)| *r)
+    }
+
+    fn placement(&self, id: &GrainId) -> Placement {
+        self.grain_type(id.grain_type()).map_or(Placement::Random, |r| r.options.placement)
     }
 
     /// Removes the table entry of `id` if it still belongs to activation `activation_id`.
@@ -84,9 +129,9 @@ impl SiloInner {
         self.table.remove_if(id, |_, h| h.activation_id == activation_id);
     }
 
-    /// Checks a call and puts it in the mailbox of the grain's activation, activating the grain if needed.
-    fn deliver(&self, call: Call, reply: oneshot::Sender<Result<Payload, CallError>>) -> Result<(), CallError> {
-        if self.shutting_down.load(Ordering::Relaxed) {
+    /// Refuses calls the silo cannot take, before any routing.
+    fn check(&self, call: &Call) -> Result<(), CallError> {
+        if self.is_shutting_down() {
             return Err(CallError::ShuttingDown);
         }
         if call.chain.contains(&call.target) {
@@ -99,38 +144,49 @@ impl SiloInner {
         if matches!(call.payload, Payload::Encoded(_)) && !registration.methods.contains(&&*call.method) {
             return Err(CallError::UnknownMethod {
                 grain_type: call.target.grain_type().to_owned(),
-                method: call.method.into_owned(),
+                method: call.method.to_string(),
             });
         }
-        let invocation = Invocation {
-            method: call.method,
-            payload: call.payload,
-            deadline: call.deadline,
-            chain: call.chain,
-            reply,
-        };
-        let id = call.target;
-        self.enqueue(id.clone(), invocation).map_err(|_| kept_closing(&id))
+        Ok(())
     }
 
-    /// Puts `invocation` in the mailbox of `id`'s activation, creating the activation on a miss.
-    /// On failure (the grain's mailbox kept closing under the call) the invocation comes back, so its caller
-    /// can still be answered.
-    fn enqueue(&self, id: GrainId, invocation: Invocation) -> Result<(), Invocation> {
+    /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back.
+    fn try_local(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
+        let mut mail = Mail::Call(invocation);
+        for _ in 0..MAX_DELIVERY_ATTEMPTS {
+            let Some(handle) = self.table.get(id) else { break };
+            match handle.mailbox.send(mail) {
+                Ok(()) => {
+                    self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(mpsc::error::SendError(back)) => {
+                    drop(handle);
+                    // That activation closed its mailbox (it failed or is leaving); drop its stale entry.
+                    self.table.remove_if(id, |_, h| h.mailbox.is_closed());
+                    mail = back;
+                }
+            }
+        }
+        match mail {
+            Mail::Call(invocation) => Err(invocation),
+            Mail::Deactivate { .. } => unreachable!("only calls are delivered"),
+        }
+    }
+
+    /// Delivers the call here, activating the grain under `registration` if it has no activation.
+    fn deliver_here(&self, id: &GrainId, invocation: Invocation, registration: Registration) -> Result<(), Invocation> {
         let mut invocation = invocation;
         for _ in 0..MAX_DELIVERY_ATTEMPTS {
             let mail = Mail::Call(invocation);
-            let sent = match self.table.get(&id) {
-                Some(handle) => handle.mailbox.send(mail),
-                None => match self.table.entry(id.clone()) {
-                    Entry::Occupied(slot) => slot.get().mailbox.send(mail),
-                    Entry::Vacant(slot) => {
-                        let handle = self.spawn_activation(&id);
-                        let sent = handle.mailbox.send(mail);
-                        slot.insert(handle);
-                        sent
-                    }
-                },
+            let sent = match self.table.entry(id.clone()) {
+                Entry::Occupied(slot) => slot.get().mailbox.send(mail),
+                Entry::Vacant(slot) => {
+                    let handle = self.spawn_activation(id, registration.clone());
+                    let sent = handle.mailbox.send(mail);
+                    slot.insert(handle);
+                    sent
+                }
             };
             match sent {
                 Ok(()) => {
@@ -138,54 +194,234 @@ impl SiloInner {
                     return Ok(());
                 }
                 Err(mpsc::error::SendError(Mail::Call(back))) => {
-                    // That activation closed its mailbox (it failed or is leaving); drop its stale entry.
-                    self.table.remove_if(&id, |_, h| h.mailbox.is_closed());
+                    self.table.remove_if(id, |_, h| h.mailbox.is_closed());
                     invocation = back;
                 }
-                Err(mpsc::error::SendError(Mail::Deactivate { .. })) => {
-                    unreachable!("enqueue only sends calls")
-                }
+                Err(mpsc::error::SendError(Mail::Deactivate { .. })) => unreachable!("only calls are delivered"),
             }
         }
         Err(invocation)
     }
 
     /// Starts the activation task of `id`; the caller inserts the returned handle in the table.
-    fn spawn_activation(&self, id: &GrainId) -> ActivationHandle {
-        let (registration, idle_timeout) = match self.types.get(id.grain_type()) {
+    fn spawn_activation(&self, id: &GrainId, registration: Registration) -> ActivationHandle {
+        let (grain_type, idle_timeout) = match self.types.get(id.grain_type()) {
             Some(&entry) => entry,
-            None => unreachable!("deliver checked the grain type"),
+            None => unreachable!("calls are checked for their grain type first"),
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let activation_id = self.next_activation_id.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(ActivationShared::new(self.now_ms(), idle_timeout));
         tokio::spawn(activation::run(ActivationStart {
-            silo: self.runtime_inner(),
+            silo: self.arc(),
             id: id.clone(),
             activation_id,
-            registration,
+            grain_type,
+            registration: registration.clone(),
             mailbox: rx,
             shared: shared.clone(),
         }));
-        ActivationHandle { activation_id, mailbox: tx, shared }
+        ActivationHandle { activation_id, mailbox: tx, shared, registration }
     }
 
-    fn runtime_inner(&self) -> Arc<SiloInner> {
-        match self.this.upgrade() {
-            Some(me) => me,
-            None => unreachable!("a silo's own methods run only while it is alive"),
+    /// Finds where `id` lives and delivers the call there; answers the caller through `invocation.reply`.
+    pub(crate) async fn route(self: Arc<Self>, id: GrainId, invocation: Invocation) {
+        let mut invocation = invocation;
+        let mut backoff = Duration::from_millis(10);
+        let deadline = invocation.deadline;
+        let fail = |invocation: Invocation, error: CallError| {
+            let _ = invocation.reply.send(Err(error));
+        };
+        loop {
+            if self.is_shutting_down() {
+                return fail(invocation, CallError::ShuttingDown);
+            }
+            if Instant::now() >= deadline {
+                return fail(invocation, CallError::Timeout(Duration::ZERO));
+            }
+            invocation = match self.try_local(&id, invocation) {
+                Ok(()) => return,
+                Err(back) => back,
+            };
+            let cached = self.cluster.cache.get(&id).map(|r| r.clone());
+            let (registration, mode) = match cached {
+                Some(registration) => (registration, Mode::Cached),
+                None => match self.cluster.locate(&id, self.placement(&id), deadline).await {
+                    Ok(registration) => {
+                        self.cluster.cache.insert(id.clone(), registration.clone());
+                        (registration, Mode::Placed)
+                    }
+                    Err(CallError::SiloUnavailable(reason)) => {
+                        // The directory owner is unreachable (it may be dying): nothing was placed by this
+                        // attempt that a retry could duplicate, so wait for membership to catch up.
+                        tracing::debug!(grain = %id, %reason, "directory owner unreachable; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                        continue;
+                    }
+                    Err(error) => return fail(invocation, error),
+                },
+            };
+            if &registration.silo == self.me() {
+                if mode == Mode::Cached {
+                    self.cluster.cache.remove(&id); // cached here, but no activation: ask the directory
+                    continue;
+                }
+                invocation = match self.deliver_here(&id, invocation, registration) {
+                    Ok(()) => return,
+                    Err(back) => back,
+                };
+                continue;
+            }
+            // Remote: encode once; a later local delivery takes the encoded form as well.
+            let payload = match std::mem::replace(&mut invocation.payload, Payload::Encoded(Bytes::new())).into_bytes()
+            {
+                Ok(bytes) => bytes,
+                Err(e) => return fail(invocation, e.into()),
+            };
+            invocation.payload = Payload::Encoded(payload.clone());
+            let conn = match self.cluster.peer(&registration.silo).await {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // Nothing was sent: safe to try again once membership or the directory has moved on.
+                    tracing::debug!(grain = %id, silo = %registration.silo, %error, "peer unreachable; retrying");
+                    self.cluster.cache.remove(&id);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    continue;
+                }
+            };
+            let envelope = Envelope {
+                target: Some(WireGrainId::from(&id)),
+                method: invocation.method.to_string(),
+                payload,
+                call_chain: invocation.chain.iter().map(WireGrainId::from).collect(),
+                mode: mode as i32,
+                registration: registration.id,
+                ..Default::default()
+            };
+            match conn.call(envelope, deadline).await {
+                Ok(bytes) => {
+                    let _ = invocation.reply.send(Ok(Payload::Encoded(bytes)));
+                    return;
+                }
+                Err(CallError::NotHere(_)) => {
+                    self.cluster.cache.remove(&id);
+                }
+                Err(CallError::ShuttingDown) => {
+                    // Refused before running: the grain is moving; route again shortly.
+                    self.cluster.cache.remove(&id);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(error) => {
+                    if matches!(error, CallError::SiloUnavailable(_)) {
+                        self.cluster.cache.remove(&id);
+                    }
+                    return fail(invocation, error);
+                }
+            }
         }
+    }
+
+    /// Serves a request that arrived on the silo's endpoint (from a client or a peer).
+    pub(crate) async fn serve_request(self: Arc<Self>, envelope: Envelope) -> Result<Bytes, CallError> {
+        let target =
+            envelope.target.as_ref().ok_or_else(|| CallError::Protocol("request without a target".to_owned()))?;
+        if target.grain_type == crate::wire::SYSTEM_TYPE {
+            let request: SystemRequest = grains::codec::decode_named(&envelope.payload)?;
+            let response = self.serve_system(request).await?;
+            return Ok(Bytes::from(grains::codec::encode_named(&response)?));
+        }
+        let registration = self
+            .grain_type(&target.grain_type)
+            .ok_or_else(|| CallError::UnknownGrainType(target.grain_type.clone()))?;
+        let id = target.to_grain_id(Some(registration.type_name))?;
+        let chain = envelope
+            .call_chain
+            .iter()
+            .map(|id| id.to_grain_id(self.grain_type(&id.grain_type).map(|r| r.type_name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let timeout = match envelope.timeout_ms {
+            0 => self.config.call_timeout,
+            ms => Duration::from_millis(ms),
+        };
+        let call = Call {
+            target: id,
+            method: envelope.method.into(),
+            payload: Payload::Encoded(envelope.payload),
+            deadline: Instant::now() + timeout,
+            chain: chain.into(),
+        };
+        self.check(&call)?;
+        let (reply, waiter) = oneshot::channel();
+        let deadline = call.deadline;
+        let id = call.target;
+        let invocation = Invocation { method: call.method, payload: call.payload, deadline, chain: call.chain, reply };
+        match Mode::try_from(envelope.mode).unwrap_or(Mode::Route) {
+            Mode::Route => {
+                if let Err(invocation) = self.try_local(&id, invocation) {
+                    tokio::spawn(self.clone().route(id, invocation));
+                }
+            }
+            Mode::Cached => {
+                if self.try_local(&id, invocation).is_err() {
+                    return Err(CallError::NotHere(format!("{id} is not active on {}", self.me())));
+                }
+            }
+            Mode::Placed => {
+                let registration = Registration { silo: self.me().clone(), id: envelope.registration };
+                if self.deliver_here(&id, invocation, registration).is_err() {
+                    return Err(CallError::Unavailable(format!("{id}: activation kept closing under the call")));
+                }
+            }
+        }
+        let reply = wait_reply(waiter, deadline).await?;
+        Ok(reply.into_bytes()?)
+    }
+
+    /// Answers a system request.
+    async fn serve_system(&self, request: SystemRequest) -> Result<SystemResponse, CallError> {
+        Ok(match request {
+            SystemRequest::Ping => {
+                SystemResponse::Pong { silo: self.me().clone(), activations: self.table.len() as u64 }
+            }
+            SystemRequest::Gateways => SystemResponse::Gateways(self.cluster.view().gateways()),
+            SystemRequest::LookupOrPlace { grain, caller, placement } => {
+                SystemResponse::Placed(self.cluster.local_lookup_or_place(&grain, &caller, placement))
+            }
+            SystemRequest::Register { entries } => SystemResponse::Registered(
+                entries
+                    .into_iter()
+                    .map(|(grain, registration)| self.cluster.local_register(&grain, registration))
+                    .collect(),
+            ),
+            SystemRequest::Unregister { grain, registration } => {
+                self.cluster.directory.unregister(&grain, &registration);
+                SystemResponse::Done
+            }
+            SystemRequest::MembershipChanged => {
+                self.cluster.refresh_now.notify_one();
+                SystemResponse::Done
+            }
+            SystemRequest::Activations => {
+                SystemResponse::Activations(self.table.iter().map(|e| e.key().clone()).collect())
+            }
+        })
+    }
+
+    /// Called by an activation that is gone: its directory entry goes too.
+    pub(crate) fn activation_ended(&self, id: &GrainId, registration: &Registration) {
+        self.cluster.unregister(id.clone(), registration.clone());
     }
 
     /// Hands a call queued at a departed activation to the grain's next activation.
     pub(crate) fn redeliver(&self, id: GrainId, invocation: Invocation) {
-        if self.shutting_down.load(Ordering::Relaxed) {
+        if self.is_shutting_down() {
             let _ = invocation.reply.send(Err(CallError::ShuttingDown));
             return;
         }
-        if let Err(invocation) = self.enqueue(id.clone(), invocation) {
-            let _ = invocation.reply.send(Err(kept_closing(&id)));
-        }
+        tokio::spawn(self.arc().route(id, invocation));
     }
 
     /// Sends every activation a deactivation request (idle ones leave, busy ones stay unless `force`).
@@ -197,24 +433,80 @@ impl SiloInner {
             }
         }
     }
+
+    /// Adopts a new membership view: forget dead silos, hand directory entries to their new owners, and stop
+    /// if the cluster has declared this silo dead.
+    pub(crate) fn apply_view(&self, view: ClusterView) {
+        let me = self.me().clone();
+        if view.status(&me) == Some(SiloStatus::Dead) && !self.is_shutting_down() {
+            tracing::error!(silo = %me, "this silo was declared dead by the cluster; it stops serving");
+            self.terminate();
+            return;
+        }
+        let view = Arc::new(view);
+        let old = self.cluster.install_view(view.clone());
+        if old.active == view.active {
+            return;
+        }
+        tracing::info!(version = view.version, active = ?view.active.iter().map(ToString::to_string).collect::<Vec<_>>(), "membership view changed");
+        self.cluster.close_peers_not_in(&view);
+        self.cluster.cache.retain(|_, r| view.is_active(&r.silo));
+        let dropped = self
+            .cluster
+            .directory
+            .retain(|grain, r| (view.is_active(&r.silo) || r.silo == me) && view.ring.owner(grain) == Some(&me));
+        // Activations here whose directory owner changed re-register with the new owner; losers leave.
+        let moved: Vec<(GrainId, Registration)> = self
+            .table
+            .iter()
+            .filter(|e| old.ring.owner(e.key()) != view.ring.owner(e.key()))
+            .map(|e| (e.key().clone(), e.registration.clone()))
+            .collect();
+        tracing::debug!(dropped, moved = moved.len(), "directory handed over");
+        if moved.is_empty() {
+            return;
+        }
+        let silo = self.arc();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + silo.config.call_timeout;
+            match silo.cluster.register(moved.clone(), deadline).await {
+                Ok(winners) => {
+                    for ((id, mine), winner) in moved.into_iter().zip(winners) {
+                        if winner != mine {
+                            tracing::warn!(grain = %id, winner = %winner.silo, "duplicate activation found at handover; deactivating");
+                            if let Some(handle) = silo.table.get(&id) {
+                                let _ = handle.mailbox.send(Mail::Deactivate { force: true });
+                            }
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "re-registration after a membership change failed"),
+            }
+        });
+    }
+
+    /// Stops serving at once (declared dead): refuse calls, drop every activation.
+    fn terminate(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+        self.signal_all(true);
+        self.stopped.send_replace(true);
+    }
 }
 
 impl GrainRuntime for SiloInner {
     fn invoke(&self, call: Call) -> BoxFuture<'static, Result<Payload, CallError>> {
-        let deadline = call.deadline;
-        let timeout = deadline.saturating_duration_since(Instant::now());
-        let (reply, waiter) = oneshot::channel();
-        if let Err(error) = self.deliver(call, reply) {
+        if let Err(error) = self.check(&call) {
             self.metrics.call_errors.fetch_add(1, Ordering::Relaxed);
             return Box::pin(std::future::ready(Err(error)));
         }
-        Box::pin(async move {
-            match tokio::time::timeout_at(deadline, waiter).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err(CallError::Unavailable("the activation ended without replying".to_owned())),
-                Err(_) => Err(CallError::Timeout(timeout)),
-            }
-        })
+        let (reply, waiter) = oneshot::channel();
+        let deadline = call.deadline;
+        let id = call.target;
+        let invocation = Invocation { method: call.method, payload: call.payload, deadline, chain: call.chain, reply };
+        if let Err(invocation) = self.try_local(&id, invocation) {
+            tokio::spawn(self.arc().route(id, invocation));
+        }
+        Box::pin(wait_reply(waiter, deadline))
     }
 
     fn default_timeout(&self) -> Duration {
@@ -225,13 +517,13 @@ impl GrainRuntime for SiloInner {
 /// A running silo. Dropping it does not stop it; call [`Silo::shutdown`].
 pub struct Silo {
     inner: Arc<SiloInner>,
-    collector: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
     gateway: Option<GatewayHandle>,
 }
 
 impl std::fmt::Debug for Silo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Silo").field("name", &self.inner.config.name).finish_non_exhaustive()
+        f.debug_struct("Silo").field("name", &self.inner.config.name).field("address", self.inner.me()).finish()
     }
 }
 
@@ -239,6 +531,7 @@ impl std::fmt::Debug for Silo {
 pub struct SiloBuilder {
     config: SiloConfig,
     store: Option<Arc<dyn GrainStateStore>>,
+    membership: Option<Arc<dyn MembershipTable>>,
 }
 
 impl SiloBuilder {
@@ -254,60 +547,99 @@ impl SiloBuilder {
         self
     }
 
-    /// Starts the silo: the idle collector and, if configured, the client gateway.
+    /// Uses `table` as the membership table instead of the one named in the config (e.g. one in-memory table
+    /// shared by several silos in one process).
+    pub fn membership_table(mut self, table: Arc<dyn MembershipTable>) -> Self {
+        self.membership = Some(table);
+        self
+    }
+
+    /// Starts the silo: binds its endpoint, joins the cluster, starts the idle collector and the membership
+    /// agent.
     pub async fn start(self) -> Result<Silo, SiloError> {
         let config = self.config;
-        let store = match self.store {
-            Some(store) => store,
-            None => open_state_store(&config).await?,
+        let pool = match (config.storage, config.membership) {
+            (StorageKind::Postgres, _) | (_, MembershipKind::Postgres) => Some(open_pool(&config).await?),
+            _ => None,
+        };
+        let store: Arc<dyn GrainStateStore> = match (self.store, config.storage, &pool) {
+            (Some(store), _, _) => store,
+            (None, StorageKind::Postgres, Some(pool)) => Arc::new(postgres::PostgresStateStore::new(pool.clone())),
+            (None, _, _) => Arc::new(MemoryStateStore::new()),
+        };
+        let table: Arc<dyn MembershipTable> = match (self.membership, config.membership, &pool) {
+            (Some(table), _, _) => table,
+            (None, MembershipKind::Postgres, Some(pool)) => {
+                Arc::new(PostgresMembershipTable::new(pool.clone(), config.cluster_id.clone()))
+            }
+            (None, _, _) => Arc::new(MemoryMembershipTable::new()),
         };
         let types = GrainRegistration::all()
             .map(|r| (r.type_name, (r, config.idle_timeout_for(r.type_name, r.options.idle_timeout))))
             .collect::<HashMap<_, _>>();
+
+        let listener = if config.gateway {
+            let addr = SocketAddr::new(config.host, config.port);
+            Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| SiloError::Bind { addr, source })?)
+        } else {
+            None
+        };
+        let endpoint = match &listener {
+            Some(l) => l
+                .local_addr()
+                .map_err(|source| SiloError::Bind { addr: SocketAddr::new(config.host, config.port), source })?
+                .to_string(),
+            None => format!("in-process-{}", std::process::id()),
+        };
+        let me = SiloAddress { endpoint, epoch: membership::now_ms() };
+        let cluster = Arc::new(Cluster::new(me, config.failure_detection.timings(), table));
         let inner = Arc::new_cyclic(|this| SiloInner {
             config,
             types,
             table: DashMap::new(),
             store,
+            cluster,
             next_activation_id: AtomicU64::new(1),
             clock_origin: Instant::now(),
             shutting_down: AtomicBool::new(false),
+            stopped: watch::Sender::new(false),
             metrics: Metrics::default(),
             this: this.clone(),
         });
         let mut names: Vec<_> = inner.types.keys().copied().collect();
         names.sort_unstable();
-        tracing::info!(silo = %inner.config.name, storage = inner.store.name(), grain_types = ?names, "silo starting");
-        tracing::info!(provider = inner.store.name(), "grain state storage provider");
+        tracing::info!(silo = %inner.config.name, address = %inner.me(), cluster = %inner.config.cluster_id, grain_types = ?names, "silo starting");
+        tracing::info!(provider = inner.store.name(), membership = ?inner.config.membership, "storage");
 
-        let collector = tokio::spawn(collect_idle(Arc::downgrade(&inner)));
-        let gateway = if inner.config.gateway {
-            let addr = SocketAddr::new(inner.config.host, inner.config.gateway_port);
-            Some(gateway::start(inner.clone(), addr).await.map_err(|source| SiloError::Bind { addr, source })?)
-        } else {
-            None
+        let gateway = match listener {
+            Some(listener) => Some(gateway::start(inner.clone(), listener).map_err(|source| SiloError::Bind {
+                addr: SocketAddr::new(inner.config.host, inner.config.port),
+                source,
+            })?),
+            None => None,
         };
-        Ok(Silo { inner, collector, gateway })
+        let gateway_address = gateway.as_ref().map(|g| g.local_addr.to_string());
+        membership::join(&inner.cluster, &inner.config.name, gateway_address).await?;
+        membership::refresh_view(&inner).await;
+        inner.cluster.broadcast_membership_changed();
+        let tasks = vec![
+            tokio::spawn(collect_idle(Arc::downgrade(&inner))),
+            tokio::spawn(membership::run_agent(Arc::downgrade(&inner))),
+        ];
+        Ok(Silo { inner, tasks, gateway })
     }
 }
 
-/// Opens the storage provider the configuration names (Postgres: connect with retries, then migrate).
-async fn open_state_store(config: &SiloConfig) -> Result<Arc<dyn GrainStateStore>, SiloError> {
-    match config.storage {
-        StorageKind::Memory => Ok(Arc::new(MemoryStateStore::new())),
-        StorageKind::Postgres => {
-            let url = config.database_url.as_deref().ok_or_else(|| {
-                SiloError::Config("storage = \"postgres\" needs database_url (or GRAINS_DATABASE_URL)".into())
-            })?;
-            let options = PostgresOptions {
-                pool_size: config.database_pool_size,
-                acquire_timeout: config.database_acquire_timeout,
-            };
-            let pool = postgres::connect_with_retry(url, &options, config.database_start_timeout).await?;
-            postgres::migrate(&pool).await?;
-            Ok(Arc::new(postgres::PostgresStateStore::new(pool)))
-        }
-    }
+/// Opens the Postgres pool the configuration names: connect with retries, then migrate.
+async fn open_pool(config: &SiloConfig) -> Result<postgres::PgPool, SiloError> {
+    let url = config.database_url.as_deref().ok_or_else(|| {
+        SiloError::Config("postgres storage or membership needs database_url (or GRAINS_DATABASE_URL)".into())
+    })?;
+    let options =
+        PostgresOptions { pool_size: config.database_pool_size, acquire_timeout: config.database_acquire_timeout };
+    let pool = postgres::connect_with_retry(url, &options, config.database_start_timeout).await?;
+    postgres::migrate(&pool).await?;
+    Ok(pool)
 }
 
 /// Every `collection_interval`, asks idle activations to leave.
@@ -318,7 +650,7 @@ async fn collect_idle(silo: Weak<SiloInner>) {
     loop {
         ticker.tick().await;
         let Some(silo) = silo.upgrade() else { return };
-        if silo.shutting_down.load(Ordering::Relaxed) {
+        if silo.is_shutting_down() {
             return;
         }
         silo.signal_all(false);
@@ -326,9 +658,9 @@ async fn collect_idle(silo: Weak<SiloInner>) {
 }
 
 impl Silo {
-    /// A builder with the default configuration (in-memory storage, gateway on 127.0.0.1:30000).
+    /// A builder with the default configuration (in-memory storage and membership, port 30000).
     pub fn builder() -> SiloBuilder {
-        SiloBuilder { config: SiloConfig::default(), store: None }
+        SiloBuilder { config: SiloConfig::default(), store: None, membership: None }
     }
 
     /// A typed reference to grain `key` of type `G`, calling through this silo.
@@ -346,9 +678,19 @@ impl Silo {
         &self.inner.config
     }
 
-    /// The address the client gateway listens on, if it runs.
+    /// The silo's address in the cluster (endpoint and epoch).
+    pub fn address(&self) -> &SiloAddress {
+        self.inner.me()
+    }
+
+    /// The address clients and peers connect to, if the silo listens.
     pub fn gateway_addr(&self) -> Option<SocketAddr> {
         self.gateway.as_ref().map(|g| g.local_addr)
+    }
+
+    /// The cluster as this silo currently sees it.
+    pub fn cluster_view(&self) -> Arc<ClusterView> {
+        self.inner.cluster.view()
     }
 
     /// Number of activations in the table now.
@@ -361,9 +703,14 @@ impl Silo {
         self.inner.table.contains_key(id)
     }
 
+    /// The grain ids active in this silo now.
+    pub fn active_grains(&self) -> Vec<GrainId> {
+        self.inner.table.iter().map(|e| e.key().clone()).collect()
+    }
+
     /// The silo's counters.
     pub fn metrics(&self) -> MetricsSnapshot {
-        self.inner.metrics.snapshot(self.inner.table.len())
+        self.inner.metrics.snapshot(self.inner.table.len(), self.inner.cluster.directory.len())
     }
 
     /// Asks every idle activation to passivate now, as the idle collector does on each tick.
@@ -371,27 +718,55 @@ impl Silo {
         self.inner.signal_all(false);
     }
 
-    /// Stops the silo: refuses new calls, stops the gateway, deactivates every grain (running
-    /// `on_deactivate`, so grains can flush state) and waits up to `grace` for them to finish.
-    pub async fn shutdown(self, grace: Duration) {
-        tracing::info!(silo = %self.inner.config.name, "silo shutting down");
-        let deadline = Instant::now() + grace;
-        if let Some(gateway) = self.gateway {
-            gateway.stop(grace).await;
+    /// Whether the silo has stopped serving (shut down, or declared dead by the cluster).
+    pub fn is_stopped(&self) -> bool {
+        self.inner.is_stopped()
+    }
+
+    /// Resolves when the silo stops serving on its own (declared dead by the cluster).
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopped = self.inner.stopped.subscribe();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
         }
-        self.inner.shutting_down.store(true, Ordering::Relaxed);
-        self.collector.abort();
-        self.inner.signal_all(true);
-        while !self.inner.table.is_empty() && Instant::now() < deadline {
+    }
+
+    /// Leaves the cluster gracefully: marks itself ShuttingDown (peers stop placing grains here), finishes
+    /// calls in flight and refuses new ones (clients retry elsewhere), deactivates every grain (running
+    /// `on_deactivate`, so grains can flush state; queued calls move to the grains' next activations), marks
+    /// itself Dead, and stops. Waits up to `grace` for grains to deactivate.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let inner = self.inner.clone();
+        tracing::info!(silo = %inner.config.name, "silo shutting down");
+        let deadline = Instant::now() + grace;
+        if !inner.is_stopped() {
+            if let Err(error) = membership::set_status(&inner.cluster, SiloStatus::ShuttingDown).await {
+                tracing::warn!(%error, "could not write ShuttingDown");
+            }
+            inner.cluster.broadcast_membership_changed();
+        }
+        inner.shutting_down.store(true, Ordering::Relaxed);
+        inner.signal_all(true);
+        while !inner.table.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if !self.inner.table.is_empty() {
-            tracing::warn!(
-                remaining = self.inner.table.len(),
-                "activations still running at the end of the grace period"
-            );
-            self.inner.table.clear();
+        if !inner.table.is_empty() {
+            tracing::warn!(remaining = inner.table.len(), "activations still running at the end of the grace period");
+            inner.table.clear();
         }
-        tracing::info!(silo = %self.inner.config.name, "silo stopped");
+        if let Some(gateway) = self.gateway.take() {
+            gateway.stop(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100))).await;
+        }
+        if !inner.is_stopped() {
+            if let Err(error) = membership::set_status(&inner.cluster, SiloStatus::Dead).await {
+                tracing::warn!(%error, "could not write Dead");
+            }
+            inner.cluster.broadcast_membership_changed();
+        }
+        inner.stopped.send_replace(true);
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        tracing::info!(silo = %inner.config.name, "silo stopped");
     }
 }

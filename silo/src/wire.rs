@@ -59,7 +59,30 @@ pub struct Envelope {
     /// Set on a response when the call failed.
     #[prost(message, optional, tag = "8")]
     pub error: Option<WireError>,
+    /// How the receiving silo treats a request: [`Mode::Route`] (from a client: route it anywhere),
+    /// [`Mode::Cached`] or [`Mode::Placed`] (from a silo: deliver here).
+    #[prost(enumeration = "Mode", tag = "9")]
+    pub mode: i32,
+    /// For [`Mode::Placed`]: the directory registration the activation is created under.
+    #[prost(uint64, tag = "10")]
+    pub registration: u64,
 }
+
+/// How a silo treats a request it receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Mode {
+    /// From an external client: the receiving silo routes the call like any of its own.
+    Route = 0,
+    /// From a silo whose routing cache names this silo: deliver if the grain is active here, else answer
+    /// [`CallError::NotHere`].
+    Cached = 1,
+    /// From a silo the grain's directory owner sent here: deliver, activating the grain if needed.
+    Placed = 2,
+}
+
+/// The grain type name of silo-to-silo system calls (probes, directory operations, gateway lists).
+pub const SYSTEM_TYPE: &str = "$system";
 
 /// A grain id on the wire.
 #[derive(Clone, PartialEq, prost::Message)]

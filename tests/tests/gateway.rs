@@ -15,7 +15,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming};
 
 async fn silo_with_gateway(max_payload_bytes: usize) -> (Silo, String) {
-    let config = SiloConfig { gateway_port: 0, max_payload_bytes, ..grains_tests::test_config() };
+    let config = SiloConfig { port: 0, max_payload_bytes, ..grains_tests::test_config() };
     let config = SiloConfig { gateway: true, ..config };
     let silo = start_silo(config).await;
     let url = format!("http://{}", silo.gateway_addr().expect("gateway runs"));

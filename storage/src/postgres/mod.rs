@@ -32,7 +32,8 @@ use std::time::Duration;
 
 pub use membership::PostgresMembershipTable;
 pub use reminders::PostgresReminderTable;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+pub use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 pub use state::PostgresStateStore;
 
 use crate::StorageError;

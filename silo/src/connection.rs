@@ -1,0 +1,175 @@
+//! The calling side of one envelope stream: used by the external client (to a gateway) and by a silo (to each
+//! peer silo).
+//!
+//! One HTTP/2 connection carries one bidirectional stream. Callers from any task put request envelopes on the
+//! stream's outbound queue and wait on a oneshot keyed by correlation id; one reader task resolves them as
+//! responses arrive. When the stream ends (or the peer is declared dead and the connection closed), every
+//! waiting call fails at once with the connection's "lost" error: delivery is at most once, so a call in flight
+//! on a lost connection has an unknown outcome and is never re-sent.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use grains::CallError;
+use http::uri::PathAndQuery;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::codec::Streaming;
+use tonic::transport::Endpoint;
+
+use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind};
+
+/// Who is at the other end, which decides the error a lost call gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PeerKind {
+    /// A gateway, seen from an external client: lost calls are [`CallError::Unavailable`].
+    Gateway,
+    /// Another silo: lost calls are [`CallError::SiloUnavailable`].
+    Silo,
+}
+
+/// One open stream and the calls waiting on it.
+pub(crate) struct Connection {
+    peer: String,
+    kind: PeerKind,
+    outbound: mpsc::UnboundedSender<Envelope>,
+    pending: DashMap<u64, oneshot::Sender<Result<Bytes, CallError>>>,
+    next_id: AtomicU64,
+    alive: AtomicBool,
+    reader: std::sync::OnceLock<AbortHandle>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("peer", &self.peer).field("alive", &self.is_alive()).finish()
+    }
+}
+
+impl Connection {
+    /// The error for a call that cannot reach, or lost, the peer.
+    pub(crate) fn lost(&self, what: &str) -> CallError {
+        lost(self.kind, &self.peer, what)
+    }
+
+    /// Opens a stream to `peer` (`host:port`).
+    pub(crate) async fn open(peer: &str, kind: PeerKind, connect_timeout: Duration) -> Result<Arc<Self>, CallError> {
+        let url = if peer.contains("://") { peer.to_owned() } else { format!("http://{peer}") };
+        let endpoint = Endpoint::from_shared(url)
+            .map_err(|_| CallError::Protocol(format!("invalid address {peer}")))?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let channel = endpoint.connect().await.map_err(|e| lost(kind, peer, &e.to_string()))?;
+        let mut grpc = tonic::client::Grpc::new(channel)
+            .max_decoding_message_size(HARD_FRAME_LIMIT)
+            .max_encoding_message_size(HARD_FRAME_LIMIT);
+        grpc.ready().await.map_err(|e| lost(kind, peer, &e.to_string()))?;
+        let (outbound, rx) = mpsc::unbounded_channel();
+        let response = grpc
+            .streaming(
+                tonic::Request::new(UnboundedReceiverStream::new(rx)),
+                PathAndQuery::from_static(CONNECT_PATH),
+                EnvelopeCodec::new(HARD_FRAME_LIMIT),
+            )
+            .await
+            .map_err(|e| lost(kind, peer, &e.to_string()))?;
+        let conn = Arc::new(Connection {
+            peer: peer.to_owned(),
+            kind,
+            outbound,
+            pending: DashMap::new(),
+            next_id: AtomicU64::new(1),
+            alive: AtomicBool::new(true),
+            reader: std::sync::OnceLock::new(),
+        });
+        let reader = tokio::spawn(read_responses(conn.clone(), response.into_inner()));
+        let _ = conn.reader.set(reader.abort_handle());
+        Ok(conn)
+    }
+
+    /// Whether the stream is still open.
+    pub(crate) fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Sends `envelope` as a request and waits for its response until `deadline`.
+    pub(crate) async fn call(&self, mut envelope: Envelope, deadline: Instant) -> Result<Bytes, CallError> {
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        let correlation_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        envelope.correlation_id = correlation_id;
+        envelope.kind = Kind::Request as i32;
+        envelope.timeout_ms = timeout.as_millis().max(1) as u64;
+        let (waiter_tx, waiter) = oneshot::channel();
+        self.pending.insert(correlation_id, waiter_tx);
+        // Checked after inserting: a reader that has already failed every pending call will not see ours.
+        if !self.is_alive() {
+            self.pending.remove(&correlation_id);
+            return Err(self.lost("connection closed"));
+        }
+        if self.outbound.send(envelope).is_err() {
+            self.pending.remove(&correlation_id);
+            return Err(self.lost("connection closed"));
+        }
+        match tokio::time::timeout_at(deadline, waiter).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(self.lost("connection lost during the call")),
+            Err(_) => {
+                self.pending.remove(&correlation_id);
+                Err(CallError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Closes the connection: every call waiting on it fails now.
+    pub(crate) fn close(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        if let Some(reader) = self.reader.get() {
+            reader.abort();
+        }
+        self.pending.clear();
+    }
+}
+
+fn lost(kind: PeerKind, peer: &str, what: &str) -> CallError {
+    match kind {
+        PeerKind::Gateway => CallError::Unavailable(format!("gateway {peer}: {what}")),
+        PeerKind::Silo => CallError::SiloUnavailable(format!("silo {peer}: {what}")),
+    }
+}
+
+/// Resolves pending calls as their responses arrive; fails them all when the stream ends.
+async fn read_responses(conn: Arc<Connection>, mut inbound: Streaming<Inbound>) {
+    loop {
+        let envelope = match inbound.message().await {
+            Ok(Some(Inbound::Envelope(envelope))) => envelope,
+            Ok(Some(other)) => {
+                tracing::warn!(peer = %conn.peer, frame = ?other, "undecodable frame from peer");
+                continue;
+            }
+            Ok(None) => break,
+            Err(status) => {
+                tracing::debug!(peer = %conn.peer, %status, "stream failed");
+                break;
+            }
+        };
+        if envelope.kind != Kind::Response as i32 {
+            continue;
+        }
+        if let Some((_, waiter)) = conn.pending.remove(&envelope.correlation_id) {
+            let result = match envelope.error {
+                Some(error) => Err(error.to_call_error()),
+                None => Ok(envelope.payload),
+            };
+            let _ = waiter.send(result);
+        }
+    }
+    conn.alive.store(false, Ordering::SeqCst);
+    // Dropping the senders fails every waiting call.
+    conn.pending.clear();
+}

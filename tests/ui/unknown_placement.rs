@@ -1,0 +1,6 @@
+use grains::prelude::*;
+
+#[grain(placement = "closest")]
+pub struct Cart;
+
+fn main() {}
