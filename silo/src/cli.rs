@@ -138,9 +138,17 @@ pub async fn run_with(args: SiloArgs) -> anyhow::Result<()> {
         // A line scripts and tests wait for.
         println!("gateway listening on {addr}");
     }
-    wait_for_stop_signal().await;
-    silo.shutdown(Duration::from_secs(30)).await;
-    Ok(())
+    let declared_dead = silo.stopped();
+    tokio::select! {
+        () = wait_for_stop_signal() => {
+            silo.shutdown(Duration::from_secs(30)).await;
+            Ok(())
+        }
+        () = declared_dead => {
+            // Zombie safety: the cluster has moved this silo's grains elsewhere; it must not serve them.
+            anyhow::bail!("this silo was declared dead by the cluster and stopped serving")
+        }
+    }
 }
 
 /// Installs a `tracing` subscriber writing to stderr, unless one is installed already.

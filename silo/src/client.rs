@@ -151,6 +151,17 @@ impl Client {
     pub fn gateways(&self) -> Vec<String> {
         self.inner.gateways()
     }
+
+    /// Diagnostics: the grain ids active on the silo at `gateway` (`host:port`).
+    pub async fn active_grains(&self, gateway: &str) -> Result<Vec<GrainId>, CallError> {
+        let gateway = normalize(gateway).map_err(|e| CallError::Protocol(e.to_string()))?;
+        let conn = self.inner.connection(&gateway).await?;
+        let deadline = Instant::now() + self.inner.config.call_timeout;
+        match system::call(&conn, &SystemRequest::Activations, deadline).await? {
+            SystemResponse::Activations(ids) => Ok(ids),
+            other => Err(CallError::Protocol(format!("unexpected answer {other:?}"))),
+        }
+    }
 }
 
 async fn refresh_loop(inner: Weak<ClientInner>) {

@@ -179,3 +179,42 @@ pub async fn start_silo_with_store(config: SiloConfig, store: Arc<dyn GrainState
         Err(e) => panic!("silo failed to start: {e}"),
     }
 }
+
+/// Makes sure the linker keeps this crate's grain registrations in a binary that names nothing else from it.
+pub fn link() {}
+
+/// Starts `n` silos in this process that form one cluster: one shared in-memory membership table and state
+/// store, fast failure detection, each listening on a free port. Returns once every silo sees all `n` active.
+pub async fn start_cluster(n: usize) -> Vec<Silo> {
+    let table: Arc<dyn grains_storage::MembershipTable> = Arc::new(grains_storage::MemoryMembershipTable::new());
+    let store: Arc<dyn GrainStateStore> = Arc::new(grains_storage::MemoryStateStore::new());
+    let mut silos = Vec::new();
+    for i in 0..n {
+        let config = SiloConfig {
+            name: format!("silo-{i}"),
+            port: 0,
+            failure_detection: grains_silo::FailureDetection::Fast,
+            ..test_config()
+        };
+        let config = SiloConfig { gateway: true, ..config };
+        let silo = Silo::builder()
+            .config(config)
+            .state_store(store.clone())
+            .membership_table(table.clone())
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("silo {i} failed to start: {e}"));
+        silos.push(silo);
+    }
+    wait_for_active(&silos, n).await;
+    silos
+}
+
+/// Waits (up to 20 s) until every silo in `silos` sees `n` active silos.
+pub async fn wait_for_active(silos: &[Silo], n: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while silos.iter().any(|s| s.cluster_view().active.len() != n) {
+        assert!(tokio::time::Instant::now() < deadline, "the cluster did not converge on {n} active silos");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,118 @@
+//! Several silos in one process forming a cluster: placement across silos, cross-silo calls, exactly one
+//! activation per grain under concurrent first calls from every silo.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use grains::{CallError, GrainId};
+use grains_silo::{Client, ClientConfig};
+use grains_tests::{Counter, LIFECYCLE, Peer, start_cluster};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_grains_spread_over_three_silos_and_call_each_other_across_them() {
+    let silos = start_cluster(3).await;
+    let urls: Vec<String> = silos.iter().map(|s| format!("http://{}", s.gateway_addr().unwrap())).collect();
+    let client = Client::connect_cluster(&urls, ClientConfig::default()).await.unwrap();
+    assert_eq!(client.gateways().len(), 3, "the client learned every gateway");
+
+    let calls: Vec<_> = (0..10_000i64)
+        .map(|i| {
+            let peer = client.grain::<Peer>(format!("spread-{i}"));
+            tokio::spawn(async move { peer.name().await })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.await.unwrap().unwrap(), format!("spread-{i}"));
+    }
+    let mut all = HashSet::new();
+    for silo in &silos {
+        let here: Vec<GrainId> =
+            silo.active_grains().into_iter().filter(|g| g.key().to_string().starts_with("spread-")).collect();
+        let share = here.len() as f64 / 10_000.0;
+        assert!(share >= 0.20, "{} holds {:.1} % of the grains", silo.address(), share * 100.0);
+        for id in here {
+            assert!(all.insert(id.clone()), "{id} is active on two silos");
+        }
+    }
+    assert_eq!(all.len(), 10_000);
+
+    // Grain-to-grain calls between grains that live on different silos.
+    let located: HashMap<GrainId, usize> = silos
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| s.active_grains().into_iter().map(move |g| (g, i)))
+        .collect();
+    let mut crossed = 0;
+    for i in 0..200i64 {
+        let (a, b) = (format!("spread-{i}"), format!("spread-{}", i + 5000));
+        if located[&GrainId::new("Peer", a.as_str())] != located[&GrainId::new("Peer", b.as_str())] {
+            crossed += 1;
+        }
+        assert_eq!(client.grain::<Peer>(a.as_str()).ask_name(b.clone()).await.unwrap().unwrap(), b);
+    }
+    assert!(crossed > 50, "only {crossed} of the calls crossed silos");
+    for silo in silos {
+        silo.shutdown(Duration::from_secs(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_calls_from_every_silo_build_exactly_one_activation_per_grain() {
+    let silos = start_cluster(3).await;
+    let keys: Vec<String> = (0..500).map(|i| format!("cold-{i}")).collect();
+    let mut calls = Vec::new();
+    for silo in &silos {
+        for key in &keys {
+            let counter = silo.grain::<Counter>(key.as_str());
+            calls.push(tokio::spawn(async move { counter.increment().await }));
+        }
+    }
+    for call in calls {
+        call.await.unwrap().unwrap().unwrap();
+    }
+    let mut seen = HashSet::new();
+    for silo in &silos {
+        for id in silo.active_grains() {
+            if id.key().to_string().starts_with("cold-") {
+                assert!(seen.insert(id.clone()), "{id} is active on two silos");
+            }
+        }
+    }
+    assert_eq!(seen.len(), 500);
+    for key in &keys {
+        assert_eq!(LIFECYCLE.activations(key), 1, "{key} was activated more than once");
+        assert_eq!(silos[0].grain::<Counter>(key.as_str()).get().await.unwrap(), 3, "{key}: one count per silo");
+    }
+    for silo in silos {
+        silo.shutdown(Duration::from_secs(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_grain_moves_to_a_live_silo_when_its_silo_leaves_and_keeps_its_state() {
+    let mut silos = start_cluster(3).await;
+    let key = "mover";
+    let first = silos[0].grain::<Counter>(key);
+    assert_eq!(first.increment().await.unwrap().unwrap(), 1);
+    let holder = silos.iter().position(|s| s.is_active(&GrainId::new("Counter", key))).expect("someone holds it");
+    let leaving = silos.remove(holder);
+    leaving.shutdown(Duration::from_secs(10)).await;
+    grains_tests::wait_for_active(&silos, 2).await;
+    let survivor = silos[0].grain::<Counter>(key);
+    assert_eq!(survivor.increment().await.unwrap().unwrap(), 2, "re-activated elsewhere from storage");
+    let holders = silos.iter().filter(|s| s.is_active(&GrainId::new("Counter", key))).count();
+    assert_eq!(holders, 1);
+    for silo in silos {
+        silo.shutdown(Duration::from_secs(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_call_cycle_across_silos_is_refused() {
+    let silos = start_cluster(2).await;
+    let result = silos[0].grain::<Peer>("x-a").call_peer("x-b".into()).await.unwrap();
+    assert!(matches!(result, Err(CallError::Deadlock { .. })), "{result:?}");
+    for silo in silos {
+        silo.shutdown(Duration::from_secs(10)).await;
+    }
+}
