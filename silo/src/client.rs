@@ -240,7 +240,12 @@ impl ClientInner {
             match conn.call(envelope.clone(), call.deadline).await {
                 Ok(bytes) => return Ok(Payload::Encoded(bytes)),
                 Err(CallError::ShuttingDown) => {
-                    last_error = CallError::ShuttingDown; // refused before running: safe to move
+                    // Refused before running: safe to move. Leave this gateway out until the next refresh.
+                    last_error = CallError::ShuttingDown;
+                    let mut list = self.gateways.write().unwrap_or_else(|e| e.into_inner());
+                    if list.len() > 1 {
+                        list.retain(|g| g != gateway);
+                    }
                     continue;
                 }
                 Err(e) => return Err(e),

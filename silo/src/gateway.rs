@@ -22,6 +22,9 @@ use tonic::codec::Streaming;
 use crate::silo::SiloInner;
 use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind};
 
+/// How long a draining connection waits for another frame before it stops reading.
+const DRAIN_IDLE: Duration = Duration::from_millis(300);
+
 /// A running gateway.
 pub(crate) struct GatewayHandle {
     pub(crate) local_addr: SocketAddr,
@@ -125,8 +128,10 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
     }
 }
 
-/// Reads requests off one connection and answers each when its call completes. When the gateway stops, reading
-/// ends; the response stream closes once the last call in flight has been answered.
+/// Reads requests off one connection and answers each when its call completes. When the gateway stops, the
+/// connection drains: it keeps answering (a stopping silo refuses grain calls with `ShuttingDown`, which callers
+/// retry elsewhere) until the peer has sent nothing for a moment, then reading ends and the response stream
+/// closes once the last call in flight has been answered.
 async fn serve_connection(
     silo: Arc<SiloInner>,
     mut inbound: Streaming<Inbound>,
@@ -136,10 +141,21 @@ async fn serve_connection(
     tracing::debug!("gateway connection opened");
     let stop = wait_for_stop(stopped);
     tokio::pin!(stop);
+    let mut draining = false;
     loop {
-        let next = tokio::select! {
-            next = inbound.message() => next,
-            () = &mut stop => break,
+        let next = if draining {
+            match tokio::time::timeout(DRAIN_IDLE, inbound.message()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            }
+        } else {
+            tokio::select! {
+                next = inbound.message() => next,
+                () = &mut stop => {
+                    draining = true;
+                    continue;
+                }
+            }
         };
         let frame = match next {
             Ok(Some(frame)) => frame,

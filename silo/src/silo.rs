@@ -333,6 +333,10 @@ impl SiloInner {
             let response = self.serve_system(request).await?;
             return Ok(Bytes::from(grains::codec::encode_named(&response)?));
         }
+        if self.is_shutting_down() {
+            // Refused before running: the caller may safely send it elsewhere.
+            return Err(CallError::ShuttingDown);
+        }
         let registration = self
             .grain_type(&target.grain_type)
             .ok_or_else(|| CallError::UnknownGrainType(target.grain_type.clone()))?;

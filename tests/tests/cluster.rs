@@ -37,11 +37,8 @@ async fn ten_thousand_grains_spread_over_three_silos_and_call_each_other_across_
     assert_eq!(all.len(), 10_000);
 
     // Grain-to-grain calls between grains that live on different silos.
-    let located: HashMap<GrainId, usize> = silos
-        .iter()
-        .enumerate()
-        .flat_map(|(i, s)| s.active_grains().into_iter().map(move |g| (g, i)))
-        .collect();
+    let located: HashMap<GrainId, usize> =
+        silos.iter().enumerate().flat_map(|(i, s)| s.active_grains().into_iter().map(move |g| (g, i))).collect();
     let mut crossed = 0;
     for i in 0..200i64 {
         let (a, b) = (format!("spread-{i}"), format!("spread-{}", i + 5000));

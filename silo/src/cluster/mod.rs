@@ -1,13 +1,13 @@
 //! The cluster: membership, the two-tier placement lookup, and the connections between silos.
 //!
-//! - [`membership`] keeps this silo's row in the membership table, probes peers, votes suspects dead, and
+//! - `membership` keeps this silo's row in the membership table, probes peers, votes suspects dead, and
 //!   turns each table snapshot into a [`ClusterView`].
 //! - Tier one, [`ring`]: a consistent-hash ring over the view's active silos names the directory owner of a
-//!   grain id. Tier two, [`directory`]: the owner's partition records which silo holds the activation, and
-//!   places the grain (by its [`placement`] strategy) when none does.
+//!   grain id. Tier two, `directory`: the owner's partition records which silo holds the activation, and
+//!   places the grain (by its `placement` strategy) when none does.
 //! - Callers cache what the directory told them; a silo that no longer hosts a grain answers
 //!   [`CallError::NotHere`] and the caller asks the directory again.
-//! - Silos talk over one multiplexed stream per peer ([`crate::connection`]); [`system`] calls (probes,
+//! - Silos talk over one multiplexed stream per peer (`connection`); `system` calls (probes,
 //!   directory operations) share those streams with grain calls.
 //!
 //! A single silo is a cluster of one (with the in-memory membership table by default): every path is the same.
@@ -132,10 +132,11 @@ impl Cluster {
         Ok(conn)
     }
 
-    /// Closes the connections to silos that are no longer active: their calls in flight fail now.
+    /// Closes the connections to silos that are dead (or gone from the table): their calls in flight fail
+    /// now. A silo that is shutting down keeps its connections until it has answered what it was sent.
     pub(crate) fn close_peers_not_in(&self, view: &ClusterView) {
         self.peers.retain(|endpoint, conn| {
-            let keep = view.active.iter().any(|s| &s.endpoint == endpoint);
+            let keep = view.rows.iter().any(|r| &r.silo.endpoint == endpoint && r.status != SiloStatus::Dead);
             if !keep {
                 conn.close();
             }
