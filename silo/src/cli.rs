@@ -42,6 +42,9 @@ pub struct SiloArgs {
     /// Where the membership table lives (`postgres` for a multi-silo cluster).
     #[arg(long, env = "GRAINS_MEMBERSHIP", value_enum)]
     pub membership: Option<MembershipKind>,
+    /// Development clustering: join the in-memory membership table of the seed silo at `host:port`.
+    #[arg(long, env = "GRAINS_SEED")]
+    pub seed: Option<String>,
     /// Failure-detection timings.
     #[arg(long, env = "GRAINS_FAILURE_DETECTION", value_enum)]
     pub failure_detection: Option<FailureDetection>,
@@ -104,6 +107,9 @@ impl SiloArgs {
         );
         if let Some(url) = &self.database_url {
             config.database_url = Some(url.clone());
+        }
+        if let Some(seed) = &self.seed {
+            config.seed = Some(seed.clone());
         }
         Ok(config)
     }

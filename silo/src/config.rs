@@ -133,6 +133,10 @@ pub struct SiloConfig {
     pub gateway: bool,
     /// Where the membership table lives.
     pub membership: MembershipKind,
+    /// Development clustering without a database: the `host:port` of a seed silo whose in-memory membership
+    /// table this silo joins (the seed itself runs without `seed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<String>,
     /// Failure-detection timings.
     pub failure_detection: FailureDetection,
     /// Idle time before an activation is passivated, for grain types that do not set their own.
@@ -176,6 +180,7 @@ impl Default for SiloConfig {
             port: DEFAULT_PORT,
             gateway: true,
             membership: MembershipKind::Memory,
+            seed: None,
             failure_detection: FailureDetection::Production,
             default_idle_timeout: Duration::from_secs(15 * 60),
             collection_interval: Duration::from_secs(60),

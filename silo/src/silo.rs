@@ -411,6 +411,12 @@ impl SiloInner {
             SystemRequest::Activations => {
                 SystemResponse::Activations(self.table.iter().map(|e| e.key().clone()).collect())
             }
+            SystemRequest::Table(op) => {
+                let answer = crate::cluster::seed::serve(self.cluster.table.as_ref(), op)
+                    .await
+                    .map_err(|e| CallError::Unavailable(e.to_string()))?;
+                SystemResponse::Table(answer)
+            }
         })
     }
 
@@ -573,6 +579,9 @@ impl SiloBuilder {
         };
         let table: Arc<dyn MembershipTable> = match (self.membership, config.membership, &pool) {
             (Some(table), _, _) => table,
+            (None, MembershipKind::Memory, _) if config.seed.is_some() => {
+                Arc::new(crate::cluster::seed::SeedMembershipTable::new(config.seed.clone().unwrap_or_default()))
+            }
             (None, MembershipKind::Postgres, Some(pool)) => {
                 Arc::new(PostgresMembershipTable::new(pool.clone(), config.cluster_id.clone()))
             }

@@ -376,3 +376,52 @@ async fn a_frozen_silo_declared_dead_stops_itself_when_it_wakes() {
     assert!(matches!(result, Ok(Ok(1))), "{result:?}");
     let _ = CallError::ShuttingDown;
 }
+
+fn start_dev_silo(seed: Option<&str>) -> SiloProcess {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_grains-test-silo"));
+    command.args(["--port", "0", "--failure-detection", "fast", "--log", "info"]);
+    if let Some(seed) = seed {
+        command.args(["--seed", seed]);
+    }
+    let mut child = command.env("NO_COLOR", "1").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("the silo prints its address").unwrap();
+        if let Some(addr) = line.strip_prefix("gateway listening on ") {
+            break addr.to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    SiloProcess { child, addr, log: Arc::new(Mutex::new(String::new())) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_silos_joined_through_a_seed_form_a_cluster_a_client_spreads_over_and_survives_a_gateway_leaving() {
+    let seed = start_dev_silo(None);
+    let second = start_dev_silo(Some(&seed.addr));
+    let mut third = start_dev_silo(Some(&seed.addr));
+
+    // The client is given one gateway and learns the others from the cluster.
+    let config = ClientConfig { gateway_refresh_interval: Duration::from_millis(200), ..client_config() };
+    let client = Client::connect_cluster([format!("http://{}", third.addr)], config).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.gateways().len() < 3 {
+        assert!(Instant::now() < deadline, "the client never learned all gateways: {:?}", client.gateways());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..600 {
+        client.grain::<Counter>(format!("seeded-{i}")).increment().await.unwrap().unwrap();
+    }
+    for silo in [&seed, &second, &third] {
+        let here = client.active_grains(&silo.addr).await.unwrap().len();
+        assert!(here > 60, "{} holds only {here} of 600 grains", silo.addr);
+    }
+
+    // The gateway the client started from leaves; calls go on through the others.
+    third.signal("-TERM");
+    let _ = tokio::task::spawn_blocking(move || third.child.wait()).await;
+    for i in 0..200 {
+        let result = client.grain::<Counter>(format!("after-{i}")).increment().await;
+        assert!(matches!(result, Ok(Ok(1))), "call {i} after the gateway left: {result:?}");
+    }
+}

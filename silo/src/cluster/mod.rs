@@ -16,6 +16,7 @@ pub(crate) mod directory;
 pub(crate) mod membership;
 pub(crate) mod placement;
 pub mod ring;
+pub(crate) mod seed;
 pub(crate) mod system;
 
 use std::collections::BTreeSet;

@@ -41,6 +41,8 @@ pub(crate) enum SystemRequest {
     MembershipChanged,
     /// The grain ids active on the silo (diagnostics and tests).
     Activations,
+    /// An operation on the membership table a seed silo holds (development clustering).
+    Table(super::seed::TableOp),
 }
 
 /// The answer of a system target.
@@ -56,6 +58,8 @@ pub(crate) enum SystemResponse {
     Registered(Vec<Registration>),
     /// Answer to `Activations`.
     Activations(Vec<GrainId>),
+    /// Answer to `Table`.
+    Table(super::seed::TableAnswer),
     /// Done.
     Done,
 }
