@@ -51,6 +51,9 @@ pub enum SiloError {
     },
 }
 
+/// How many "not here" answers a call follows before it gives up (bounded forwarding).
+const MAX_NOT_HERE: usize = 8;
+
 /// How many times a call is re-aimed at a mailbox that closed under it before routing it afresh.
 const MAX_DELIVERY_ATTEMPTS: usize = 16;
 
@@ -228,6 +231,7 @@ impl SiloInner {
     pub(crate) async fn route(self: Arc<Self>, id: GrainId, invocation: Invocation) {
         let mut invocation = invocation;
         let mut backoff = Duration::from_millis(10);
+        let mut not_here = 0;
         let deadline = invocation.deadline;
         let fail = |invocation: Invocation, error: CallError| {
             let _ = invocation.reply.send(Err(error));
@@ -243,6 +247,11 @@ impl SiloInner {
                 Ok(()) => return,
                 Err(back) => back,
             };
+            if self.cluster.view().version == 0 {
+                // Still joining: the first membership view is moments away; placing now could duplicate.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
             let cached = self.cluster.cache.get(&id).map(|r| r.clone());
             let (registration, mode) = match cached {
                 Some(registration) => (registration, Mode::Cached),
@@ -305,8 +314,12 @@ impl SiloInner {
                     let _ = invocation.reply.send(Ok(Payload::Encoded(bytes)));
                     return;
                 }
-                Err(CallError::NotHere(_)) => {
+                Err(CallError::NotHere(reason)) => {
                     self.cluster.cache.remove(&id);
+                    not_here += 1;
+                    if not_here >= MAX_NOT_HERE {
+                        return fail(invocation, CallError::NotHere(reason));
+                    }
                 }
                 Err(CallError::ShuttingDown) => {
                     // Refused before running: the grain is moving; route again shortly.
@@ -454,6 +467,9 @@ impl SiloInner {
             return;
         }
         let view = Arc::new(view);
+        if view.version < self.cluster.view().version {
+            return; // an older snapshot read concurrently with a newer one
+        }
         let old = self.cluster.install_view(view.clone());
         if old.active == view.active {
             return;
