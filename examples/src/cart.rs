@@ -90,8 +90,9 @@ impl Cart {
         Ok(())
     }
 
-    async fn on_activate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
-        println!("[cart] activated {} with {} item kinds", ctx.id(), self.state.items.len());
+    /// On activation, drops lines a previous version may have stored with quantity zero.
+    async fn on_activate(&mut self, _ctx: &GrainContext) -> Result<(), GrainError> {
+        self.state.items.retain(|_, qty| *qty > 0);
         Ok(())
     }
 }

@@ -120,5 +120,11 @@ pub fn current_chain() -> CallChain {
             chain.push(turn.grain.clone());
             CallChain::from(chain)
         })
-        .unwrap_or_else(|_| CallChain::from(Vec::new()))
+        .unwrap_or_else(|_| empty_chain())
+}
+
+/// The chain of a call made outside any grain turn (shared, so it costs no allocation).
+fn empty_chain() -> CallChain {
+    static EMPTY: std::sync::OnceLock<CallChain> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| CallChain::from(Vec::new())).clone()
 }

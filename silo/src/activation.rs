@@ -34,10 +34,11 @@ pub(crate) struct Invocation {
     pub(crate) reply: oneshot::Sender<Result<Payload, CallError>>,
 }
 
-/// What a mailbox carries.
+/// What a mailbox carries. Calls are boxed so that a mailbox's slots stay small: a channel allocates its
+/// slots in blocks, and an idle activation should cost little memory.
 pub(crate) enum Mail {
     /// Run a call.
-    Call(Invocation),
+    Call(Box<Invocation>),
     /// The idle collector thinks this activation is idle (`force`: deactivate regardless, for shutdown).
     Deactivate {
         /// Deactivate even if not idle.
@@ -136,7 +137,7 @@ async fn confirm_registration(start: &mut ActivationStart) -> bool {
             silo.cluster.cache.insert(start.id.clone(), winner);
             while let Ok(mail) = start.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
-                    silo.redeliver(start.id.clone(), call);
+                    silo.redeliver(start.id.clone(), *call);
                 }
             }
             return false;
@@ -159,12 +160,13 @@ async fn confirm_registration(start: &mut ActivationStart) -> bool {
 pub(crate) async fn run(mut start: ActivationStart) {
     let silo = start.silo.clone();
     let id = start.id.clone();
-    if !confirm_registration(&mut start).await {
+    // The rare, large futures are boxed so the task stays small while it idles on its mailbox.
+    if !Box::pin(confirm_registration(&mut start)).await {
         return;
     }
     let ctx = GrainContext::new(id.clone(), silo.runtime(), silo.store.clone());
 
-    let mut grain = match activate(&start, &ctx).await {
+    let mut grain = match Box::pin(activate(&start, &ctx)).await {
         Ok(grain) => grain,
         Err(error) => {
             tracing::warn!(grain = %id, %error, "activation failed");
@@ -187,6 +189,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
     while let Some(mail) = start.mailbox.recv().await {
         match mail {
             Mail::Call(call) => {
+                let call = *call;
                 if call.reply.is_closed() {
                     continue; // the caller gave up: do not run a call nobody waits for
                 }
@@ -228,7 +231,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
 
     // A grain that panicked may hold broken state: it is dropped without its on_deactivate hook.
     if !panicked {
-        match AssertUnwindSafe(grain.on_deactivate(&ctx)).catch_unwind().await {
+        match Box::pin(AssertUnwindSafe(grain.on_deactivate(&ctx)).catch_unwind()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(grain = %id, error = %e, "on_deactivate failed"),
             Err(panic) => tracing::warn!(grain = %id, message = %panic_message(&*panic), "on_deactivate panicked"),
@@ -242,7 +245,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
     tracing::debug!(grain = %id, activation = start.activation_id, "deactivated");
     while let Ok(mail) = start.mailbox.try_recv() {
         if let Mail::Call(call) = mail {
-            silo.redeliver(id.clone(), call);
+            silo.redeliver(id.clone(), *call);
         }
     }
 }

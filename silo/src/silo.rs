@@ -51,6 +51,9 @@ pub enum SiloError {
     },
 }
 
+/// The hasher of the silo's hot maps: fast, and seeded per process (keys come from the network).
+pub(crate) type FastHash = foldhash::fast::RandomState;
+
 /// How many "not here" answers a call follows before it gives up (bounded forwarding).
 const MAX_NOT_HERE: usize = 8;
 
@@ -59,8 +62,8 @@ const MAX_DELIVERY_ATTEMPTS: usize = 16;
 
 pub(crate) struct SiloInner {
     pub(crate) config: SiloConfig,
-    types: HashMap<&'static str, (&'static GrainRegistration, Duration)>,
-    table: DashMap<GrainId, ActivationHandle>,
+    types: HashMap<&'static str, (&'static GrainRegistration, Duration), FastHash>,
+    table: DashMap<GrainId, ActivationHandle, FastHash>,
     pub(crate) store: Arc<dyn GrainStateStore>,
     pub(crate) cluster: Arc<Cluster>,
     next_activation_id: AtomicU64,
@@ -155,7 +158,7 @@ impl SiloInner {
 
     /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back.
     fn try_local(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
-        let mut mail = Mail::Call(invocation);
+        let mut mail = Mail::Call(Box::new(invocation));
         for _ in 0..MAX_DELIVERY_ATTEMPTS {
             let Some(handle) = self.table.get(id) else { break };
             match handle.mailbox.send(mail) {
@@ -172,7 +175,7 @@ impl SiloInner {
             }
         }
         match mail {
-            Mail::Call(invocation) => Err(invocation),
+            Mail::Call(invocation) => Err(*invocation),
             Mail::Deactivate { .. } => unreachable!("only calls are delivered"),
         }
     }
@@ -181,7 +184,7 @@ impl SiloInner {
     fn deliver_here(&self, id: &GrainId, invocation: Invocation, registration: Registration) -> Result<(), Invocation> {
         let mut invocation = invocation;
         for _ in 0..MAX_DELIVERY_ATTEMPTS {
-            let mail = Mail::Call(invocation);
+            let mail = Mail::Call(Box::new(invocation));
             let sent = match self.table.entry(id.clone()) {
                 Entry::Occupied(slot) => slot.get().mailbox.send(mail),
                 Entry::Vacant(slot) => {
@@ -198,7 +201,7 @@ impl SiloInner {
                 }
                 Err(mpsc::error::SendError(Mail::Call(back))) => {
                     self.table.remove_if(id, |_, h| h.mailbox.is_closed());
-                    invocation = back;
+                    invocation = *back;
                 }
                 Err(mpsc::error::SendError(Mail::Deactivate { .. })) => unreachable!("only calls are delivered"),
             }
@@ -257,7 +260,10 @@ impl SiloInner {
                 Some(registration) => (registration, Mode::Cached),
                 None => match self.cluster.locate(&id, self.placement(&id), deadline).await {
                     Ok(registration) => {
-                        self.cluster.cache.insert(id.clone(), registration.clone());
+                        // Local activations are found through the table; only remote locations are cached.
+                        if &registration.silo != self.me() {
+                            self.cluster.cache.insert(id.clone(), registration.clone());
+                        }
                         (registration, Mode::Placed)
                     }
                     Err(CallError::SiloUnavailable(reason)) => {
@@ -605,7 +611,7 @@ impl SiloBuilder {
         };
         let types = GrainRegistration::all()
             .map(|r| (r.type_name, (r, config.idle_timeout_for(r.type_name, r.options.idle_timeout))))
-            .collect::<HashMap<_, _>>();
+            .collect::<HashMap<_, _, FastHash>>();
 
         let listener = if config.gateway {
             let addr = SocketAddr::new(config.host, config.port);
@@ -625,7 +631,7 @@ impl SiloBuilder {
         let inner = Arc::new_cyclic(|this| SiloInner {
             config,
             types,
-            table: DashMap::new(),
+            table: DashMap::with_hasher(FastHash::default()),
             store,
             cluster,
             next_activation_id: AtomicU64::new(1),

@@ -8,8 +8,14 @@ use std::time::{Duration, Instant};
 pub(crate) enum Section {
     /// Warm local grain calls vs tokio channels.
     Local,
+    /// Client → silo and silo → silo calls vs raw tonic and raw TCP.
+    Remote,
+    /// Activation rate, memory per activation, passivation rate.
+    Activations,
     /// Grain state through the Postgres provider vs raw sqlx.
     Storage,
+    /// The stateful cart vs a stateless handler on Postgres.
+    Cart,
 }
 
 /// What one measurement produced.

@@ -3,21 +3,26 @@
 
 use std::time::Duration;
 
-use grains::prelude::*;
 use grains_silo::{Silo, SiloConfig};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::harness::{header, measure, row};
 
-/// A grain that does almost nothing, to measure the call path itself.
-#[grain]
-pub(crate) struct Echo;
+pub(crate) use self::echo::{Echo, EchoRef};
 
-#[grain]
-impl Echo {
-    /// Returns its argument plus one.
-    pub(crate) async fn bump(&self, n: u64) -> u64 {
-        n + 1
+mod echo {
+    use grains::prelude::*;
+
+    /// A grain that does almost nothing, to measure the call path itself.
+    #[grain]
+    pub(crate) struct Echo;
+
+    #[grain]
+    impl Echo {
+        /// Returns its argument plus one.
+        pub(crate) async fn bump(&self, n: u64) -> u64 {
+            n + 1
+        }
     }
 }
 

@@ -2,16 +2,21 @@
 //!
 //! `cargo run --release -p grains-examples --bin bench -- [--quick] [--only SECTION]...`
 //!
-//! Sections: `local` (warm grain call in one silo vs a tokio mpsc + oneshot loop) and `storage` (grain state
-//! writes and reads through the Postgres provider vs raw sqlx statements). Postgres comes from
+//! Sections: `local` (warm grain call in one silo vs a tokio mpsc + oneshot loop), `remote` (client → silo and
+//! silo → silo vs raw tonic unary and raw TCP echo), `activations` (activation rate, memory per activation,
+//! passivation rate vs a task + channel per entity), `storage` (grain state through the Postgres provider vs
+//! raw sqlx) and `cart` (stateful Grains cart vs a stateless read-modify-write handler on Postgres). Postgres comes from
 //! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`); the bench creates and drops a
 //! scratch database of its own. Timings are printed, never asserted.
 
 use std::time::Duration;
 
 use clap::Parser;
+mod activations;
+mod cart;
 mod harness;
 mod local;
+mod remote;
 mod storage;
 
 use harness::Section;
@@ -44,8 +49,17 @@ async fn main() -> anyhow::Result<()> {
     if wants(Section::Local) {
         local::run(window).await?;
     }
+    if wants(Section::Remote) {
+        remote::run(window).await?;
+    }
+    if wants(Section::Activations) {
+        activations::run(if args.quick { 20_000 } else { 1_000_000 }).await?;
+    }
     if wants(Section::Storage) {
         storage::run(&args.database_url, window).await?;
+    }
+    if wants(Section::Cart) {
+        cart::run(&args.database_url, window).await?;
     }
     Ok(())
 }

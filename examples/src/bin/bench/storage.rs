@@ -23,17 +23,25 @@ fn with_database(url: &str, database: &str) -> String {
     format!("{base}/{database}{query}")
 }
 
+/// Runs `body` against a scratch database created for it on the server at `admin_url`, then drops it.
+pub(crate) async fn scratch_database<F, Fut>(admin_url: &str, tag: &str, body: F) -> anyhow::Result<()>
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let name = format!("grains_bench_{tag}_{}", std::process::id());
+    let mut admin = PgConnection::connect(admin_url).await?;
+    let drop_sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+    sqlx::query(sqlx::AssertSqlSafe(drop_sql.clone())).execute(&mut admin).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
+    let result = body(with_database(admin_url, &name)).await;
+    sqlx::query(sqlx::AssertSqlSafe(drop_sql)).execute(&mut admin).await?;
+    result
+}
+
 /// Measures provider writes and reads at 1 and 32 concurrent grains, beside raw sqlx.
 pub(crate) async fn run(admin_url: &str, window: Duration) -> anyhow::Result<()> {
-    let name = format!("grains_bench_{}", std::process::id());
-    let mut admin = PgConnection::connect(admin_url).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}"))).execute(&mut admin).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
-    let result = run_on(&with_database(admin_url, &name), window).await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
-        .execute(&mut admin)
-        .await?;
-    result
+    scratch_database(admin_url, "storage", |url: String| async move { run_on(&url, window).await }).await
 }
 
 async fn run_on(url: &str, window: Duration) -> anyhow::Result<()> {
