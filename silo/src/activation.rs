@@ -191,11 +191,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
             Mail::Call(call) => {
                 let call = *call;
                 if call.reply.is_closed() {
-                    continue; // the caller gave up: do not run a call nobody waits for
-                }
-                if Instant::now() >= call.deadline {
-                    let _ = call.reply.send(Err(CallError::Timeout(Duration::ZERO)));
-                    continue;
+                    continue; // the caller gave up (its deadline passed): do not run a call nobody waits for
                 }
                 let span = tracing::debug_span!("grain.turn", grain = %id, method = %call.method);
                 let turn = run_in_turn(call.chain, id.clone(), grain.handle(&call.method, call.payload));

@@ -68,6 +68,7 @@ pub(crate) struct SiloInner {
     pub(crate) cluster: Arc<Cluster>,
     next_activation_id: AtomicU64,
     clock_origin: Instant,
+    coarse_now_ms: AtomicU64,
     shutting_down: AtomicBool,
     stopped: watch::Sender<bool>,
     pub(crate) metrics: Metrics,
@@ -101,9 +102,18 @@ impl SiloInner {
         }
     }
 
-    /// Milliseconds since the silo started, for idle bookkeeping.
+    /// Milliseconds since the silo started, as of the idle collector's last tick: the clock of idle
+    /// bookkeeping. Coarse on purpose — a turn stamps it without reading the system clock — and consistent,
+    /// since idleness is judged on the same clock.
     pub(crate) fn now_ms(&self) -> u64 {
-        self.clock_origin.elapsed().as_millis() as u64
+        self.coarse_now_ms.load(Ordering::Relaxed)
+    }
+
+    /// Advances the coarse clock to the real time.
+    fn tick_clock(&self) -> u64 {
+        let now = self.clock_origin.elapsed().as_millis() as u64;
+        self.coarse_now_ms.store(now, Ordering::Relaxed);
+        now
     }
 
     /// This silo's address in the cluster.
@@ -455,7 +465,7 @@ impl SiloInner {
 
     /// Sends every activation a deactivation request (idle ones leave, busy ones stay unless `force`).
     fn signal_all(&self, force: bool) {
-        let now = self.now_ms();
+        let now = self.tick_clock();
         for entry in self.table.iter() {
             if force || entry.shared.is_idle(now) {
                 let _ = entry.mailbox.send(Mail::Deactivate { force });
@@ -636,6 +646,7 @@ impl SiloBuilder {
             cluster,
             next_activation_id: AtomicU64::new(1),
             clock_origin: Instant::now(),
+            coarse_now_ms: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             stopped: watch::Sender::new(false),
             metrics: Metrics::default(),
