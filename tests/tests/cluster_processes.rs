@@ -88,6 +88,14 @@ async fn membership(db: &TestDatabase, cluster: &str) -> PostgresMembershipTable
     PostgresMembershipTable::new(db.pool().await, cluster)
 }
 
+/// Starts three silo processes of `cluster` and waits until all three are active.
+async fn start_three(db: &TestDatabase, cluster: &str) -> (Vec<SiloProcess>, PostgresMembershipTable) {
+    let silos = (0..3).map(|_| SiloProcess::start(db, cluster, 0)).collect();
+    let table = membership(db, cluster).await;
+    wait_for_active(&table, 3).await;
+    (silos, table)
+}
+
 async fn wait_for_active(table: &PostgresMembershipTable, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -218,13 +226,7 @@ fn client_config() -> ClientConfig {
 async fn killing_one_of_three_silos_under_load_loses_no_acknowledged_write() {
     let db = TestDatabase::create().await;
     let cluster = "kill9";
-    let mut silos = vec![
-        SiloProcess::start(&db, cluster, 0),
-        SiloProcess::start(&db, cluster, 0),
-        SiloProcess::start(&db, cluster, 0),
-    ];
-    let table = membership(&db, cluster).await;
-    wait_for_active(&table, 3).await;
+    let (mut silos, table) = start_three(&db, cluster).await;
     let urls: Vec<String> = silos.iter().map(|s| format!("http://{}", s.addr)).collect();
     let client = Client::connect_cluster(&urls, client_config()).await.unwrap();
     let load = Load::start(&client);
@@ -298,13 +300,7 @@ async fn killing_one_of_three_silos_under_load_loses_no_acknowledged_write() {
 async fn a_graceful_stop_under_load_shows_callers_no_errors() {
     let db = TestDatabase::create().await;
     let cluster = "graceful";
-    let silos = vec![
-        SiloProcess::start(&db, cluster, 0),
-        SiloProcess::start(&db, cluster, 0),
-        SiloProcess::start(&db, cluster, 0),
-    ];
-    let table = membership(&db, cluster).await;
-    wait_for_active(&table, 3).await;
+    let (silos, table) = start_three(&db, cluster).await;
     let urls: Vec<String> = silos.iter().map(|s| format!("http://{}", s.addr)).collect();
     let client = Client::connect_cluster(&urls, client_config()).await.unwrap();
     let load = Load::start(&client);
@@ -333,13 +329,7 @@ async fn a_graceful_stop_under_load_shows_callers_no_errors() {
 async fn a_frozen_silo_declared_dead_stops_itself_when_it_wakes() {
     let db = TestDatabase::create().await;
     let cluster = "zombie";
-    let silos = vec![
-        SiloProcess::start(&db, cluster, 0),
-        SiloProcess::start(&db, cluster, 0),
-        SiloProcess::start(&db, cluster, 0),
-    ];
-    let table = membership(&db, cluster).await;
-    wait_for_active(&table, 3).await;
+    let (silos, table) = start_three(&db, cluster).await;
     let mut silos = silos;
     let mut frozen = silos.remove(0);
     let frozen_port = frozen.port();

@@ -37,7 +37,8 @@ async fn activate_all(silo: &Silo, count: usize, concurrency: usize) -> anyhow::
 /// Activates `count` grains, measures memory, then passivates them all.
 pub(crate) async fn run(count: usize) -> anyhow::Result<()> {
     let idle = Duration::from_secs(2);
-    let mut config = SiloConfig { gateway: false, collection_interval: Duration::from_secs(3600), ..SiloConfig::default() };
+    let mut config =
+        SiloConfig { gateway: false, collection_interval: Duration::from_secs(3600), ..SiloConfig::default() };
     config.grain.insert("Echo".into(), GrainTypeConfig { idle_timeout: Some(idle) });
     let silo = Silo::builder().config(config).start().await?;
 
@@ -83,13 +84,20 @@ pub(crate) async fn run(count: usize) -> anyhow::Result<()> {
         count as f64 / baseline_time.as_secs_f64(),
         baseline_time.as_secs_f64() / activation_time.as_secs_f64()
     );
-    println!("| bytes per idle activation (RSS delta / count) | {bytes:.0} | {baseline_bytes:.0} | {:.2} |", bytes / baseline_bytes.max(1.0));
+    println!(
+        "| bytes per idle activation (RSS delta / count) | {bytes:.0} | {baseline_bytes:.0} | {:.2} |",
+        bytes / baseline_bytes.max(1.0)
+    );
     println!(
         "| passivations/s (idle collector) | {:.0} | — | — |",
         count as f64 / passivation_time.as_secs_f64().max(f64::MIN_POSITIVE)
     );
     println!();
-    println!("{active} activations were live at the peak; {count} in {:.2} s; all passivated in {:.2} s.", activation_time.as_secs_f64(), passivation_time.as_secs_f64());
+    println!(
+        "{active} activations were live at the peak; {count} in {:.2} s; all passivated in {:.2} s.",
+        activation_time.as_secs_f64(),
+        passivation_time.as_secs_f64()
+    );
     silo.shutdown(Duration::from_secs(30)).await;
     Ok(())
 }

@@ -33,7 +33,11 @@ async fn run_on(url: &str, window: Duration) -> anyhow::Result<()> {
         ..SiloConfig::default()
     };
     let silo = Silo::builder().config(config).start().await?;
-    let pool = grains_storage::postgres::connect(url, &grains_storage::postgres::PostgresOptions { pool_size: 32, ..Default::default() }).await?;
+    let pool = grains_storage::postgres::connect(
+        url,
+        &grains_storage::postgres::PostgresOptions { pool_size: 32, ..Default::default() },
+    )
+    .await?;
     sqlx::query("CREATE TABLE stateless_carts (id TEXT PRIMARY KEY, document JSONB NOT NULL)").execute(&pool).await?;
 
     let callers = 64;
@@ -74,7 +78,10 @@ async fn run_on(url: &str, window: Duration) -> anyhow::Result<()> {
 async fn stateless_add(pool: &PgPool, id: &str, item: &str, qty: u32) -> anyhow::Result<u32> {
     let mut tx = pool.begin().await?;
     let current: Option<(serde_json::Value,)> =
-        sqlx::query_as("SELECT document FROM stateless_carts WHERE id = $1 FOR UPDATE").bind(id).fetch_optional(&mut *tx).await?;
+        sqlx::query_as("SELECT document FROM stateless_carts WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
     let mut items: BTreeMap<String, u32> = match current {
         Some((doc,)) => serde_json::from_value(doc["items"].clone()).unwrap_or_default(),
         None => BTreeMap::new(),

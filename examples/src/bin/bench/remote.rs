@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes};
 use grains_silo::{Client, ClientConfig, FailureDetection, Silo, SiloConfig};
-use grains_storage::{MemoryMembershipTable, MembershipTable};
+use grains_storage::{MembershipTable, MemoryMembershipTable};
 use http::uri::PathAndQuery;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -35,11 +35,14 @@ pub(crate) async fn run(window: Duration) -> anyhow::Result<()> {
     while a.cluster_view().active.len() < 2 || b.cluster_view().active.len() < 2 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let client = Client::connect_with(format!("http://{}", a.gateway_addr().expect("listening")), ClientConfig::default()).await?;
+    let client =
+        Client::connect_with(format!("http://{}", a.gateway_addr().expect("listening")), ClientConfig::default())
+            .await?;
 
     let tonic_addr = start_tonic_echo().await?;
     let tcp_addr = start_tcp_echo().await?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{tonic_addr}"))?.tcp_nodelay(true).connect().await?;
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{tonic_addr}"))?.tcp_nodelay(true).connect().await?;
 
     let tonic_baselines = {
         let mut out = Vec::new();
@@ -93,17 +96,7 @@ pub(crate) async fn run(window: Duration) -> anyhow::Result<()> {
         for r in &refs {
             r.bump(0).await?;
         }
-        let refs = Arc::new(refs);
-        client_stats.push(
-            measure(callers, window, move |w| {
-                let r = refs[w].clone();
-                async move {
-                    r.bump(1).await?;
-                    Ok(())
-                }
-            })
-            .await?,
-        );
+        client_stats.push(measure_calls(refs, window).await?);
     }
 
     // Silo a → grains that live on silo b.
@@ -120,17 +113,7 @@ pub(crate) async fn run(window: Duration) -> anyhow::Result<()> {
                 refs.push(r);
             }
         }
-        let refs = Arc::new(refs);
-        cross_stats.push(
-            measure(callers, window, move |w| {
-                let r = refs[w].clone();
-                async move {
-                    r.bump(1).await?;
-                    Ok(())
-                }
-            })
-            .await?,
-        );
+        cross_stats.push(measure_calls(refs, window).await?);
     }
 
     header("External client → silo over loopback", "tonic unary");
@@ -152,6 +135,20 @@ pub(crate) async fn run(window: Duration) -> anyhow::Result<()> {
     a.shutdown(Duration::from_secs(5)).await;
     b.shutdown(Duration::from_secs(5)).await;
     Ok(())
+}
+
+/// Measures warm `bump` calls, one caller per reference.
+async fn measure_calls(refs: Vec<EchoRef>, window: Duration) -> anyhow::Result<Stats> {
+    let callers = refs.len();
+    let refs = Arc::new(refs);
+    measure(callers, window, move |w| {
+        let r = refs[w].clone();
+        async move {
+            r.bump(1).await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 /// Frames are raw bytes both ways.
