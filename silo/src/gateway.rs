@@ -3,6 +3,9 @@
 //! Each connection gets one reader loop and one outbound queue. Every request is handed to the silo's call
 //! path as it arrives and answered when it completes, so one slow grain never holds up the other calls on the
 //! same connection. Tonic batches queued responses into as few HTTP/2 writes as it can.
+//!
+//! The same port answers `GET /metrics` (HTTP/1.1 or HTTP/2) with the silo's counters in the Prometheus text
+//! format, for scraping.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,6 +24,9 @@ use tonic::codec::Streaming;
 
 use crate::silo::SiloInner;
 use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind};
+
+/// Where the silo serves its metrics in the Prometheus text format (plain HTTP/1.1 or HTTP/2 `GET`).
+pub const METRICS_PATH: &str = "/metrics";
 
 /// How long a draining connection waits for another frame before it stops reading.
 const DRAIN_IDLE: Duration = Duration::from_millis(300);
@@ -52,6 +58,7 @@ pub(crate) fn start(silo: Arc<SiloInner>, listener: tokio::net::TcpListener) -> 
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .accept_http1(true)
             .serve_with_incoming_shutdown(service, incoming, wait_for_stop(stopped))
             .await;
         if let Err(e) = served {
@@ -88,6 +95,16 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() == METRICS_PATH {
+            let text = self.silo.metrics_snapshot().to_prometheus();
+            return Box::pin(async move {
+                let mut response = http::Response::new(Body::new(text));
+                response
+                    .headers_mut()
+                    .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
+                Ok(response)
+            });
+        }
         if request.uri().path() != CONNECT_PATH {
             let path = request.uri().path().to_owned();
             return Box::pin(async move { Ok(Status::unimplemented(format!("no method at {path}")).into_http()) });

@@ -34,7 +34,7 @@ mod client;
 pub mod cluster;
 pub mod config;
 mod connection;
-mod gateway;
+pub mod gateway;
 mod metrics;
 mod silo;
 pub mod wire;

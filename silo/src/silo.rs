@@ -449,6 +449,11 @@ impl SiloInner {
         })
     }
 
+    /// The silo's counters now.
+    pub(crate) fn metrics_snapshot(&self) -> MetricsSnapshot {
+        self.metrics.snapshot(self.table.len(), self.cluster.directory.len())
+    }
+
     /// Called by an activation that is gone: its directory entry goes too.
     pub(crate) fn activation_ended(&self, id: &GrainId, registration: &Registration) {
         self.cluster.unregister(id.clone(), registration.clone());
@@ -756,7 +761,7 @@ impl Silo {
 
     /// The silo's counters.
     pub fn metrics(&self) -> MetricsSnapshot {
-        self.inner.metrics.snapshot(self.inner.table.len(), self.inner.cluster.directory.len())
+        self.inner.metrics_snapshot()
     }
 
     /// Asks every idle activation to passivate now, as the idle collector does on each tick.

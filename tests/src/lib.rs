@@ -218,3 +218,23 @@ pub async fn wait_for_active(silos: &[Silo], n: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A grain placed next to its caller (`placement = "prefer_local"`).
+#[grain(placement = "prefer_local")]
+pub struct Sticky;
+
+#[grain]
+impl Sticky {
+    /// Nothing: the test looks at where the activation lands.
+    pub async fn touch(&self) {}
+}
+
+/// A grain placed by hashing its id over the active silos (`placement = "hash"`).
+#[grain(placement = "hash")]
+pub struct Hashed;
+
+#[grain]
+impl Hashed {
+    /// Nothing: the test looks at where the activation lands.
+    pub async fn touch(&self) {}
+}

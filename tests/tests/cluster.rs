@@ -113,3 +113,32 @@ async fn a_call_cycle_across_silos_is_refused() {
         silo.shutdown(Duration::from_secs(10)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn placement_strategies_put_activations_where_they_say() {
+    let silos = start_cluster(3).await;
+    // prefer_local: every grain lands on the silo that first called it.
+    for (i, silo) in silos.iter().enumerate() {
+        for k in 0..50 {
+            silo.grain::<grains_tests::Sticky>(format!("sticky-{i}-{k}")).touch().await.unwrap();
+        }
+        let here =
+            silo.active_grains().iter().filter(|g| g.key().to_string().starts_with(&format!("sticky-{i}-"))).count();
+        assert_eq!(here, 50, "silo {i} holds all the grains it placed");
+    }
+    // hash: the same grain id lands on the same silo whichever silo calls first.
+    for k in 0..60 {
+        silos[k % 3].grain::<grains_tests::Hashed>(k as i64).touch().await.unwrap();
+    }
+    let view = silos[0].cluster_view();
+    for k in 0..60i64 {
+        let id = GrainId::new("Hashed", k);
+        let holder = silos.iter().position(|s| s.is_active(&id)).unwrap();
+        let hash = grains_silo::cluster::ring::grain_hash(&id);
+        let expected = &view.active[(u64::from(hash) % view.active.len() as u64) as usize];
+        assert_eq!(silos[holder].address(), expected, "{id} placed by its hash");
+    }
+    for silo in silos {
+        silo.shutdown(Duration::from_secs(10)).await;
+    }
+}

@@ -245,3 +245,18 @@ async fn malformed_and_oversized_frames_get_typed_replies_and_the_stream_keeps_w
     assert_eq!(n, 10);
     silo.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn the_silo_serves_prometheus_metrics_on_its_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (silo, _url) = silo_with_gateway(4 << 20).await;
+    silo.grain::<Counter>("metered").increment().await.unwrap().unwrap();
+    let mut stream = tokio::net::TcpStream::connect(silo.gateway_addr().unwrap()).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: silo\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("# TYPE grains_calls_total counter"), "{response}");
+    assert!(response.contains("grains_activations_active 1"), "{response}");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
