@@ -134,7 +134,7 @@ async fn confirm_registration(start: &mut ActivationStart) -> bool {
             tracing::debug!(grain = %start.id, winner = %winner.silo, "lost the registration race; forwarding");
             silo.remove_activation(&start.id, start.activation_id);
             start.mailbox.close();
-            silo.cluster.cache.insert(start.id.clone(), winner);
+            silo.cluster.remember(start.id.clone(), winner, silo.config.directory_cache_size);
             while let Ok(mail) = start.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
                     silo.redeliver(start.id.clone(), *call);

@@ -139,6 +139,8 @@ pub struct SiloConfig {
     pub seed: Option<String>,
     /// Failure-detection timings.
     pub failure_detection: FailureDetection,
+    /// How many remote grain locations the routing cache keeps.
+    pub directory_cache_size: usize,
     /// Idle time before an activation is passivated, for grain types that do not set their own.
     #[serde(with = "duration_text")]
     pub default_idle_timeout: Duration,
@@ -182,6 +184,7 @@ impl Default for SiloConfig {
             membership: MembershipKind::Memory,
             seed: None,
             failure_detection: FailureDetection::Production,
+            directory_cache_size: 100_000,
             default_idle_timeout: Duration::from_secs(15 * 60),
             collection_interval: Duration::from_secs(60),
             call_timeout: grains::runtime::DEFAULT_CALL_TIMEOUT,

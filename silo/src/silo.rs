@@ -272,7 +272,7 @@ impl SiloInner {
                     Ok(registration) => {
                         // Local activations are found through the table; only remote locations are cached.
                         if &registration.silo != self.me() {
-                            self.cluster.cache.insert(id.clone(), registration.clone());
+                            self.cluster.remember(id.clone(), registration.clone(), self.config.directory_cache_size);
                         }
                         (registration, Mode::Placed)
                     }

@@ -18,6 +18,10 @@ use grains_tests::Counter;
 use grains_tests::pg::TestDatabase;
 
 const KEYS: usize = 1000;
+
+/// These tests each run three silo processes under load with fast failure detection; run side by side on a
+/// small machine they would starve each other into false suspicions, so they take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const WORKERS: usize = 64;
 
 /// A silo process, killed when dropped.
@@ -224,6 +228,7 @@ fn client_config() -> ClientConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_one_of_three_silos_under_load_loses_no_acknowledged_write() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let db = TestDatabase::create().await;
     let cluster = "kill9";
     let (mut silos, table) = start_three(&db, cluster).await;
@@ -298,6 +303,7 @@ async fn killing_one_of_three_silos_under_load_loses_no_acknowledged_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_graceful_stop_under_load_shows_callers_no_errors() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let db = TestDatabase::create().await;
     let cluster = "graceful";
     let (silos, table) = start_three(&db, cluster).await;
@@ -327,6 +333,7 @@ async fn a_graceful_stop_under_load_shows_callers_no_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_frozen_silo_declared_dead_stops_itself_when_it_wakes() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let db = TestDatabase::create().await;
     let cluster = "zombie";
     let (silos, table) = start_three(&db, cluster).await;
@@ -387,6 +394,7 @@ fn start_dev_silo(seed: Option<&str>) -> SiloProcess {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_silos_joined_through_a_seed_form_a_cluster_a_client_spreads_over_and_survives_a_gateway_leaving() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let seed = start_dev_silo(None);
     let second = start_dev_silo(Some(&seed.addr));
     let mut third = start_dev_silo(Some(&seed.addr));

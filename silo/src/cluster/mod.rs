@@ -84,6 +84,7 @@ pub(crate) struct Cluster {
     view: watch::Sender<Arc<ClusterView>>,
     pub(crate) directory: DirectoryPartition,
     pub(crate) cache: DashMap<GrainId, Registration>,
+    evictions: std::sync::atomic::AtomicU32,
     pub(crate) loads: DashMap<SiloAddress, u64>,
     peers: DashMap<String, Arc<Connection>>,
     connecting: Mutex<()>,
@@ -102,6 +103,7 @@ impl Cluster {
             view: watch::Sender::new(Arc::new(alone)),
             directory: DirectoryPartition::default(),
             cache: DashMap::new(),
+            evictions: std::sync::atomic::AtomicU32::new(0),
             loads: DashMap::new(),
             peers: DashMap::new(),
             connecting: Mutex::new(()),
@@ -112,6 +114,16 @@ impl Cluster {
     /// The current view.
     pub(crate) fn view(&self) -> Arc<ClusterView> {
         self.view.borrow().clone()
+    }
+
+    /// Remembers where a remote grain lives. The cache is bounded: past `capacity` entries, about half of them
+    /// (chosen by hash, alternating halves) are forgotten, to be looked up again when next called.
+    pub(crate) fn remember(&self, grain: GrainId, registration: Registration, capacity: usize) {
+        self.cache.insert(grain, registration);
+        if self.cache.len() > capacity {
+            let half = u32::from(self.evictions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0);
+            self.cache.retain(|grain, _| ring::grain_hash(grain) % 2 != half);
+        }
     }
 
     /// Installs a new view; returns the previous one.
@@ -267,5 +279,23 @@ impl Cluster {
                 let _ = cluster.system_call(&silo, &SystemRequest::MembershipChanged, deadline).await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use grains_storage::MemoryMembershipTable;
+
+    use super::*;
+
+    #[test]
+    fn the_routing_cache_stays_within_its_capacity() {
+        let me = SiloAddress { endpoint: "127.0.0.1:1".into(), epoch: 1 };
+        let cluster = Cluster::new(me.clone(), ClusterTimings::fast(), Arc::new(MemoryMembershipTable::new()));
+        for i in 0..10_000i64 {
+            cluster.remember(GrainId::new("G", i), Registration { silo: me.clone(), id: 1 }, 1_000);
+            assert!(cluster.cache.len() <= 1_000, "{} entries at {i}", cluster.cache.len());
+        }
+        assert!(cluster.cache.len() > 100, "eviction forgets part of the cache, not all of it");
     }
 }
