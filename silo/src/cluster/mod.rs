@@ -121,7 +121,7 @@ impl Cluster {
     pub(crate) fn remember(&self, grain: GrainId, registration: Registration, capacity: usize) {
         self.cache.insert(grain, registration);
         if self.cache.len() > capacity {
-            let half = u32::from(self.evictions.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0);
+            let half = u32::from(self.evictions.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(2));
             self.cache.retain(|grain, _| ring::grain_hash(grain) % 2 != half);
         }
     }
