@@ -33,6 +33,9 @@ pub struct SiloArgs {
     /// The address to bind.
     #[arg(long, env = "GRAINS_HOST")]
     pub host: Option<IpAddr>,
+    /// The address to advertise to peers and clients (when binding 0.0.0.0).
+    #[arg(long, env = "GRAINS_ADVERTISE_HOST")]
+    pub advertise_host: Option<IpAddr>,
     /// The silo's port, for clients and peer silos (0: any free port).
     #[arg(long, env = "GRAINS_PORT", alias = "gateway-port")]
     pub port: Option<u16>,
@@ -107,6 +110,9 @@ impl SiloArgs {
         );
         if let Some(url) = &self.database_url {
             config.database_url = Some(url.clone());
+        }
+        if let Some(host) = self.advertise_host {
+            config.advertise_host = Some(host);
         }
         if let Some(seed) = &self.seed {
             config.seed = Some(seed.clone());

@@ -125,6 +125,10 @@ pub struct SiloConfig {
     pub cluster_id: String,
     /// The address the silo binds to, and advertises to peers and clients.
     pub host: IpAddr,
+    /// The address peers and clients are told to use, when it differs from `host` (e.g. `host = "0.0.0.0"`).
+    /// Default: `host`, or 127.0.0.1 when `host` is unspecified.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_host: Option<IpAddr>,
     /// The silo's one port, for clients and peer silos alike (0: any free port; the bound address is
     /// printed).
     #[serde(alias = "gateway_port")]
@@ -179,6 +183,7 @@ impl Default for SiloConfig {
             name: "silo".to_owned(),
             cluster_id: "dev".to_owned(),
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            advertise_host: None,
             port: DEFAULT_PORT,
             gateway: true,
             membership: MembershipKind::Memory,
@@ -210,6 +215,15 @@ impl SiloConfig {
         let mut shown = self.clone();
         shown.database_url = shown.database_url.as_deref().map(mask_password);
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}"))
+    }
+
+    /// The host peers and clients should connect to.
+    pub fn advertised_host(&self) -> IpAddr {
+        match self.advertise_host {
+            Some(host) => host,
+            None if self.host.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            None => self.host,
+        }
     }
 
     /// The idle timeout for a grain type: silo override, else the type's own, else the silo default.
@@ -293,6 +307,15 @@ mod tests {
         assert!(printed.contains("postgres://grains:***@db:5432/grains"), "{printed}");
         assert!(!printed.contains("s3cret"));
         assert_eq!(mask_password("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn a_silo_bound_to_every_interface_advertises_a_reachable_address() {
+        let any = SiloConfig { host: "0.0.0.0".parse().unwrap(), ..SiloConfig::default() };
+        assert_eq!(any.advertised_host(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let told = SiloConfig { advertise_host: Some("10.1.2.3".parse().unwrap()), ..any };
+        assert_eq!(told.advertised_host().to_string(), "10.1.2.3");
+        assert_eq!(SiloConfig::default().advertised_host(), IpAddr::V4(Ipv4Addr::LOCALHOST));
     }
 
     #[test]

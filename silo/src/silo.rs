@@ -635,10 +635,12 @@ impl SiloBuilder {
             None
         };
         let endpoint = match &listener {
-            Some(l) => l
-                .local_addr()
-                .map_err(|source| SiloError::Bind { addr: SocketAddr::new(config.host, config.port), source })?
-                .to_string(),
+            Some(l) => {
+                let bound = l
+                    .local_addr()
+                    .map_err(|source| SiloError::Bind { addr: SocketAddr::new(config.host, config.port), source })?;
+                SocketAddr::new(config.advertised_host(), bound.port()).to_string()
+            }
             None => format!("in-process-{}", std::process::id()),
         };
         let me = SiloAddress { endpoint, epoch: membership::now_ms() };
@@ -669,7 +671,7 @@ impl SiloBuilder {
             })?),
             None => None,
         };
-        let gateway_address = gateway.as_ref().map(|g| g.local_addr.to_string());
+        let gateway_address = gateway.as_ref().map(|_| inner.me().endpoint.clone());
         membership::join(&inner.cluster, &inner.config.name, gateway_address).await?;
         membership::refresh_view(&inner).await;
         inner.cluster.broadcast_membership_changed();
