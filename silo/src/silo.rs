@@ -190,15 +190,15 @@ impl SiloInner {
         }
     }
 
-    /// Delivers the call here, activating the grain under `registration` if it has no activation.
-    fn deliver_here(&self, id: &GrainId, invocation: Invocation, registration: Registration) -> Result<(), Invocation> {
+    /// Delivers the call here, activating the grain if it has no activation here.
+    fn deliver_here(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
         let mut invocation = invocation;
         for _ in 0..MAX_DELIVERY_ATTEMPTS {
             let mail = Mail::Call(Box::new(invocation));
             let sent = match self.table.entry(id.clone()) {
                 Entry::Occupied(slot) => slot.get().mailbox.send(mail),
                 Entry::Vacant(slot) => {
-                    let handle = self.spawn_activation(id, registration.clone());
+                    let handle = self.spawn_activation(id);
                     let sent = handle.mailbox.send(mail);
                     slot.insert(handle);
                     sent
@@ -220,7 +220,11 @@ impl SiloInner {
     }
 
     /// Starts the activation task of `id`; the caller inserts the returned handle in the table.
-    fn spawn_activation(&self, id: &GrainId, registration: Registration) -> ActivationHandle {
+    ///
+    /// Every activation registers under a fresh id, never one an earlier activation used: the late unregister
+    /// of an activation that just ended must not remove the entry of the one that follows it.
+    fn spawn_activation(&self, id: &GrainId) -> ActivationHandle {
+        let registration = Registration { silo: self.me().clone(), id: crate::cluster::placement::registration_id() };
         let (grain_type, idle_timeout) = match self.types.get(id.grain_type()) {
             Some(&entry) => entry,
             None => unreachable!("calls are checked for their grain type first"),
@@ -292,7 +296,7 @@ impl SiloInner {
                     self.cluster.cache.remove(&id); // cached here, but no activation: ask the directory
                     continue;
                 }
-                invocation = match self.deliver_here(&id, invocation, registration) {
+                invocation = match self.deliver_here(&id, invocation) {
                     Ok(()) => return,
                     Err(back) => back,
                 };
@@ -403,8 +407,7 @@ impl SiloInner {
                 }
             }
             Mode::Placed => {
-                let registration = Registration { silo: self.me().clone(), id: envelope.registration };
-                if self.deliver_here(&id, invocation, registration).is_err() {
+                if self.deliver_here(&id, invocation).is_err() {
                     return Err(CallError::Unavailable(format!("{id}: activation kept closing under the call")));
                 }
             }

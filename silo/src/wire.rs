@@ -63,7 +63,8 @@ pub struct Envelope {
     /// [`Mode::Cached`] or [`Mode::Placed`] (from a silo: deliver here).
     #[prost(enumeration = "Mode", tag = "9")]
     pub mode: i32,
-    /// For [`Mode::Placed`]: the directory registration the activation is created under.
+    /// For [`Mode::Placed`]: the id of the directory entry that placed the grain here (diagnostics; the
+    /// activation registers under a fresh id of its own).
     #[prost(uint64, tag = "10")]
     pub registration: u64,
 }

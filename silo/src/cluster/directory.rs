@@ -36,14 +36,20 @@ impl DirectoryPartition {
         }
     }
 
-    /// Registers `registration` for `grain` unless a live one is there; returns the winner.
+    /// Registers `registration` for `grain` unless a live registration on another silo is there; returns the
+    /// winner. A silo's new registration replaces its own older one (a silo holds at most one activation of a
+    /// grain, so the older one has ended).
     pub(crate) fn register(
         &self,
         grain: &GrainId,
         registration: Registration,
         is_live: impl Fn(&Registration) -> bool,
     ) -> Registration {
-        self.lookup_or_place(grain, is_live, || registration)
+        self.lookup_or_place(
+            grain,
+            |current| is_live(current) && current.silo != registration.silo,
+            || registration.clone(),
+        )
     }
 
     /// Removes `grain`'s entry if it is `registration`.
@@ -81,6 +87,16 @@ mod tests {
         assert_eq!(partition.register(&grain, reg(1, 10), |_| true), reg(1, 10));
         assert_eq!(partition.register(&grain, reg(2, 20), |_| true), reg(1, 10));
         assert_eq!(partition.lookup_or_place(&grain, |_| true, || reg(3, 30)), reg(1, 10));
+    }
+
+    #[test]
+    fn a_silo_re_registering_replaces_its_own_older_entry_and_the_stale_unregister_misses() {
+        let partition = DirectoryPartition::default();
+        let grain = GrainId::new("G", 1i64);
+        partition.register(&grain, reg(1, 10), |_| true);
+        assert_eq!(partition.register(&grain, reg(1, 11), |_| true), reg(1, 11));
+        partition.unregister(&grain, &reg(1, 10));
+        assert_eq!(partition.register(&grain, reg(2, 20), |_| true), reg(1, 11), "another silo still loses");
     }
 
     #[test]
