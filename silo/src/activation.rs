@@ -53,15 +53,26 @@ pub(crate) struct ActivationShared {
     last_active_ms: AtomicU64,
     /// How long this activation may idle.
     pub(crate) idle_timeout: Duration,
+    /// Set once the directory has confirmed this activation as the grain's one activation.
+    confirmed: std::sync::atomic::AtomicBool,
 }
 
 impl ActivationShared {
     pub(crate) fn new(now_ms: u64, idle_timeout: Duration) -> Self {
-        Self { last_active_ms: AtomicU64::new(now_ms), idle_timeout }
+        Self {
+            last_active_ms: AtomicU64::new(now_ms),
+            idle_timeout,
+            confirmed: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     fn touch(&self, now_ms: u64) {
         self.last_active_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Whether the directory has confirmed this activation (a losing duplicate never is, and never runs a turn).
+    pub(crate) fn is_confirmed(&self) -> bool {
+        self.confirmed.load(Ordering::Acquire)
     }
 
     /// Whether the activation has been idle for its whole timeout at `now_ms`.
@@ -164,6 +175,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
     if !Box::pin(confirm_registration(&mut start)).await {
         return;
     }
+    start.shared.confirmed.store(true, Ordering::Release);
     let ctx = GrainContext::new(id.clone(), silo.runtime(), silo.store.clone());
 
     let mut grain = match Box::pin(activate(&start, &ctx)).await {

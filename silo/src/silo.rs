@@ -440,9 +440,7 @@ impl SiloInner {
                 self.cluster.refresh_now.notify_one();
                 SystemResponse::Done
             }
-            SystemRequest::Activations => {
-                SystemResponse::Activations(self.table.iter().map(|e| e.key().clone()).collect())
-            }
+            SystemRequest::Activations => SystemResponse::Activations(self.active_grains()),
             SystemRequest::Table(op) => {
                 let answer = crate::cluster::seed::serve(self.cluster.table.as_ref(), op)
                     .await
@@ -450,6 +448,11 @@ impl SiloInner {
                 SystemResponse::Table(answer)
             }
         })
+    }
+
+    /// The grains with a confirmed activation here.
+    pub(crate) fn active_grains(&self) -> Vec<GrainId> {
+        self.table.iter().filter(|e| e.shared.is_confirmed()).map(|e| e.key().clone()).collect()
     }
 
     /// The silo's counters now.
@@ -754,14 +757,15 @@ impl Silo {
         self.inner.table.len()
     }
 
-    /// Whether `id` has an activation in this silo now.
+    /// Whether `id` has an activation in this silo now (confirmed by the directory).
     pub fn is_active(&self, id: &GrainId) -> bool {
-        self.inner.table.contains_key(id)
+        self.inner.table.get(id).is_some_and(|h| h.shared.is_confirmed())
     }
 
-    /// The grain ids active in this silo now.
+    /// The grain ids active in this silo now (activations confirmed by the directory; a duplicate that lost
+    /// the registration race never counts, and never runs a turn).
     pub fn active_grains(&self) -> Vec<GrainId> {
-        self.inner.table.iter().map(|e| e.key().clone()).collect()
+        self.inner.active_grains()
     }
 
     /// The silo's counters.

@@ -186,6 +186,11 @@ pub fn link() {}
 /// Starts `n` silos in this process that form one cluster: one shared in-memory membership table and state
 /// store, fast failure detection, each listening on a free port. Returns once every silo sees all `n` active.
 pub async fn start_cluster(n: usize) -> Vec<Silo> {
+    start_cluster_with(n, |config| config).await
+}
+
+/// [`start_cluster`] with each silo's configuration adjusted by `adjust`.
+pub async fn start_cluster_with(n: usize, adjust: impl Fn(SiloConfig) -> SiloConfig) -> Vec<Silo> {
     let table: Arc<dyn grains_storage::MembershipTable> = Arc::new(grains_storage::MemoryMembershipTable::new());
     let store: Arc<dyn GrainStateStore> = Arc::new(grains_storage::MemoryStateStore::new());
     let mut silos = Vec::new();
@@ -196,7 +201,7 @@ pub async fn start_cluster(n: usize) -> Vec<Silo> {
             failure_detection: grains_silo::FailureDetection::Fast,
             ..test_config()
         };
-        let config = SiloConfig { gateway: true, ..config };
+        let config = adjust(SiloConfig { gateway: true, ..config });
         let silo = Silo::builder()
             .config(config)
             .state_store(store.clone())

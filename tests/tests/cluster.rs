@@ -142,3 +142,69 @@ async fn placement_strategies_put_activations_where_they_say() {
         silo.shutdown(Duration::from_secs(10)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grains_churning_through_activation_and_passivation_keep_one_activation_and_every_acknowledged_write() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    // Counters passivate 60 ms after their last call, so calls keep re-activating them, from all three silos.
+    let silos = Arc::new(
+        grains_tests::start_cluster_with(3, |mut config| {
+            config.collection_interval = Duration::from_millis(20);
+            config.grain.insert(
+                "Counter".into(),
+                grains_silo::GrainTypeConfig { idle_timeout: Some(Duration::from_millis(60)) },
+            );
+            config
+        })
+        .await,
+    );
+    const KEYS: usize = 40;
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..24)
+        .map(|w| {
+            let (silos, acked, stop) = (silos.clone(), acked.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = i % KEYS;
+                    i += 7;
+                    let counter = silos[i % 3].grain::<Counter>(format!("churn-{key}"));
+                    let value = counter.increment().await.unwrap().unwrap();
+                    acked[key].fetch_max(value, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis((i % 5) as u64 * 20)).await;
+                }
+            })
+        })
+        .collect();
+    // Meanwhile, no grain may ever be active on two silos at once.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let mut seen = HashSet::new();
+        for silo in silos.iter() {
+            for id in silo.active_grains() {
+                assert!(seen.insert(id.clone()), "{id} active on two silos");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    for key in 0..KEYS {
+        let stored = silos[0].grain::<Counter>(format!("churn-{key}")).get().await.unwrap();
+        assert_eq!(
+            stored,
+            acked[key].load(Ordering::Relaxed),
+            "churn-{key}: the last acknowledged value is what a fresh activation reads"
+        );
+    }
+    assert!(LIFECYCLE.activations("churn-0") > 2, "the grains really churned");
+    if let Ok(silos) = Arc::try_unwrap(silos) {
+        for silo in silos {
+            silo.shutdown(Duration::from_secs(10)).await;
+        }
+    }
+}
