@@ -10,14 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload};
 use grains::{CallError, Grain, GrainId, GrainKey, GrainRef, RefCore};
-use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use crate::cluster::system::{self, SystemRequest, SystemResponse};
-use crate::connection::{Connection, PeerKind};
+use crate::connection::{Connection, ConnectionPool, PeerKind};
 use crate::wire::{Envelope, Mode, WireGrainId};
 
 /// Why a client could not connect.
@@ -75,8 +73,7 @@ impl std::fmt::Debug for Client {
 struct ClientInner {
     config: ClientConfig,
     gateways: RwLock<Vec<String>>,
-    connections: DashMap<String, Arc<Connection>>,
-    connecting: Mutex<()>,
+    connections: ConnectionPool,
     next: AtomicUsize,
     this: Weak<ClientInner>,
 }
@@ -114,8 +111,7 @@ impl Client {
         let inner = Arc::new_cyclic(|this| ClientInner {
             config,
             gateways: RwLock::new(gateways.clone()),
-            connections: DashMap::new(),
-            connecting: Mutex::new(()),
+            connections: ConnectionPool::new(PeerKind::Gateway, config.connect_timeout),
             next: AtomicUsize::new(0),
             this: this.clone(),
         });
@@ -180,16 +176,7 @@ impl ClientInner {
 
     /// The open connection to `gateway`, opening one if there is none or the last one died.
     async fn connection(&self, gateway: &str) -> Result<Arc<Connection>, CallError> {
-        if let Some(conn) = self.connections.get(gateway).filter(|c| c.is_alive()) {
-            return Ok(conn.clone());
-        }
-        let _single_flight = self.connecting.lock().await;
-        if let Some(conn) = self.connections.get(gateway).filter(|c| c.is_alive()) {
-            return Ok(conn.clone());
-        }
-        let conn = Connection::open(gateway, PeerKind::Gateway, self.config.connect_timeout).await?;
-        self.connections.insert(gateway.to_owned(), conn.clone());
-        Ok(conn)
+        self.connections.get(gateway).await
     }
 
     /// Asks a gateway for the cluster's current gateway list and adopts it (keeping the old one on failure).

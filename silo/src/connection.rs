@@ -173,3 +173,46 @@ async fn read_responses(conn: Arc<Connection>, mut inbound: Streaming<Inbound>) 
     // Dropping the senders fails every waiting call.
     conn.pending.clear();
 }
+
+/// Open connections by endpoint, each opened once even when many callers want it at the same moment. A slow
+/// or frozen endpoint holds up only the callers of that endpoint.
+pub(crate) struct ConnectionPool {
+    kind: PeerKind,
+    connect_timeout: Duration,
+    open: DashMap<String, Arc<Connection>>,
+    opening: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl ConnectionPool {
+    /// An empty pool of connections to peers of `kind`.
+    pub(crate) fn new(kind: PeerKind, connect_timeout: Duration) -> Self {
+        Self { kind, connect_timeout, open: DashMap::new(), opening: DashMap::new() }
+    }
+
+    /// The open connection to `endpoint`, opening one if there is none or the last one died.
+    pub(crate) async fn get(&self, endpoint: &str) -> Result<Arc<Connection>, CallError> {
+        if let Some(conn) = self.open.get(endpoint).filter(|c| c.is_alive()) {
+            return Ok(conn.clone());
+        }
+        let gate = self.opening.entry(endpoint.to_owned()).or_default().clone();
+        let _single_flight = gate.lock().await;
+        if let Some(conn) = self.open.get(endpoint).filter(|c| c.is_alive()) {
+            return Ok(conn.clone());
+        }
+        let conn = Connection::open(endpoint, self.kind, self.connect_timeout).await?;
+        self.open.insert(endpoint.to_owned(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Closes and forgets the connections whose endpoint `keep` rejects: their calls in flight fail now.
+    pub(crate) fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.open.retain(|endpoint, conn| {
+            let kept = keep(endpoint);
+            if !kept {
+                conn.close();
+            }
+            kept
+        });
+        self.opening.retain(|endpoint, _| keep(endpoint));
+    }
+}

@@ -26,11 +26,11 @@ use std::time::Duration;
 use dashmap::DashMap;
 use grains::{CallError, GrainId, Placement};
 use grains_storage::{MembershipEntry, MembershipSnapshot, MembershipTable, SiloAddress, SiloStatus};
-use tokio::sync::{Mutex, Notify, watch};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::config::ClusterTimings;
-use crate::connection::{Connection, PeerKind};
+use crate::connection::{Connection, ConnectionPool, PeerKind};
 use directory::DirectoryPartition;
 use ring::HashRing;
 pub use system::Registration;
@@ -86,8 +86,7 @@ pub(crate) struct Cluster {
     pub(crate) cache: DashMap<GrainId, Registration>,
     evictions: std::sync::atomic::AtomicU32,
     pub(crate) loads: DashMap<SiloAddress, u64>,
-    peers: DashMap<String, Arc<Connection>>,
-    connecting: Mutex<()>,
+    peers: ConnectionPool,
     pub(crate) refresh_now: Notify,
 }
 
@@ -105,8 +104,7 @@ impl Cluster {
             cache: DashMap::new(),
             evictions: std::sync::atomic::AtomicU32::new(0),
             loads: DashMap::new(),
-            peers: DashMap::new(),
-            connecting: Mutex::new(()),
+            peers: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout),
             refresh_now: Notify::new(),
         }
     }
@@ -133,28 +131,14 @@ impl Cluster {
 
     /// The open connection to `silo`, opening one if needed.
     pub(crate) async fn peer(&self, silo: &SiloAddress) -> Result<Arc<Connection>, CallError> {
-        if let Some(conn) = self.peers.get(&silo.endpoint).filter(|c| c.is_alive()) {
-            return Ok(conn.clone());
-        }
-        let _single_flight = self.connecting.lock().await;
-        if let Some(conn) = self.peers.get(&silo.endpoint).filter(|c| c.is_alive()) {
-            return Ok(conn.clone());
-        }
-        let conn = Connection::open(&silo.endpoint, PeerKind::Silo, self.timings.connect_timeout).await?;
-        self.peers.insert(silo.endpoint.clone(), conn.clone());
-        Ok(conn)
+        self.peers.get(&silo.endpoint).await
     }
 
     /// Closes the connections to silos that are dead (or gone from the table): their calls in flight fail
     /// now. A silo that is shutting down keeps its connections until it has answered what it was sent.
     pub(crate) fn close_peers_not_in(&self, view: &ClusterView) {
-        self.peers.retain(|endpoint, conn| {
-            let keep = view.rows.iter().any(|r| &r.silo.endpoint == endpoint && r.status != SiloStatus::Dead);
-            if !keep {
-                conn.close();
-            }
-            keep
-        });
+        self.peers
+            .retain(|endpoint| view.rows.iter().any(|r| r.silo.endpoint == endpoint && r.status != SiloStatus::Dead));
     }
 
     /// A system call to `silo`.
