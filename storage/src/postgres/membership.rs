@@ -1,6 +1,8 @@
 //! The membership table in `grains_membership` + `grains_membership_version`.
 
 use async_trait::async_trait;
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::unavailable;
@@ -48,8 +50,23 @@ impl PostgresMembershipTable {
     }
 }
 
-fn suspicions_json(entry: &MembershipEntry) -> Result<serde_json::Value, StorageError> {
-    serde_json::to_value(&entry.suspicions).map_err(|e| StorageError::Codec(e.to_string()))
+/// Binds `$1`–`$9` of the insert and update statements: cluster, silo, name, status, gateway, times, votes.
+fn bind_entry<'q>(
+    query: Query<'q, Postgres, PgArguments>,
+    cluster_id: &'q str,
+    entry: &'q MembershipEntry,
+) -> Result<Query<'q, Postgres, PgArguments>, StorageError> {
+    let suspicions = serde_json::to_value(&entry.suspicions).map_err(|e| StorageError::Codec(e.to_string()))?;
+    Ok(query
+        .bind(cluster_id)
+        .bind(&entry.silo.endpoint)
+        .bind(entry.silo.epoch)
+        .bind(&entry.name)
+        .bind(entry.status.as_str())
+        .bind(&entry.gateway)
+        .bind(entry.started_at_ms)
+        .bind(entry.heartbeat_at_ms)
+        .bind(suspicions))
 }
 
 #[async_trait]
@@ -104,19 +121,8 @@ impl MembershipTable for PostgresMembershipTable {
             ", $9, nextval('grains_etag_seq'))
              ON CONFLICT DO NOTHING"
         );
-        let inserted = sqlx::query(sql)
-            .bind(&self.cluster_id)
-            .bind(&entry.silo.endpoint)
-            .bind(entry.silo.epoch)
-            .bind(&entry.name)
-            .bind(entry.status.as_str())
-            .bind(&entry.gateway)
-            .bind(entry.started_at_ms)
-            .bind(entry.heartbeat_at_ms)
-            .bind(suspicions_json(entry)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        let inserted =
+            bind_entry(sqlx::query(sql), &self.cluster_id, entry)?.execute(&mut *tx).await.map_err(unavailable)?;
         if inserted.rows_affected() != 1 {
             return Ok(false); // the transaction rolls back on drop: the version is untouched
         }
@@ -140,16 +146,7 @@ impl MembershipTable for PostgresMembershipTable {
             ", suspicions = $9, etag = nextval('grains_etag_seq')
              WHERE cluster_id = $1 AND endpoint = $2 AND epoch = $3 AND etag = $10"
         );
-        let updated = sqlx::query(sql)
-            .bind(&self.cluster_id)
-            .bind(&entry.silo.endpoint)
-            .bind(entry.silo.epoch)
-            .bind(&entry.name)
-            .bind(entry.status.as_str())
-            .bind(&entry.gateway)
-            .bind(entry.started_at_ms)
-            .bind(entry.heartbeat_at_ms)
-            .bind(suspicions_json(entry)?)
+        let updated = bind_entry(sqlx::query(sql), &self.cluster_id, entry)?
             .bind(etag)
             .execute(&mut *tx)
             .await

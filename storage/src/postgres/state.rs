@@ -250,21 +250,10 @@ impl GrainStateStore for PostgresStateStore {
     async fn clear(&self, key: &StateKey, expected: Option<&str>) -> Result<(), StorageError> {
         match parse_etag(key, expected)? {
             // Nothing expected: clearing is a no-op if there is no row, a conflict if there is one.
-            None => {
-                let exists: Option<i64> = sqlx::query_scalar(
-                    "SELECT etag FROM grains_state WHERE grain_type = $1 AND grain_key = $2 AND state_name = $3",
-                )
-                .bind(&key.grain_type)
-                .bind(&key.grain_key)
-                .bind(&key.state_name)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(unavailable)?;
-                match exists {
-                    None => Ok(()),
-                    Some(_) => Err(conflict(key, expected)),
-                }
-            }
+            None => match self.read(key).await? {
+                None => Ok(()),
+                Some(_) => Err(conflict(key, expected)),
+            },
             Some(expected_etag) => {
                 let deleted = sqlx::query(
                     "DELETE FROM grains_state
