@@ -79,13 +79,22 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
         model.methods.iter().map(|m| m.args.iter().map(|(_, t)| t).collect()).collect();
     let outputs: Vec<&syn::Type> = model.methods.iter().map(|m| &m.output).collect();
 
-    let type_checks = model.methods.iter().flat_map(|m| {
-        let args =
-            m.args.iter().map(|(_, ty)| quote_spanned!(ty.span()=> ::grains::__private::assert_argument::<#ty>();));
-        let out = &m.output;
-        let ret = quote_spanned!(out.span()=> ::grains::__private::assert_return::<#out>(););
-        args.chain(std::iter::once(ret)).collect::<Vec<_>>()
-    });
+    // Every codec use names its type through `arg::<T>()` / `ret::<T>()`, spanned at the type, so a type that
+    // cannot cross the wire gets one error, at the type, however often the generated code uses it.
+    let arg_codecs: Vec<Vec<TokenStream>> = model
+        .methods
+        .iter()
+        .map(|m| m.args.iter().map(|(_, ty)| quote_spanned!(ty.span()=> ::grains::__private::arg::<#ty>())).collect())
+        .collect();
+    let ret_codecs: Vec<TokenStream> = model
+        .methods
+        .iter()
+        .map(|m| {
+            let out = &m.output;
+            quote_spanned!(out.span()=> ::grains::__private::ret::<#out>())
+        })
+        .collect();
+    let arg_counts: Vec<u32> = model.methods.iter().map(|m| m.args.len() as u32).collect();
 
     let request_doc = format!("The calls of grain `{grain}`: one variant per grain method, holding its arguments.");
     let response_doc =
@@ -137,8 +146,6 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
     quote! {
         #item
 
-        const _: () = { #(#type_checks)* };
-
         #[doc = #request_doc]
         #[allow(non_camel_case_types, private_interfaces, dead_code)]
         pub enum #request {
@@ -160,7 +167,14 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
         impl ::grains::__private::WireMessage for #request {
             fn encode_body(&self) -> ::grains::__private::Result<::std::vec::Vec<u8>, ::grains::__private::CodecError> {
                 match #deref self {
-                    #( Self::#names(#(#arg_names),*) => ::grains::__private::encode(&(#(#arg_names,)*)), )*
+                    #(
+                        Self::#names(#(#arg_names),*) => {
+                            let mut out = ::std::vec::Vec::new();
+                            ::grains::__private::begin_args(&mut out, #arg_counts)?;
+                            #( #arg_codecs.encode(#arg_names, &mut out)?; )*
+                            ::grains::__private::Result::Ok(out)
+                        }
+                    )*
                 }
             }
         }
@@ -168,7 +182,13 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
         impl ::grains::__private::WireMessage for #response {
             fn encode_body(&self) -> ::grains::__private::Result<::std::vec::Vec<u8>, ::grains::__private::CodecError> {
                 match #deref self {
-                    #( Self::#names(value) => ::grains::__private::encode(value), )*
+                    #(
+                        Self::#names(value) => {
+                            let mut out = ::std::vec::Vec::new();
+                            #ret_codecs.encode(value, &mut out)?;
+                            ::grains::__private::Result::Ok(out)
+                        }
+                    )*
                 }
             }
         }
@@ -225,7 +245,9 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
                 match method {
                     #(
                         #name_strs => {
-                            let (#(#arg_names,)*): (#(#arg_types,)*) = ::grains::__private::decode(body)?;
+                            let mut input = body;
+                            ::grains::__private::read_args(&mut input, #arg_counts)?;
+                            #( let #arg_names = #arg_codecs.decode(&mut input)?; )*
                             ::grains::__private::Result::Ok(#request::#names(#(#arg_names),*))
                         }
                     )*
@@ -241,7 +263,10 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
                 body: &[u8],
             ) -> ::grains::__private::Result<#response, ::grains::__private::CallError> {
                 match method {
-                    #( #name_strs => ::grains::__private::Result::Ok(#response::#names(::grains::__private::decode(body)?)), )*
+                    #( #name_strs => {
+                        let mut input = body;
+                        ::grains::__private::Result::Ok(#response::#names(#ret_codecs.decode(&mut input)?))
+                    } )*
                     _ => ::grains::__private::Result::Err(::grains::__private::CallError::UnknownMethod {
                         grain_type: <#grain as ::grains::__private::GrainType>::TYPE_NAME.into(),
                         method: method.into(),

@@ -40,6 +40,61 @@ pub fn decode_named<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> 
     decode(bytes)
 }
 
+/// The codec of one argument or return value of type `T`: obtained through `__private::arg::<T>()` or
+/// `__private::ret::<T>()`, whose trait bound is the one place a type that cannot cross the wire is reported.
+pub struct ValueCodec<T> {
+    encode: fn(&T, &mut Vec<u8>) -> Result<(), CodecError>,
+    decode: fn(&mut &[u8]) -> Result<T, CodecError>,
+}
+
+#[allow(clippy::new_without_default)]
+impl<T> ValueCodec<T> {
+    /// The codec of a serializable `T`.
+    pub const fn new() -> Self
+    where
+        T: Serialize + DeserializeOwned,
+    {
+        Self { encode: encode_value::<T>, decode: decode_value::<T> }
+    }
+
+    /// Appends `value` to `out`.
+    pub fn encode(&self, value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        (self.encode)(value, out)
+    }
+
+    /// Reads one value from the front of `input`, advancing it.
+    pub fn decode(&self, input: &mut &[u8]) -> Result<T, CodecError> {
+        (self.decode)(input)
+    }
+}
+
+fn encode_value<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    rmp_serde::encode::write(out, value).map_err(|e| CodecError(format!("encode: {e}")))
+}
+
+fn decode_value<T: DeserializeOwned>(input: &mut &[u8]) -> Result<T, CodecError> {
+    let mut deserializer = rmp_serde::Deserializer::new(input);
+    T::deserialize(&mut deserializer).map_err(|e| CodecError(format!("decode: {e}")))
+}
+
+/// Starts an argument list of `count` values.
+pub fn begin_args(out: &mut Vec<u8>, count: u32) -> Result<(), CodecError> {
+    rmp::encode::write_array_len(out, count).map(|_| ()).map_err(|e| CodecError(format!("encode: {e}")))
+}
+
+/// Reads the header of an argument list and checks it holds `count` values (no arguments may also be `nil`).
+pub fn read_args(input: &mut &[u8], count: u32) -> Result<(), CodecError> {
+    if count == 0 && input.first() == Some(&0xc0) {
+        *input = &input[1..];
+        return Ok(());
+    }
+    let found = rmp::decode::read_array_len(input).map_err(|e| CodecError(format!("decode: arguments: {e}")))?;
+    if found != count {
+        return Err(CodecError(format!("decode: expected {count} arguments, found {found}")));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,6 +105,20 @@ mod tests {
         assert_eq!(bytes[0], 0x92, "a two-element MessagePack fixarray");
         let back: (String, u32) = decode(&bytes).unwrap();
         assert_eq!(back, ("apple".to_string(), 2));
+    }
+
+    #[test]
+    fn arguments_written_one_by_one_read_as_a_tuple() {
+        let mut out = Vec::new();
+        begin_args(&mut out, 2).unwrap();
+        ValueCodec::<String>::new().encode(&"apple".to_string(), &mut out).unwrap();
+        ValueCodec::<u32>::new().encode(&2, &mut out).unwrap();
+        assert_eq!(out, encode(&("apple", 2u32)).unwrap(), "the same bytes as the tuple");
+        let mut input = out.as_slice();
+        read_args(&mut input, 2).unwrap();
+        assert_eq!(ValueCodec::<String>::new().decode(&mut input).unwrap(), "apple");
+        assert_eq!(ValueCodec::<u32>::new().decode(&mut input).unwrap(), 2);
+        assert!(read_args(&mut [0x92u8].as_slice(), 3).is_err());
     }
 
     #[test]

@@ -115,7 +115,7 @@ pub mod prelude {
 /// Items used by code that `#[grain]` generates. Not public API: names and shapes change without notice.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::codec::{decode, encode};
+    pub use crate::codec::{begin_args, read_args};
     pub use crate::duration::duration_const;
     pub use crate::reference::mismatched_reply;
     pub use crate::{
@@ -135,7 +135,7 @@ pub mod __private {
         label = "grain arguments must implement `Serialize + DeserializeOwned + Send + 'static`",
         note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`, or pass an owned type that does"
     )]
-    pub trait GrainArgument {}
+    pub trait GrainArgument: serde::Serialize + serde::de::DeserializeOwned + Send + 'static {}
     #[diagnostic::do_not_recommend]
     impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> GrainArgument for T {}
 
@@ -145,13 +145,18 @@ pub mod __private {
         label = "grain return types must implement `Serialize + DeserializeOwned + Send + 'static`",
         note = "derive `serde::Serialize` and `serde::Deserialize` for `{Self}`"
     )]
-    pub trait GrainReturn {}
+    pub trait GrainReturn: serde::Serialize + serde::de::DeserializeOwned + Send + 'static {}
     #[diagnostic::do_not_recommend]
     impl<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static> GrainReturn for T {}
 
-    /// Compile-time check that `T` can be an argument.
-    pub const fn assert_argument<T: GrainArgument + ?Sized>() {}
+    /// The codec of an argument type: every use in generated code goes through here, so an argument type that
+    /// cannot cross the wire is reported once, at the type.
+    pub const fn arg<T: GrainArgument>() -> crate::codec::ValueCodec<T> {
+        crate::codec::ValueCodec::new()
+    }
 
-    /// Compile-time check that `T` can be a return value.
-    pub const fn assert_return<T: GrainReturn + ?Sized>() {}
+    /// The codec of a return type (see [`arg`]).
+    pub const fn ret<T: GrainReturn>() -> crate::codec::ValueCodec<T> {
+        crate::codec::ValueCodec::new()
+    }
 }
