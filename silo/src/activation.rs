@@ -18,7 +18,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use grains::runtime::{CallChain, Payload, run_in_turn};
 use grains::{CallError, ErasedGrain, GrainContext, GrainError, GrainId, GrainRegistration, StorageError};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -34,16 +34,95 @@ pub(crate) struct Invocation {
     pub(crate) reply: oneshot::Sender<Result<Payload, CallError>>,
 }
 
-/// What a mailbox carries. Calls are boxed so that a mailbox's slots stay small: a channel allocates its
-/// slots in blocks, and an idle activation should cost little memory.
+/// What a mailbox carries.
 pub(crate) enum Mail {
     /// Run a call.
-    Call(Box<Invocation>),
+    Call(Invocation),
     /// The idle collector thinks this activation is idle (`force`: deactivate regardless, for shutdown).
     Deactivate {
         /// Deactivate even if not idle.
         force: bool,
     },
+}
+
+/// An activation's queue of calls: a deque behind a lock, and a wake-up for the activation task.
+///
+/// Unlike a channel, an empty mailbox holds no buffer (a channel allocates its first block of slots up front),
+/// so a million idle activations cost a million small structs, and a burst's buffer is given back once the
+/// queue drains.
+#[derive(Debug, Default)]
+pub(crate) struct Mailbox {
+    queue: std::sync::Mutex<MailQueue>,
+    arrived: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct MailQueue {
+    items: std::collections::VecDeque<Mail>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for Mail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mail::Call(call) => write!(f, "Call({})", call.method),
+            Mail::Deactivate { force } => write!(f, "Deactivate {{ force: {force} }}"),
+        }
+    }
+}
+
+impl Mailbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MailQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `mail`, or hands it back if the mailbox is closed.
+    pub(crate) fn send(&self, mail: Mail) -> Result<(), Mail> {
+        {
+            let mut queue = self.lock();
+            if queue.closed {
+                return Err(mail);
+            }
+            queue.items.push_back(mail);
+        }
+        self.arrived.notify_one();
+        Ok(())
+    }
+
+    /// The next mail, waiting for one; `None` once the mailbox is closed and empty.
+    pub(crate) async fn recv(&self) -> Option<Mail> {
+        loop {
+            {
+                let mut queue = self.lock();
+                if let Some(mail) = queue.items.pop_front() {
+                    if queue.items.is_empty() && queue.items.capacity() > 16 {
+                        queue.items = std::collections::VecDeque::new(); // give a burst's buffer back
+                    }
+                    return Some(mail);
+                }
+                if queue.closed {
+                    return None;
+                }
+            }
+            // A notification sent between the check above and this wait is kept as a permit: none is lost.
+            self.arrived.notified().await;
+        }
+    }
+
+    /// The next mail if one is queued.
+    pub(crate) fn try_recv(&self) -> Option<Mail> {
+        self.lock().items.pop_front()
+    }
+
+    /// Refuses further mail; what is queued can still be taken.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+    }
+
+    /// Whether the mailbox refuses mail.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
 }
 
 /// What the activation task and the idle collector share.
@@ -86,7 +165,7 @@ impl ActivationShared {
 pub(crate) struct ActivationHandle {
     /// Unique per activation, so that a dying activation removes only its own entry.
     pub(crate) activation_id: u64,
-    pub(crate) mailbox: mpsc::UnboundedSender<Mail>,
+    pub(crate) mailbox: Arc<Mailbox>,
     pub(crate) shared: Arc<ActivationShared>,
     /// The directory registration the activation lives under.
     pub(crate) registration: Registration,
@@ -99,7 +178,7 @@ pub(crate) struct ActivationStart {
     pub(crate) activation_id: u64,
     pub(crate) grain_type: &'static GrainRegistration,
     pub(crate) registration: Registration,
-    pub(crate) mailbox: mpsc::UnboundedReceiver<Mail>,
+    pub(crate) mailbox: Arc<Mailbox>,
     pub(crate) shared: Arc<ActivationShared>,
 }
 
@@ -146,9 +225,9 @@ async fn confirm_registration(start: &mut ActivationStart) -> bool {
             silo.remove_activation(&start.id, start.activation_id);
             start.mailbox.close();
             silo.cluster.remember(start.id.clone(), winner, silo.config.directory_cache_size);
-            while let Ok(mail) = start.mailbox.try_recv() {
+            while let Some(mail) = start.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
-                    silo.redeliver(start.id.clone(), *call);
+                    silo.redeliver(start.id.clone(), call);
                 }
             }
             return false;
@@ -159,7 +238,7 @@ async fn confirm_registration(start: &mut ActivationStart) -> bool {
     tracing::warn!(grain = %start.id, %error, "activation not registered");
     silo.remove_activation(&start.id, start.activation_id);
     start.mailbox.close();
-    while let Ok(mail) = start.mailbox.try_recv() {
+    while let Some(mail) = start.mailbox.try_recv() {
         if let Mail::Call(call) = mail {
             let _ = call.reply.send(Err(error.clone()));
         }
@@ -186,7 +265,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
             silo.remove_activation(&id, start.activation_id);
             silo.activation_ended(&id, &start.registration);
             start.mailbox.close();
-            while let Ok(mail) = start.mailbox.try_recv() {
+            while let Some(mail) = start.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
                     let _ = call.reply.send(Err(error.clone()));
                 }
@@ -201,7 +280,6 @@ pub(crate) async fn run(mut start: ActivationStart) {
     while let Some(mail) = start.mailbox.recv().await {
         match mail {
             Mail::Call(call) => {
-                let call = *call;
                 if call.reply.is_closed() {
                     continue; // the caller gave up (its deadline passed): do not run a call nobody waits for
                 }
@@ -251,9 +329,9 @@ pub(crate) async fn run(mut start: ActivationStart) {
     start.mailbox.close();
     silo.metrics.deactivations.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(grain = %id, activation = start.activation_id, "deactivated");
-    while let Ok(mail) = start.mailbox.try_recv() {
+    while let Some(mail) = start.mailbox.try_recv() {
         if let Mail::Call(call) = mail {
-            silo.redeliver(id.clone(), *call);
+            silo.redeliver(id.clone(), call);
         }
     }
 }

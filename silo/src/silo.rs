@@ -20,7 +20,7 @@ use grains_storage::postgres::{self, PostgresMembershipTable, PostgresOptions};
 use grains_storage::{
     GrainStateStore, MembershipTable, MemoryMembershipTable, MemoryStateStore, SiloAddress, SiloStatus,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -168,7 +168,7 @@ impl SiloInner {
 
     /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back.
     fn try_local(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
-        let mut mail = Mail::Call(Box::new(invocation));
+        let mut mail = Mail::Call(invocation);
         for _ in 0..MAX_DELIVERY_ATTEMPTS {
             let Some(handle) = self.table.get(id) else { break };
             match handle.mailbox.send(mail) {
@@ -176,7 +176,7 @@ impl SiloInner {
                     self.metrics.calls.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(mpsc::error::SendError(back)) => {
+                Err(back) => {
                     drop(handle);
                     // That activation closed its mailbox (it failed or is leaving); drop its stale entry.
                     self.table.remove_if(id, |_, h| h.mailbox.is_closed());
@@ -185,7 +185,7 @@ impl SiloInner {
             }
         }
         match mail {
-            Mail::Call(invocation) => Err(*invocation),
+            Mail::Call(invocation) => Err(invocation),
             Mail::Deactivate { .. } => unreachable!("only calls are delivered"),
         }
     }
@@ -194,7 +194,7 @@ impl SiloInner {
     fn deliver_here(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
         let mut invocation = invocation;
         for _ in 0..MAX_DELIVERY_ATTEMPTS {
-            let mail = Mail::Call(Box::new(invocation));
+            let mail = Mail::Call(invocation);
             let sent = match self.table.entry(id.clone()) {
                 Entry::Occupied(slot) => slot.get().mailbox.send(mail),
                 Entry::Vacant(slot) => {
@@ -209,11 +209,11 @@ impl SiloInner {
                     self.metrics.calls.fetch_add(1, Ordering::Relaxed);
                     return Ok(());
                 }
-                Err(mpsc::error::SendError(Mail::Call(back))) => {
+                Err(Mail::Call(back)) => {
                     self.table.remove_if(id, |_, h| h.mailbox.is_closed());
-                    invocation = *back;
+                    invocation = back;
                 }
-                Err(mpsc::error::SendError(Mail::Deactivate { .. })) => unreachable!("only calls are delivered"),
+                Err(Mail::Deactivate { .. }) => unreachable!("only calls are delivered"),
             }
         }
         Err(invocation)
@@ -229,7 +229,7 @@ impl SiloInner {
             Some(&entry) => entry,
             None => unreachable!("calls are checked for their grain type first"),
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let mailbox = Arc::new(activation::Mailbox::default());
         let activation_id = self.next_activation_id.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(ActivationShared::new(self.now_ms(), idle_timeout));
         tokio::spawn(activation::run(ActivationStart {
@@ -238,10 +238,10 @@ impl SiloInner {
             activation_id,
             grain_type,
             registration: registration.clone(),
-            mailbox: rx,
+            mailbox: mailbox.clone(),
             shared: shared.clone(),
         }));
-        ActivationHandle { activation_id, mailbox: tx, shared, registration }
+        ActivationHandle { activation_id, mailbox, shared, registration }
     }
 
     /// Finds where `id` lives and delivers the call there; answers the caller through `invocation.reply`.
