@@ -3,8 +3,10 @@
 //! The activation table maps a [`GrainId`] to the mailbox of its activation. A call to a grain that is not in
 //! the table claims the slot with the map's entry API and spawns the activation task in the same step, so
 //! concurrent first calls all land in the one mailbox being built: a grain id has exactly one activation per
-//! silo. The task builds the grain (state loaded, `on_activate`), then drains its mailbox one call at a time:
-//! a turn runs to completion before the next starts, and no lock is held across the grain's `.await`s.
+//! silo. The task first confirms with the grain's directory owner that it is the grain's one activation in the
+//! cluster (a loser forwards its queued calls to the winner before loading anything), then builds the grain
+//! (state loaded, `on_activate`) and drains its mailbox one call at a time: a turn runs to completion before
+//! the next starts, and no lock is held across the grain's `.await`s.
 //!
 //! Leaving the table is the reverse: the task runs `on_deactivate` while new calls still queue in its mailbox,
 //! then removes its entry (only if it is still its own), closes the mailbox, and hands every call still queued
