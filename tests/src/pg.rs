@@ -65,6 +65,19 @@ impl TestDatabase {
         &self.url
     }
 
+    /// The value of every `Counter` grain stored in this database, by grain key.
+    pub async fn counter_values(&self) -> std::collections::HashMap<String, u64> {
+        let pool = self.pool().await;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT grain_key, (document->>'value')::bigint FROM grains_state WHERE grain_type = 'Counter'",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("read the stored counters");
+        pool.close().await;
+        rows.into_iter().map(|(key, value)| (key, value as u64)).collect()
+    }
+
     /// A migrated pool on this database.
     pub async fn pool(&self) -> PgPool {
         let options = grains_storage::postgres::PostgresOptions::default();

@@ -190,13 +190,7 @@ impl Load {
 /// Acknowledged increments missing from Postgres: for each key, how far the stored counter is below the
 /// highest value the grain acknowledged.
 async fn lost_increments(db: &TestDatabase, acked: &[u64]) -> u64 {
-    let pool = db.pool().await;
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT grain_key, (document->>'value')::bigint FROM grains_state WHERE grain_type = 'Counter'")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    let stored: std::collections::HashMap<String, u64> = rows.into_iter().map(|(k, v)| (k, v as u64)).collect();
+    let stored = db.counter_values().await;
     acked
         .iter()
         .enumerate()

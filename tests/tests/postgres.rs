@@ -88,18 +88,10 @@ async fn of_two_activations_of_one_grain_the_stale_writer_is_refused_and_deactiv
     assert!(matches!(a.increment().await.unwrap(), Err(StateError::Conflict { .. })));
     assert_eq!(a.increment().await.unwrap().unwrap(), 3);
 
-    let pool = db.pool().await;
-    let stored: i64 = sqlx::query_scalar(
-        "SELECT (document->>'value')::bigint FROM grains_state WHERE grain_type = 'Counter' AND grain_key = $1",
-    )
-    .bind(key)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(stored, 3, "the row holds the last acknowledged write, nothing was overwritten");
+    let stored = db.counter_values().await;
+    assert_eq!(stored[key], 3, "the row holds the last acknowledged write, nothing was overwritten");
     first.shutdown(Duration::from_secs(5)).await;
     second.shutdown(Duration::from_secs(5)).await;
-    pool.close().await;
 }
 
 #[tokio::test]

@@ -73,16 +73,10 @@ async fn a_postgres_outage_fails_calls_with_typed_errors_and_the_silo_recovers_w
     assert!(recovered, "the same grains work again once postgres is back");
 
     // What storage holds is exactly what was acknowledged: nothing lost, nothing unacknowledged.
-    let pool = db.pool().await;
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT grain_key, (document->>'value')::bigint FROM grains_state WHERE grain_type = 'Counter'")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    assert_eq!(rows.len(), KEYS);
-    for (key, stored) in rows {
-        assert_eq!(stored as u64, acked[&key], "{key}: stored value equals acknowledged increments");
+    let stored = db.counter_values().await;
+    assert_eq!(stored.len(), KEYS);
+    for (key, value) in stored {
+        assert_eq!(value, acked[&key], "{key}: stored value equals acknowledged increments");
     }
-    pool.close().await;
     silo.shutdown(Duration::from_secs(5)).await;
 }
