@@ -136,6 +136,8 @@ pub(crate) struct ActivationShared {
     pub(crate) idle_timeout: Duration,
     /// Set once the directory has confirmed this activation as the grain's one activation.
     confirmed: std::sync::atomic::AtomicBool,
+    /// Set when the directory finds this activation a duplicate: it runs no further turn.
+    evicted: std::sync::atomic::AtomicBool,
 }
 
 impl ActivationShared {
@@ -144,7 +146,18 @@ impl ActivationShared {
             last_active_ms: AtomicU64::new(now_ms),
             idle_timeout,
             confirmed: std::sync::atomic::AtomicBool::new(false),
+            evicted: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks the activation a duplicate: it leaves before its next turn, without `on_deactivate` (its state
+    /// must not be flushed over the real activation's), and its queued calls go to the grain's one activation.
+    pub(crate) fn evict(&self) {
+        self.evicted.store(true, Ordering::Release);
+    }
+
+    fn is_evicted(&self) -> bool {
+        self.evicted.load(Ordering::Acquire)
     }
 
     fn touch(&self, now_ms: u64) {
@@ -171,6 +184,8 @@ pub(crate) struct ActivationHandle {
     pub(crate) shared: Arc<ActivationShared>,
     /// The directory registration the activation lives under.
     pub(crate) registration: Registration,
+    /// Stops the activation's task where it stands (a shutdown past its grace period).
+    pub(crate) task: tokio::task::AbortHandle,
 }
 
 /// Everything the activation task starts with.
@@ -219,10 +234,10 @@ async fn activate(start: &ActivationStart, ctx: &GrainContext) -> Result<Box<dyn
 async fn confirm_registration(start: &mut ActivationStart) -> bool {
     let silo = &start.silo;
     let deadline = tokio::time::Instant::now() + silo.config.call_timeout;
-    let outcome = silo.cluster.register(vec![(start.id.clone(), start.registration.clone())], deadline).await;
-    let error = match outcome.map(|mut w| w.pop()) {
-        Ok(Some(winner)) if winner == start.registration => return true,
-        Ok(Some(winner)) => {
+    let outcome = silo.cluster.register(&start.id, &start.registration, deadline).await;
+    let error = match outcome {
+        Ok(winner) if winner == start.registration => return true,
+        Ok(winner) => {
             tracing::debug!(grain = %start.id, winner = %winner.silo, "lost the registration race; forwarding");
             silo.remove_activation(&start.id, start.activation_id);
             start.mailbox.close();
@@ -234,7 +249,6 @@ async fn confirm_registration(start: &mut ActivationStart) -> bool {
             }
             return false;
         }
-        Ok(None) => CallError::Protocol("directory gave no answer".to_owned()),
         Err(error) => error,
     };
     tracing::warn!(grain = %start.id, %error, "activation not registered");
@@ -264,8 +278,8 @@ pub(crate) async fn run(mut start: ActivationStart) {
         Err(error) => {
             tracing::warn!(grain = %id, %error, "activation failed");
             silo.metrics.activation_failures.fetch_add(1, Ordering::Relaxed);
+            silo.activation_ended(&id, &start.registration).await;
             silo.remove_activation(&id, start.activation_id);
-            silo.activation_ended(&id, &start.registration);
             start.mailbox.close();
             while let Some(mail) = start.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
@@ -279,11 +293,24 @@ pub(crate) async fn run(mut start: ActivationStart) {
     tracing::debug!(grain = %id, activation = start.activation_id, "activated");
 
     let mut panicked = false;
+    let mut unrun = None;
     while let Some(mail) = start.mailbox.recv().await {
         match mail {
             Mail::Call(call) => {
                 if call.reply.is_closed() {
                     continue; // the caller gave up (its deadline passed): do not run a call nobody waits for
+                }
+                if start.shared.is_evicted() || !Box::pin(hold_lease(&silo, call.deadline)).await {
+                    if start.shared.is_evicted() || silo.is_stopped() {
+                        unrun = Some(call); // handed on below, with the rest of the mailbox
+                        break;
+                    }
+                    let _ = call.reply.send(Err(CallError::Timeout(Duration::ZERO)));
+                    continue;
+                }
+                if Instant::now() >= call.deadline {
+                    let _ = call.reply.send(Err(CallError::Timeout(Duration::ZERO)));
+                    continue;
                 }
                 let span = tracing::debug_span!("grain.turn", grain = %id, method = %call.method);
                 let turn = run_in_turn(call.chain, id.clone(), grain.handle(&call.method, call.payload));
@@ -317,8 +344,10 @@ pub(crate) async fn run(mut start: ActivationStart) {
         }
     }
 
-    // A grain that panicked may hold broken state: it is dropped without its on_deactivate hook.
-    if !panicked {
+    // A grain that panicked may hold broken state, and a duplicate's state is not the grain's: they are
+    // dropped without their on_deactivate hook.
+    let evicted = start.shared.is_evicted() || silo.is_stopped();
+    if !panicked && !evicted {
         match Box::pin(AssertUnwindSafe(grain.on_deactivate(&ctx)).catch_unwind()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(grain = %id, error = %e, "on_deactivate failed"),
@@ -326,14 +355,31 @@ pub(crate) async fn run(mut start: ActivationStart) {
         }
     }
     drop(grain);
+    silo.activation_ended(&id, &start.registration).await;
     silo.remove_activation(&id, start.activation_id);
-    silo.activation_ended(&id, &start.registration);
     start.mailbox.close();
     silo.metrics.deactivations.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(grain = %id, activation = start.activation_id, "deactivated");
+    tracing::debug!(grain = %id, activation = start.activation_id, evicted, "deactivated");
+    if let Some(call) = unrun {
+        silo.redeliver(id.clone(), call);
+    }
     while let Some(mail) = start.mailbox.try_recv() {
         if let Mail::Call(call) = mail {
             silo.redeliver(id.clone(), call);
         }
     }
+}
+
+/// Waits until the silo holds its membership lease (at once, normally), at most until `deadline`. A silo
+/// that lost its lease — frozen, or cut off from the membership table — runs no turn until it has confirmed
+/// that it is still a member; if it was declared dead meanwhile, it stops and this returns false.
+async fn hold_lease(silo: &SiloInner, deadline: Instant) -> bool {
+    while !silo.cluster.lease.is_valid() {
+        if silo.is_stopped() || Instant::now() >= deadline {
+            return false;
+        }
+        silo.cluster.refresh_now.notify_one();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }

@@ -62,6 +62,10 @@ pub struct ClusterTimings {
     pub probed_peers: usize,
     /// How long to wait for a connection to a peer.
     pub connect_timeout: Duration,
+    /// How long a silo serves after its last confirmation (a membership table read) that it is still a member;
+    /// peers wait this long (plus a tenth) after declaring a silo dead before they re-place its grains. Longer
+    /// than several `table_refresh_interval`s, so that one slow read does not stop a healthy silo.
+    pub lease: Duration,
 }
 
 impl ClusterTimings {
@@ -73,10 +77,11 @@ impl ClusterTimings {
             missed_probes_limit: 3,
             votes_for_death: 2,
             vote_expiration: Duration::from_secs(180),
-            table_refresh_interval: Duration::from_secs(10),
+            table_refresh_interval: Duration::from_secs(5),
             heartbeat_interval: Duration::from_secs(30),
             probed_peers: 3,
             connect_timeout: Duration::from_secs(5),
+            lease: Duration::from_secs(20),
         }
     }
 
@@ -92,6 +97,7 @@ impl ClusterTimings {
             heartbeat_interval: Duration::from_secs(1),
             probed_peers: 3,
             connect_timeout: Duration::from_secs(1),
+            lease: Duration::from_secs(3),
         }
     }
 }

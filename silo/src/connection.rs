@@ -104,7 +104,7 @@ impl Connection {
         let correlation_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         envelope.correlation_id = correlation_id;
         envelope.kind = Kind::Request as i32;
-        envelope.timeout_ms = timeout.as_millis().max(1) as u64;
+        envelope.set_deadline(deadline);
         let (waiter_tx, waiter) = oneshot::channel();
         self.pending.insert(correlation_id, waiter_tx);
         // Checked after inserting: a reader that has already failed every pending call will not see ours.

@@ -34,6 +34,7 @@ mod client;
 pub mod cluster;
 pub mod config;
 mod connection;
+mod fencing;
 pub mod gateway;
 mod metrics;
 mod silo;

@@ -25,8 +25,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::activation::{self, ActivationHandle, ActivationShared, ActivationStart, Invocation, Mail};
-use crate::cluster::system::{SystemRequest, SystemResponse};
-use crate::cluster::{Cluster, ClusterView, Registration, membership};
+use crate::cluster::system::{Refusal, SystemRequest, SystemResponse};
+use crate::cluster::{Backoff, Cluster, ClusterView, LocalActivations, Registration, membership};
 use crate::config::{MembershipKind, SiloConfig, StorageKind};
 use crate::gateway::{self, GatewayHandle};
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -150,6 +150,13 @@ impl SiloInner {
         if self.is_shutting_down() {
             return Err(CallError::ShuttingDown);
         }
+        if !self.cluster.lease.is_valid() {
+            // This silo cannot confirm it is still a member: it may have been declared dead while it was frozen
+            // or cut off, so it runs nothing until it has re-read the table. Refused before running: the caller
+            // may send the call elsewhere.
+            self.cluster.refresh_now.notify_one();
+            return Err(CallError::ShuttingDown);
+        }
         if call.chain.contains(&call.target) {
             let chain = call.chain.iter().chain(std::iter::once(&call.target)).map(ToString::to_string).collect();
             return Err(CallError::Deadlock { chain });
@@ -232,7 +239,7 @@ impl SiloInner {
         let mailbox = Arc::new(activation::Mailbox::default());
         let activation_id = self.next_activation_id.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(ActivationShared::new(self.now_ms(), idle_timeout));
-        tokio::spawn(activation::run(ActivationStart {
+        let task = tokio::spawn(activation::run(ActivationStart {
             silo: self.arc(),
             id: id.clone(),
             activation_id,
@@ -241,13 +248,13 @@ impl SiloInner {
             mailbox: mailbox.clone(),
             shared: shared.clone(),
         }));
-        ActivationHandle { activation_id, mailbox, shared, registration }
+        ActivationHandle { activation_id, mailbox, shared, registration, task: task.abort_handle() }
     }
 
     /// Finds where `id` lives and delivers the call there; answers the caller through `invocation.reply`.
     pub(crate) async fn route(self: Arc<Self>, id: GrainId, invocation: Invocation) {
         let mut invocation = invocation;
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = Backoff::new(Duration::from_millis(500));
         let mut not_here = 0;
         let deadline = invocation.deadline;
         let fail = |invocation: Invocation, error: CallError| {
@@ -284,8 +291,7 @@ impl SiloInner {
                         // The directory owner is unreachable (it may be dying): nothing was placed by this
                         // attempt that a retry could duplicate, so wait for membership to catch up.
                         tracing::debug!(grain = %id, %reason, "directory owner unreachable; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                        backoff.wait(deadline).await;
                         continue;
                     }
                     Err(error) => return fail(invocation, error),
@@ -315,8 +321,7 @@ impl SiloInner {
                     // Nothing was sent: safe to try again once membership or the directory has moved on.
                     tracing::debug!(grain = %id, silo = %registration.silo, %error, "peer unreachable; retrying");
                     self.cluster.cache.remove(&id);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    backoff.wait(deadline).await;
                     continue;
                 }
             };
@@ -344,8 +349,7 @@ impl SiloInner {
                 Err(CallError::ShuttingDown) => {
                     // Refused before running: the grain is moving; route again shortly.
                     self.cluster.cache.remove(&id);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    backoff.wait(deadline).await;
                 }
                 Err(error) => {
                     if matches!(error, CallError::SiloUnavailable(_)) {
@@ -379,15 +383,12 @@ impl SiloInner {
             .iter()
             .map(|id| id.to_grain_id(self.grain_type(&id.grain_type).map(|r| r.type_name)))
             .collect::<Result<Vec<_>, _>>()?;
-        let timeout = match envelope.timeout_ms {
-            0 => self.config.call_timeout,
-            ms => Duration::from_millis(ms),
-        };
+        let deadline = envelope.deadline(self.config.call_timeout)?;
         let call = Call {
             target: id,
             method: envelope.method.into(),
             payload: Payload::Encoded(envelope.payload),
-            deadline: Instant::now() + timeout,
+            deadline,
             chain: chain.into(),
         };
         self.check(&call)?;
@@ -423,17 +424,35 @@ impl SiloInner {
                 SystemResponse::Pong { silo: self.me().clone(), activations: self.table.len() as u64 }
             }
             SystemRequest::Gateways => SystemResponse::Gateways(self.cluster.view().gateways()),
-            SystemRequest::LookupOrPlace { grain, caller, placement } => {
-                SystemResponse::Placed(self.cluster.local_lookup_or_place(&grain, &caller, placement))
+            SystemRequest::LookupOrPlace { grain, caller, placement, view } => {
+                match self.cluster.local_lookup_or_place(&grain, &caller, placement, Some(&view)) {
+                    Ok(registration) => SystemResponse::Placed(registration),
+                    Err(refusal) => self.refused(refusal),
+                }
             }
-            SystemRequest::Register { entries } => SystemResponse::Registered(
+            SystemRequest::Register { entries, view } => SystemResponse::Registered(
                 entries
                     .into_iter()
-                    .map(|(grain, registration)| self.cluster.local_register(&grain, registration))
+                    .map(|(grain, registration)| {
+                        let decided = self.cluster.local_register(&grain, registration, Some(&view));
+                        if decided == Err(Refusal::Behind) {
+                            self.cluster.refresh_now.notify_one();
+                        }
+                        decided
+                    })
                     .collect(),
             ),
             SystemRequest::Unregister { grain, registration } => {
                 self.cluster.directory.unregister(&grain, &registration);
+                SystemResponse::Done
+            }
+            SystemRequest::Recover { requester, view } => self.cluster.answer_recover(&requester, &view),
+            SystemRequest::Evict { grain, registration } => {
+                self.evict(&grain, &registration);
+                SystemResponse::Done
+            }
+            SystemRequest::Draining { silo } => {
+                self.cluster.mark_draining(silo);
                 SystemResponse::Done
             }
             SystemRequest::MembershipChanged => {
@@ -450,6 +469,14 @@ impl SiloInner {
         })
     }
 
+    /// A partition's refusal, as an answer; a partition behind its caller re-reads membership at once.
+    fn refused(&self, refusal: Refusal) -> SystemResponse {
+        if refusal == Refusal::Behind {
+            self.cluster.refresh_now.notify_one();
+        }
+        SystemResponse::Refused(refusal)
+    }
+
     /// The grains with a confirmed activation here.
     pub(crate) fn active_grains(&self) -> Vec<GrainId> {
         self.table.iter().filter(|e| e.shared.is_confirmed()).map(|e| e.key().clone()).collect()
@@ -461,8 +488,8 @@ impl SiloInner {
     }
 
     /// Called by an activation that is gone: its directory entry goes too.
-    pub(crate) fn activation_ended(&self, id: &GrainId, registration: &Registration) {
-        self.cluster.unregister(id.clone(), registration.clone());
+    pub(crate) async fn activation_ended(&self, id: &GrainId, registration: &Registration) {
+        self.cluster.unregister(id.clone(), registration.clone()).await;
     }
 
     /// Hands a call queued at a departed activation to the grain's next activation.
@@ -484,65 +511,61 @@ impl SiloInner {
         }
     }
 
-    /// Adopts a new membership view: forget dead silos, hand directory entries to their new owners, and stop
-    /// if the cluster has declared this silo dead.
+    /// Adopts a new membership view, or stops if the cluster has declared this silo dead.
     pub(crate) fn apply_view(&self, view: ClusterView) {
-        let me = self.me().clone();
-        if view.status(&me) == Some(SiloStatus::Dead) && !self.is_shutting_down() {
-            tracing::error!(silo = %me, "this silo was declared dead by the cluster; it stops serving");
+        if view.status(self.me()) == Some(SiloStatus::Dead) && !self.is_stopped() {
+            tracing::error!(silo = %self.me(), "this silo was declared dead by the cluster; it stops serving");
             self.terminate();
             return;
         }
-        let view = Arc::new(view);
-        if view.version < self.cluster.view().version {
-            return; // an older snapshot read concurrently with a newer one
+        self.cluster.apply_view(view);
+    }
+
+    /// Stops the activation of `grain` registered as `registration` (a duplicate) before its next turn; its
+    /// queued calls go to the grain's one activation.
+    fn evict(&self, grain: &GrainId, registration: &Registration) {
+        if let Some(handle) = self.table.get(grain).filter(|h| &h.registration == registration) {
+            handle.shared.evict();
+            let _ = handle.mailbox.send(Mail::Deactivate { force: true });
         }
-        let old = self.cluster.install_view(view.clone());
-        if old.active == view.active {
-            return;
-        }
-        tracing::info!(version = view.version, active = ?view.active.iter().map(ToString::to_string).collect::<Vec<_>>(), "membership view changed");
-        self.cluster.close_peers_not_in(&view);
-        self.cluster.cache.retain(|_, r| view.is_active(&r.silo));
-        let dropped = self
-            .cluster
-            .directory
-            .retain(|grain, r| (view.is_active(&r.silo) || r.silo == me) && view.ring.owner(grain) == Some(&me));
-        // Activations here whose directory owner changed re-register with the new owner; losers leave.
-        let moved: Vec<(GrainId, Registration)> = self
-            .table
-            .iter()
-            .filter(|e| old.ring.owner(e.key()) != view.ring.owner(e.key()))
-            .map(|e| (e.key().clone(), e.registration.clone()))
-            .collect();
-        tracing::debug!(dropped, moved = moved.len(), "directory handed over");
-        if moved.is_empty() {
-            return;
-        }
-        let silo = self.arc();
-        tokio::spawn(async move {
-            let deadline = Instant::now() + silo.config.call_timeout;
-            match silo.cluster.register(moved.clone(), deadline).await {
-                Ok(winners) => {
-                    for ((id, mine), winner) in moved.into_iter().zip(winners) {
-                        if winner != mine {
-                            tracing::warn!(grain = %id, winner = %winner.silo, "duplicate activation found at handover; deactivating");
-                            if let Some(handle) = silo.table.get(&id) {
-                                let _ = handle.mailbox.send(Mail::Deactivate { force: true });
-                            }
-                        }
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "re-registration after a membership change failed"),
-            }
-        });
     }
 
     /// Stops serving at once (declared dead): refuse calls, drop every activation.
     fn terminate(&self) {
+        self.cluster.lease.revoke();
         self.shutting_down.store(true, Ordering::Relaxed);
-        self.signal_all(true);
         self.stopped.send_replace(true);
+        // Its grains may live elsewhere by now: they leave without another turn or a final write.
+        for entry in self.table.iter() {
+            entry.shared.evict();
+            let _ = entry.mailbox.send(Mail::Deactivate { force: true });
+        }
+    }
+}
+
+impl SiloInner {
+    /// Writes this silo's status and tells the peers, giving up (with a warning) after `timeout`: a silo that
+    /// cannot reach the membership table still stops.
+    async fn set_status_within(self: &Arc<Self>, status: SiloStatus, timeout: Duration) {
+        match tokio::time::timeout(timeout, membership::set_status(&self.cluster, status)).await {
+            Ok(Ok(())) => self.cluster.broadcast_membership_changed(),
+            Ok(Err(error)) => tracing::warn!(%error, ?status, "could not write the status"),
+            Err(_) => tracing::warn!(?status, "could not write the status in time"),
+        }
+    }
+}
+
+impl LocalActivations for SiloInner {
+    fn activations_where(&self, keep: &dyn Fn(&GrainId) -> bool) -> Vec<(GrainId, Registration)> {
+        self.table
+            .iter()
+            .filter(|e| e.shared.is_confirmed() && keep(e.key()))
+            .map(|e| (e.key().clone(), e.registration.clone()))
+            .collect()
+    }
+
+    fn evict(&self, grain: &GrainId, registration: &Registration) {
+        SiloInner::evict(self, grain, registration);
     }
 }
 
@@ -651,6 +674,7 @@ impl SiloBuilder {
         };
         let me = SiloAddress { endpoint, epoch: membership::now_ms() };
         let cluster = Arc::new(Cluster::new(me, config.failure_detection.timings(), table));
+        let store: Arc<dyn GrainStateStore> = Arc::new(crate::fencing::FencedStore::new(store, cluster.clone()));
         let inner = Arc::new_cyclic(|this| SiloInner {
             config,
             types,
@@ -665,6 +689,8 @@ impl SiloBuilder {
             metrics: Metrics::default(),
             this: this.clone(),
         });
+        let host: Weak<dyn LocalActivations> = Arc::downgrade(&inner) as Weak<dyn LocalActivations>;
+        inner.cluster.set_host(host);
         let mut names: Vec<_> = inner.types.keys().copied().collect();
         names.sort_unstable();
         tracing::info!(silo = %inner.config.name, address = %inner.me(), cluster = %inner.config.cluster_id, grain_types = ?names, "silo starting");
@@ -791,38 +817,50 @@ impl Silo {
         }
     }
 
-    /// Leaves the cluster gracefully: marks itself ShuttingDown (peers stop placing grains here), finishes
-    /// calls in flight and refuses new ones (clients retry elsewhere), deactivates every grain (running
-    /// `on_deactivate`, so grains can flush state; queued calls move to the grains' next activations), marks
-    /// itself Dead, and stops. Waits up to `grace` for grains to deactivate.
+    /// Leaves the cluster gracefully, in the order that keeps one activation per grain:
+    ///
+    /// 1. refuse new calls with `ShuttingDown` (callers send them elsewhere) and tell peers to place nothing
+    ///    new here;
+    /// 2. let every activation finish its turn, run `on_deactivate` (grains flush state) and remove its
+    ///    directory entry — calls still queued move to the grains' next activations, elsewhere;
+    /// 3. past `grace`, stop what is left where it stands (no further turn runs);
+    /// 4. announce ShuttingDown: peers take over this silo's directory ranges;
+    /// 5. answer what is in flight on open connections, then mark itself Dead and stop.
     pub async fn shutdown(mut self, grace: Duration) {
         let inner = self.inner.clone();
         tracing::info!(silo = %inner.config.name, "silo shutting down");
         let deadline = Instant::now() + grace;
-        if !inner.is_stopped() {
-            if let Err(error) = membership::set_status(&inner.cluster, SiloStatus::ShuttingDown).await {
-                tracing::warn!(%error, "could not write ShuttingDown");
-            }
-            inner.cluster.broadcast_membership_changed();
-        }
+        let announced = !inner.is_stopped();
         inner.shutting_down.store(true, Ordering::Relaxed);
+        if announced {
+            inner.cluster.broadcast(SystemRequest::Draining { silo: inner.me().clone() });
+        }
         inner.signal_all(true);
         while !inner.table.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if !inner.table.is_empty() {
-            tracing::warn!(remaining = inner.table.len(), "activations still running at the end of the grace period");
-            inner.table.clear();
+            tracing::warn!(
+                remaining = inner.table.len(),
+                "activations still running at the end of the grace period; stopping them"
+            );
+            inner.table.retain(|_, handle| {
+                handle.shared.evict();
+                handle.task.abort();
+                false
+            });
+        }
+        let status_timeout = inner.cluster.timings.connect_timeout * 5;
+        if announced {
+            inner.set_status_within(SiloStatus::ShuttingDown, status_timeout).await;
         }
         if let Some(gateway) = self.gateway.take() {
             gateway.stop(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100))).await;
         }
-        if !inner.is_stopped() {
-            if let Err(error) = membership::set_status(&inner.cluster, SiloStatus::Dead).await {
-                tracing::warn!(%error, "could not write Dead");
-            }
-            inner.cluster.broadcast_membership_changed();
+        if announced {
+            inner.set_status_within(SiloStatus::Dead, status_timeout).await;
         }
+        inner.cluster.lease.revoke();
         inner.stopped.send_replace(true);
         for task in self.tasks.drain(..) {
             task.abort();

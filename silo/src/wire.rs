@@ -50,7 +50,7 @@ pub struct Envelope {
     #[prost(bytes = "bytes", tag = "5")]
     pub payload: Bytes,
     /// How long the caller waits, in milliseconds, counted from when the frame is received (0: the silo's
-    /// default). Relative, like gRPC's timeout header, so that clocks need not agree.
+    /// default). Relative, like gRPC's timeout header; see also `deadline_unix_ms`.
     #[prost(uint64, tag = "6")]
     pub timeout_ms: u64,
     /// The grains waiting on this call, outermost first (for cycle detection).
@@ -67,6 +67,45 @@ pub struct Envelope {
     /// activation registers under a fresh id of its own).
     #[prost(uint64, tag = "10")]
     pub registration: u64,
+    /// The caller's deadline as wall-clock milliseconds since the Unix epoch (0: none). With `timeout_ms` it
+    /// makes deadlines absolute across hops: time a request spends queued in sockets — say, at a silo that was
+    /// frozen — counts against it, provided the hosts' clocks agree to well within a call timeout (as NTP keeps
+    /// them). The earlier of the two deadlines applies.
+    #[prost(uint64, tag = "11")]
+    pub deadline_unix_ms: u64,
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Envelope {
+    /// Stamps a request with its deadline, relative and absolute.
+    pub(crate) fn set_deadline(&mut self, deadline: tokio::time::Instant) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.timeout_ms = left.as_millis().max(1) as u64;
+        self.deadline_unix_ms = unix_ms() + self.timeout_ms;
+    }
+
+    /// The local deadline of a received request: the earlier of its relative timeout (counted from now; the
+    /// silo's `default` when 0) and its absolute deadline. A request whose absolute deadline has passed already
+    /// is refused with [`CallError::Timeout`] before anything runs.
+    pub(crate) fn deadline(&self, default: std::time::Duration) -> Result<tokio::time::Instant, CallError> {
+        let now = tokio::time::Instant::now();
+        let relative = match self.timeout_ms {
+            0 => default,
+            ms => std::time::Duration::from_millis(ms),
+        };
+        if self.deadline_unix_ms == 0 {
+            return Ok(now + relative);
+        }
+        let left = self.deadline_unix_ms.saturating_sub(unix_ms());
+        if left == 0 {
+            return Err(CallError::Timeout(std::time::Duration::ZERO));
+        }
+        Ok(now + relative.min(std::time::Duration::from_millis(left)))
+    }
 }
 
 /// How a silo treats a request it receives.

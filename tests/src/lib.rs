@@ -18,6 +18,8 @@ pub mod pg;
 pub struct LifecycleLog {
     activations: Mutex<HashMap<String, usize>>,
     deactivations: Mutex<HashMap<String, usize>>,
+    /// Activations alive now (activated, not yet deactivated) per key, and the most ever alive at once.
+    live: Mutex<HashMap<String, (usize, usize)>>,
 }
 
 fn bump(map: &Mutex<HashMap<String, usize>>, key: String) {
@@ -37,6 +39,27 @@ impl LifecycleLog {
     /// How many times the grain with this key (text form) was deactivated.
     pub fn deactivations(&self, key: &str) -> usize {
         read(&self.deactivations, key)
+    }
+
+    /// The most activations of the grain with this key that were ever alive at the same time (between their
+    /// `on_activate` and `on_deactivate`) in this process: more than 1 means two activations coexisted.
+    pub fn most_alive_at_once(&self, key: &str) -> usize {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).get(key).map_or(0, |&(_, most)| most)
+    }
+
+    fn activated(&self, key: String) {
+        bump(&self.activations, key.clone());
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let (now, most) = live.entry(key).or_default();
+        *now += 1;
+        *most = (*most).max(*now);
+    }
+
+    fn deactivated(&self, key: String) {
+        bump(&self.deactivations, key.clone());
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let (now, _) = live.entry(key).or_default();
+        *now = now.saturating_sub(1);
     }
 }
 
@@ -96,12 +119,12 @@ impl Counter {
     }
 
     async fn on_activate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
-        bump(&LIFECYCLE.activations, ctx.id().key().to_string());
+        LIFECYCLE.activated(ctx.id().key().to_string());
         Ok(())
     }
 
     async fn on_deactivate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
-        bump(&LIFECYCLE.deactivations, ctx.id().key().to_string());
+        LIFECYCLE.deactivated(ctx.id().key().to_string());
         Ok(())
     }
 }
@@ -146,7 +169,7 @@ impl Peer {
     }
 
     async fn on_activate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
-        bump(&LIFECYCLE.activations, ctx.id().key().to_string());
+        LIFECYCLE.activated(ctx.id().key().to_string());
         if ctx.id().key().to_string().starts_with("fail") {
             return Err(GrainError::failed("this grain refuses to activate"));
         }
@@ -154,7 +177,7 @@ impl Peer {
     }
 
     async fn on_deactivate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
-        bump(&LIFECYCLE.deactivations, ctx.id().key().to_string());
+        LIFECYCLE.deactivated(ctx.id().key().to_string());
         Ok(())
     }
 }
@@ -191,10 +214,43 @@ pub async fn start_cluster(n: usize) -> Vec<Silo> {
 
 /// [`start_cluster`] with each silo's configuration adjusted by `adjust`.
 pub async fn start_cluster_with(n: usize, adjust: impl Fn(SiloConfig) -> SiloConfig) -> Vec<Silo> {
-    let table: Arc<dyn grains_storage::MembershipTable> = Arc::new(grains_storage::MemoryMembershipTable::new());
-    let store: Arc<dyn GrainStateStore> = Arc::new(grains_storage::MemoryStateStore::new());
+    let shared = SharedCluster::new();
     let mut silos = Vec::new();
     for i in 0..n {
+        silos.push(shared.start_member(i, &adjust).await);
+    }
+    wait_for_active(&silos, n).await;
+    silos
+}
+
+/// The membership table and state store that in-process silos of one test cluster share, so that a test can
+/// add silos to a running cluster.
+#[derive(Clone)]
+pub struct SharedCluster {
+    /// The membership table.
+    pub table: Arc<dyn grains_storage::MembershipTable>,
+    /// The grain state store.
+    pub store: Arc<dyn GrainStateStore>,
+}
+
+impl Default for SharedCluster {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SharedCluster {
+    /// An empty in-memory table and store.
+    pub fn new() -> Self {
+        Self {
+            table: Arc::new(grains_storage::MemoryMembershipTable::new()),
+            store: Arc::new(grains_storage::MemoryStateStore::new()),
+        }
+    }
+
+    /// Starts silo number `i` of this cluster (fast failure detection, a gateway on a free port), its
+    /// configuration adjusted by `adjust`; returns once it has joined.
+    pub async fn start_member(&self, i: usize, adjust: impl Fn(SiloConfig) -> SiloConfig) -> Silo {
         let config = SiloConfig {
             name: format!("silo-{i}"),
             port: 0,
@@ -202,17 +258,14 @@ pub async fn start_cluster_with(n: usize, adjust: impl Fn(SiloConfig) -> SiloCon
             ..test_config()
         };
         let config = adjust(SiloConfig { gateway: true, ..config });
-        let silo = Silo::builder()
+        Silo::builder()
             .config(config)
-            .state_store(store.clone())
-            .membership_table(table.clone())
+            .state_store(self.store.clone())
+            .membership_table(self.table.clone())
             .start()
             .await
-            .unwrap_or_else(|e| panic!("silo {i} failed to start: {e}"));
-        silos.push(silo);
+            .unwrap_or_else(|e| panic!("silo {i} failed to start: {e}"))
     }
-    wait_for_active(&silos, n).await;
-    silos
 }
 
 /// Waits (up to 20 s) until every silo in `silos` sees `n` active silos.

@@ -2,9 +2,10 @@
 //! activation per grain under concurrent first calls from every silo.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use grains::{CallError, GrainId};
+use grains::{CallError, GrainId, GrainRef};
 use grains_silo::{Client, ClientConfig};
 use grains_tests::{Counter, LIFECYCLE, Peer, start_cluster};
 
@@ -202,6 +203,94 @@ async fn grains_churning_through_activation_and_passivation_keep_one_activation_
         );
     }
     assert!(LIFECYCLE.activations("churn-0") > 2, "the grains really churned");
+    if let Ok(silos) = Arc::try_unwrap(silos) {
+        for silo in silos {
+            silo.shutdown(Duration::from_secs(10)).await;
+        }
+    }
+}
+
+/// A silo joins a two-silo cluster while 2,000 grains are under load from both: directory ranges move to the
+/// newcomer, and yet no grain ever gets a second activation, no write conflicts, and every acknowledged increment
+/// is in storage. Checked during the load (the lifecycle log records how many activations of a key were ever
+/// alive at once), not only after things settle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silo_joining_under_load_never_makes_a_second_activation() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const KEYS: usize = 2000;
+    let key = |k: usize| format!("join-{k}");
+    let cluster = grains_tests::SharedCluster::new();
+    let mut silos = Vec::new();
+    for i in 0..2 {
+        silos.push(cluster.start_member(i, |c| c).await);
+    }
+    grains_tests::wait_for_active(&silos, 2).await;
+    let silos = Arc::new(silos);
+    // Warm every grain first, so the join moves directory entries of live activations.
+    for k in 0..KEYS {
+        silos[k % 2].grain::<Counter>(key(k)).increment().await.unwrap().unwrap();
+    }
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..KEYS).map(|_| AtomicU64::new(1)).collect());
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Callers through every silo, the newcomer too once it is up (it has no routing cache: it asks the directory).
+    let runtimes = Arc::new(std::sync::RwLock::new(silos.iter().map(|s| s.runtime()).collect::<Vec<_>>()));
+    let workers: Vec<_> = (0..16)
+        .map(|w| {
+            let (runtimes, acked, stop, failures) = (runtimes.clone(), acked.clone(), stop.clone(), failures.clone());
+            tokio::spawn(async move {
+                let mut k = w * 131;
+                let mut turn = w;
+                while !stop.load(Ordering::Relaxed) {
+                    k = (k + 17) % KEYS;
+                    turn += 1;
+                    let runtime = {
+                        let runtimes = runtimes.read().unwrap();
+                        runtimes[turn % runtimes.len()].clone()
+                    };
+                    let counter = <Counter as grains::Grain>::Ref::from_core(grains::RefCore::new(
+                        GrainId::new("Counter", key(k)),
+                        runtime,
+                    ));
+                    match counter.increment().await {
+                        Ok(Ok(_)) => {
+                            acked[k].fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => failures.lock().unwrap().push(format!("{}: {other:?}", key(k))),
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let newcomer = cluster.start_member(2, |c| c).await;
+    runtimes.write().unwrap().push(newcomer.runtime());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while silos.iter().chain([&newcomer]).any(|s| s.cluster_view().active.len() != 3) {
+        assert!(tokio::time::Instant::now() < deadline, "the cluster did not converge on 3 active silos");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let duplicated: Vec<String> =
+        (0..KEYS).map(key).filter(|k| LIFECYCLE.most_alive_at_once(k) > 1 || LIFECYCLE.activations(k) > 1).collect();
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        duplicated.is_empty(),
+        "{} grains got a second activation, e.g. {:?}",
+        duplicated.len(),
+        &duplicated[..duplicated.len().min(5)]
+    );
+    assert!(failures.is_empty(), "{} calls failed, e.g. {:?}", failures.len(), &failures[..failures.len().min(5)]);
+    for k in 0..KEYS {
+        let stored = silos[0].grain::<Counter>(key(k)).get().await.unwrap();
+        assert_eq!(stored, acked[k].load(Ordering::Relaxed), "{}: stored value vs acknowledged increments", key(k));
+    }
+    newcomer.shutdown(Duration::from_secs(10)).await;
     if let Ok(silos) = Arc::try_unwrap(silos) {
         for silo in silos {
             silo.shutdown(Duration::from_secs(10)).await;

@@ -121,13 +121,29 @@ async fn a_graceful_shutdown_finishes_calls_in_flight_then_refuses_the_connectio
     let (silo, url) = silo_with_gateway(4 << 20).await;
     let client = Client::connect(&url).await.unwrap();
     let counter = client.grain::<Counter>("in-flight");
-    let call = tokio::spawn(async move { counter.sleep(3_000).await });
+    let call = tokio::spawn(async move { counter.sleep(1_000).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    silo.shutdown(Duration::from_millis(100)).await;
+    silo.shutdown(Duration::from_secs(10)).await;
     let result = tokio::time::timeout(Duration::from_secs(10), call).await.expect("no hang").unwrap();
-    assert_eq!(result, Ok(()), "the call in flight completed");
+    assert_eq!(result, Ok(()), "the call in flight completed within the grace period");
     let after = client.grain::<Counter>("in-flight").get().await;
     assert!(matches!(after, Err(CallError::Unavailable(_))), "got {after:?}");
+}
+
+/// Past its grace period a stopping silo stops the turns still running: the caller gets an error at once,
+/// and nothing of the grain runs after the silo is gone.
+#[tokio::test]
+async fn a_turn_still_running_past_the_grace_period_is_stopped_and_its_caller_answered() {
+    let (silo, url) = silo_with_gateway(4 << 20).await;
+    let client = Client::connect(&url).await.unwrap();
+    let counter = client.grain::<Counter>("overstaying");
+    let call = tokio::spawn(async move { counter.increment_slowly(3_000).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = std::time::Instant::now();
+    silo.shutdown(Duration::from_millis(100)).await;
+    let result = tokio::time::timeout(Duration::from_secs(10), call).await.expect("no hang").unwrap();
+    assert!(result.is_err(), "the stopped turn's caller gets an error, got {result:?}");
+    assert!(stopping.elapsed() < Duration::from_millis(2_500), "the turn did not run to its end");
 }
 
 /// A codec that sends raw bytes as frames, to put malformed and oversized frames on the wire.

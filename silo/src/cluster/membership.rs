@@ -178,8 +178,16 @@ pub(crate) async fn run_agent(silo: Weak<SiloInner>) {
 
 /// Reads the table and installs the view it describes.
 pub(crate) async fn refresh_view(silo: &Arc<SiloInner>) {
+    let started = std::time::Instant::now();
     match silo.cluster.table.read_all().await {
-        Ok(snapshot) => silo.apply_view(ClusterView::from_snapshot(&snapshot)),
+        Ok(snapshot) => {
+            let view = ClusterView::from_snapshot(&snapshot);
+            // The read confirms this silo is still a member as of when it started: the lease runs from there.
+            if view.status(&silo.cluster.me).is_some_and(|s| s != SiloStatus::Dead) {
+                silo.cluster.lease.renew(started);
+            }
+            silo.apply_view(view)
+        }
         Err(error) => tracing::warn!(%error, "membership table not readable"),
     }
 }

@@ -19,8 +19,9 @@ pub mod ring;
 pub(crate) mod seed;
 pub(crate) mod system;
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -31,10 +32,10 @@ use tokio::time::Instant;
 
 use crate::config::ClusterTimings;
 use crate::connection::{Connection, ConnectionPool, PeerKind};
-use directory::DirectoryPartition;
+use directory::{DirectoryPartition, Liveness};
 use ring::HashRing;
 pub use system::Registration;
-use system::{SystemRequest, SystemResponse};
+use system::{Refusal, SystemRequest, SystemResponse, ViewStamp};
 
 /// What this silo believes the cluster looks like: one membership table snapshot, digested.
 #[derive(Debug, Clone, Default)]
@@ -47,6 +48,8 @@ pub struct ClusterView {
     pub active: Vec<SiloAddress>,
     /// The ring over the active silos.
     pub ring: HashRing,
+    /// Identifies the ring: views with the same active silos have the same id, whatever their versions.
+    pub ring_id: u64,
 }
 
 impl ClusterView {
@@ -55,9 +58,20 @@ impl ClusterView {
         let rows: Vec<MembershipEntry> = snapshot.rows.iter().map(|r| r.entry.clone()).collect();
         let active: BTreeSet<SiloAddress> =
             rows.iter().filter(|r| r.status == SiloStatus::Active).map(|r| r.silo.clone()).collect();
-        let active: Vec<SiloAddress> = active.into_iter().collect();
+        ClusterView { rows, ..Self::of_active(snapshot.version, active.into_iter().collect()) }
+    }
+
+    /// A view at `version` in which `active` (sorted) are the active silos, and no other rows.
+    pub(crate) fn of_active(version: i64, active: Vec<SiloAddress>) -> Self {
         let ring = HashRing::new(&active);
-        ClusterView { version: snapshot.version, rows, active, ring }
+        let ids: Vec<String> = active.iter().map(|s| format!("{}@{}", s.endpoint, s.epoch)).collect();
+        let ring_id = xxhash_rust::xxh3::xxh3_64(ids.join(",").as_bytes());
+        ClusterView { version, rows: Vec::new(), active, ring, ring_id }
+    }
+
+    /// The stamp directory requests decided under this view carry.
+    pub(crate) fn stamp(&self) -> ViewStamp {
+        ViewStamp { version: self.version, ring_id: self.ring_id }
     }
 
     /// Whether `silo` is active in this view.
@@ -76,6 +90,80 @@ impl ClusterView {
     }
 }
 
+/// The activations of the silo a [`Cluster`] belongs to, as the directory sees them.
+pub(crate) trait LocalActivations: Send + Sync {
+    /// The confirmed activations here whose grain `keep` accepts, with their registrations.
+    fn activations_where(&self, keep: &dyn Fn(&GrainId) -> bool) -> Vec<(GrainId, Registration)>;
+    /// Stops the activation of `grain` registered as `registration`, a duplicate, before its next turn.
+    fn evict(&self, grain: &GrainId, registration: &Registration);
+}
+
+/// This silo's membership lease: it may serve calls and write state only while its last confirmation that it
+/// is still a member (a table read showing it not dead) is younger than the lease. Peers wait out the same
+/// duration after declaring a silo dead before they re-place its grains, so a silo that was frozen, partitioned
+/// or slow has stopped on its own before its grains live anywhere else.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    origin: std::time::Instant,
+    until_ms: AtomicU64,
+    duration: Duration,
+    revoked: std::sync::atomic::AtomicBool,
+}
+
+impl Lease {
+    fn new(duration: Duration) -> Self {
+        // A starting silo has not been declared dead by anybody: it holds one lease from the start.
+        Self {
+            origin: std::time::Instant::now(),
+            until_ms: AtomicU64::new(duration.as_millis() as u64),
+            duration,
+            revoked: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Ends the lease for good (the silo was declared dead, or has stopped).
+    pub(crate) fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
+    }
+
+    /// Extends the lease from `confirmed_at`: the moment the read that confirmed membership started.
+    pub(crate) fn renew(&self, confirmed_at: std::time::Instant) {
+        let until = (confirmed_at.saturating_duration_since(self.origin) + self.duration).as_millis() as u64;
+        self.until_ms.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// Whether the lease holds now. Reads the real clock (a frozen process must see the time it lost).
+    pub(crate) fn is_valid(&self) -> bool {
+        !self.revoked.load(Ordering::Acquire)
+            && (self.origin.elapsed().as_millis() as u64) < self.until_ms.load(Ordering::Acquire)
+    }
+}
+
+/// Retry pacing: doubling sleeps from 5 ms up to a cap, never past a deadline.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    /// Sleeps from 5 ms up to `cap`.
+    pub(crate) fn new(cap: Duration) -> Self {
+        Self { next: Duration::from_millis(5), cap }
+    }
+
+    /// Sleeps for the next interval; false (without sleeping) if that would end past `deadline`.
+    pub(crate) async fn wait(&mut self, deadline: Instant) -> bool {
+        let wake = Instant::now() + self.next;
+        if wake >= deadline {
+            return false;
+        }
+        tokio::time::sleep_until(wake).await;
+        self.next = (self.next * 2).min(self.cap);
+        true
+    }
+}
+
 /// The cluster machinery of one silo.
 pub(crate) struct Cluster {
     pub(crate) me: SiloAddress,
@@ -84,29 +172,49 @@ pub(crate) struct Cluster {
     view: watch::Sender<Arc<ClusterView>>,
     pub(crate) directory: DirectoryPartition,
     pub(crate) cache: DashMap<GrainId, Registration>,
-    evictions: std::sync::atomic::AtomicU32,
+    evictions: AtomicU32,
     pub(crate) loads: DashMap<SiloAddress, u64>,
     peers: ConnectionPool,
     pub(crate) refresh_now: Notify,
+    pub(crate) lease: Lease,
+    /// Silos declared dead that may still serve until the instant given (their lease, seen from here).
+    fenced: Mutex<HashMap<SiloAddress, Instant>>,
+    /// Silos that announced they are stopping: no new activations go there.
+    draining: DashMap<SiloAddress, ()>,
+    host: OnceLock<Weak<dyn LocalActivations>>,
 }
 
 impl Cluster {
     pub(crate) fn new(me: SiloAddress, timings: ClusterTimings, table: Arc<dyn MembershipTable>) -> Self {
         placement::seed_from_clock();
-        // Until the table is read, the silo sees itself alone: a single silo works from the first call.
-        let alone = ClusterView { active: vec![me.clone()], ring: HashRing::new([&me]), ..ClusterView::default() };
+        // Until the table is read, the silo sees itself alone (version 0): routing waits for the first real view,
+        // and its directory partition owns nothing yet.
+        let alone = ClusterView::of_active(0, vec![me.clone()]);
         Cluster {
+            directory: DirectoryPartition::new(me.clone()),
             me,
             timings,
             table,
             view: watch::Sender::new(Arc::new(alone)),
-            directory: DirectoryPartition::default(),
             cache: DashMap::new(),
-            evictions: std::sync::atomic::AtomicU32::new(0),
+            evictions: AtomicU32::new(0),
             loads: DashMap::new(),
             peers: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout),
             refresh_now: Notify::new(),
+            lease: Lease::new(timings.lease),
+            fenced: Mutex::new(HashMap::new()),
+            draining: DashMap::new(),
+            host: OnceLock::new(),
         }
+    }
+
+    /// Gives the cluster the silo's activations (once, at start).
+    pub(crate) fn set_host(&self, host: Weak<dyn LocalActivations>) {
+        let _ = self.host.set(host);
+    }
+
+    fn host(&self) -> Option<Arc<dyn LocalActivations>> {
+        self.host.get().and_then(Weak::upgrade)
     }
 
     /// The current view.
@@ -114,19 +222,210 @@ impl Cluster {
         self.view.borrow().clone()
     }
 
+    /// Waits until the view is at least `version`, or `deadline`.
+    async fn wait_for_version(&self, version: i64, deadline: Instant) {
+        let mut views = self.view.subscribe();
+        self.refresh_now.notify_one();
+        let _ = tokio::time::timeout_at(deadline, views.wait_for(|v| v.version >= version)).await;
+    }
+
     /// Remembers where a remote grain lives. The cache is bounded: past `capacity` entries, about half of them
     /// (chosen by hash, alternating halves) are forgotten, to be looked up again when next called.
     pub(crate) fn remember(&self, grain: GrainId, registration: Registration, capacity: usize) {
         self.cache.insert(grain, registration);
         if self.cache.len() > capacity {
-            let half = u32::from(self.evictions.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(2));
+            let half = u32::from(self.evictions.fetch_add(1, Ordering::Relaxed).is_multiple_of(2));
             self.cache.retain(|grain, _| ring::grain_hash(grain) % 2 != half);
         }
     }
 
-    /// Installs a new view; returns the previous one.
-    pub(crate) fn install_view(&self, view: Arc<ClusterView>) -> Arc<ClusterView> {
-        self.view.send_replace(view)
+    /// What the directory may assume about `silo` under `view`.
+    fn liveness(&self, view: &ClusterView, silo: &SiloAddress) -> Liveness {
+        if view.is_active(silo) || silo == &self.me {
+            return Liveness::Live;
+        }
+        let fenced = self.fenced.lock().unwrap_or_else(|e| e.into_inner());
+        match fenced.get(silo) {
+            Some(until) if Instant::now() < *until => Liveness::Fenced,
+            _ => Liveness::Gone,
+        }
+    }
+
+    /// How long after this silo has seen a peer declared dead the peer may still believe in its lease.
+    fn fence_margin(&self) -> Duration {
+        self.timings.lease + self.timings.lease / 10
+    }
+
+    /// Adopts a newer membership view: forget dead silos, fence the newly dead until their leases have run
+    /// out, and take over (recover) the directory ranges this silo gains.
+    pub(crate) fn apply_view(self: &Arc<Self>, view: ClusterView) {
+        let view = Arc::new(view);
+        let old = {
+            let mut old = None;
+            self.view.send_if_modified(|current| {
+                if view.version < current.version {
+                    return false; // an older snapshot read concurrently with a newer one
+                }
+                old = Some(std::mem::replace(current, view.clone()));
+                true
+            });
+            match old {
+                Some(old) => old,
+                None => return,
+            }
+        };
+        self.fence_newly_dead(&old, &view);
+        if old.ring_id != view.ring_id {
+            tracing::info!(version = view.version, active = ?view.active.iter().map(ToString::to_string).collect::<Vec<_>>(), "membership view changed");
+            self.close_peers_not_in(&view);
+            self.cache.retain(|_, r| self.liveness(&view, &r.silo) == Liveness::Live);
+            self.draining.retain(|silo, _| view.is_active(silo));
+        }
+        if self.directory.install(view.clone()) {
+            tokio::spawn(self.clone().recover(view));
+        }
+    }
+
+    /// Fences every silo that was a member in `old` and is dead or gone in `new` (a silo that announced its
+    /// shutdown has ended its activations first, so it needs no fence). In the first view, silos declared dead
+    /// shortly before are fenced for what remains of their lease, judged by the declaration time.
+    fn fence_newly_dead(&self, old: &ClusterView, new: &ClusterView) {
+        let now = Instant::now();
+        let margin = self.fence_margin();
+        let mut fenced = self.fenced.lock().unwrap_or_else(|e| e.into_inner());
+        fenced.retain(|_, until| *until > now);
+        for row in &new.rows {
+            if row.status != SiloStatus::Dead || fenced.contains_key(&row.silo) {
+                continue;
+            }
+            let until = if old.version == 0 {
+                let declared = row.suspicions.iter().map(|s| s.at_ms).max().unwrap_or(row.heartbeat_at_ms);
+                let since = Duration::from_millis(membership::now_ms().saturating_sub(declared).max(0) as u64);
+                match margin.checked_sub(since) {
+                    Some(left) => now + left,
+                    None => continue,
+                }
+            } else if old.status(&row.silo) == Some(SiloStatus::Active) {
+                now + margin
+            } else {
+                continue;
+            };
+            tracing::info!(silo = %row.silo, fence = ?until.saturating_duration_since(now), "fencing a dead silo until its lease has run out");
+            fenced.insert(row.silo.clone(), until);
+        }
+        for silo in old.active.iter().filter(|s| new.status(s).is_none()) {
+            fenced.entry(silo.clone()).or_insert(now + margin);
+        }
+    }
+
+    /// The latest instant until which some silo is fenced.
+    fn fenced_until(&self) -> Option<Instant> {
+        self.fenced.lock().unwrap_or_else(|e| e.into_inner()).values().max().copied()
+    }
+
+    /// Recovers the directory ranges gained in `view`: waits out the leases of silos declared dead (their
+    /// activations may have had no other record), then takes every previous owner's entries in those ranges
+    /// and every live silo's report of its activations there, settles duplicates, and opens the ranges. Ends
+    /// early when a newer view arrives (its own recovery takes over).
+    async fn recover(self: Arc<Self>, view: Arc<ClusterView>) {
+        let started = Instant::now();
+        let stamp = view.stamp();
+        let mut answers: HashMap<SiloAddress, RecoveryAnswer> = HashMap::new();
+        let mut backoff = Backoff::new(Duration::from_millis(200));
+        loop {
+            // Statuses move on without changing the ring (a stopping silo ends Dead): ask who is alive now.
+            let current = self.view();
+            if current.ring_id != view.ring_id {
+                return;
+            }
+            let peers: Vec<SiloAddress> = current
+                .rows
+                .iter()
+                .filter(|r| matches!(r.status, SiloStatus::Active | SiloStatus::ShuttingDown) && r.silo != self.me)
+                .map(|r| r.silo.clone())
+                .collect();
+            if let Some(until) = self.fenced_until().filter(|u| *u > Instant::now()) {
+                tokio::time::sleep_until(until.min(Instant::now() + Duration::from_millis(50))).await;
+                continue;
+            }
+            let missing: Vec<&SiloAddress> = peers.iter().filter(|p| !answers.contains_key(*p)).collect();
+            let cluster = &*self;
+            let asks = missing.iter().map(|peer| async move {
+                let request = SystemRequest::Recover { requester: cluster.me.clone(), view: stamp };
+                let deadline = system::deadline_in(cluster.timings.connect_timeout * 2);
+                ((*peer).clone(), cluster.system_call(peer, &request, deadline).await)
+            });
+            let mut failed = 0;
+            for (peer, answer) in futures_util::future::join_all(asks).await {
+                match answer {
+                    Ok(SystemResponse::Recovered { entries, activations }) => {
+                        answers.insert(peer, (entries, activations));
+                    }
+                    Ok(SystemResponse::Refused(Refusal::StaleView { version })) => {
+                        failed += 1;
+                        self.wait_for_version(version, Instant::now() + Duration::from_millis(500)).await;
+                    }
+                    other => {
+                        failed += 1;
+                        tracing::debug!(%peer, answer = ?other.map(|_| ()), "directory recovery: no answer yet");
+                    }
+                }
+            }
+            if failed > 0 {
+                backoff.wait(Instant::now() + Duration::from_secs(3600)).await;
+                continue;
+            }
+            let mine = |grain: &GrainId| view.ring.owner(grain) == Some(&self.me);
+            let local = self.host().map(|h| h.activations_where(&mine)).unwrap_or_default();
+            let (entries, evictions) = settle(answers.values(), local);
+            let count = entries.len();
+            if !self.directory.complete_recovery(view.ring_id, entries) {
+                return;
+            }
+            tracing::info!(version = view.version, entries = count, duplicates = evictions.len(), took = ?started.elapsed(), "directory ranges recovered");
+            for (grain, registration) in evictions {
+                self.evict(grain, registration);
+            }
+            return;
+        }
+    }
+
+    /// Tells the silo of `registration` that its activation of `grain` is a duplicate.
+    fn evict(self: &Arc<Self>, grain: GrainId, registration: Registration) {
+        tracing::warn!(%grain, silo = %registration.silo, "duplicate activation found; evicting it");
+        if registration.silo == self.me {
+            if let Some(host) = self.host() {
+                host.evict(&grain, &registration);
+            }
+            return;
+        }
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            let silo = registration.silo.clone();
+            let request = SystemRequest::Evict { grain, registration };
+            let deadline = system::deadline_in(cluster.timings.connect_timeout * 2);
+            if let Err(error) = cluster.system_call(&silo, &request, deadline).await {
+                tracing::warn!(%silo, %error, "eviction not delivered");
+            }
+        });
+    }
+
+    /// Answers a peer's `Recover`: hands over this partition's entries in the requester's new ranges, with
+    /// this silo's activations there. A partition behind the requester re-reads membership first.
+    pub(crate) fn answer_recover(&self, requester: &SiloAddress, stamp: &ViewStamp) -> SystemResponse {
+        let handed = match self.directory.hand_off(stamp, requester) {
+            Ok(handed) => handed,
+            Err(refusal) => {
+                if refusal == Refusal::Behind {
+                    self.refresh_now.notify_one();
+                }
+                return SystemResponse::Refused(refusal);
+            }
+        };
+        let ring = self.directory.view().ring.clone();
+        let theirs = |grain: &GrainId| ring.owner(grain) == Some(requester);
+        let activations = self.host().map(|h| h.activations_where(&theirs)).unwrap_or_default();
+        SystemResponse::Recovered { entries: handed, activations }
     }
 
     /// The open connection to `silo`, opening one if needed.
@@ -152,22 +451,32 @@ impl Cluster {
         system::call(&conn, request, deadline).await
     }
 
+    /// Marks `silo` as stopping: no new activations are placed there.
+    pub(crate) fn mark_draining(&self, silo: SiloAddress) {
+        self.draining.insert(silo, ());
+    }
+
     /// The registration of `grain` at its directory owner here: existing and live, or newly placed.
     pub(crate) fn local_lookup_or_place(
         &self,
         grain: &GrainId,
         caller: &SiloAddress,
         strategy: Placement,
-    ) -> Registration {
-        let view = self.view();
+        stamp: Option<&ViewStamp>,
+    ) -> Result<Registration, Refusal> {
+        let view = self.directory.view();
         self.directory.lookup_or_place(
             grain,
-            |r| view.is_active(&r.silo),
+            stamp,
+            |r| self.liveness(&view, &r.silo),
             || {
-                let silo = if view.active.is_empty() {
+                let open: Vec<SiloAddress> =
+                    view.active.iter().filter(|s| !self.draining.contains_key(*s)).cloned().collect();
+                let candidates = if open.is_empty() { &view.active } else { &open };
+                let silo = if candidates.is_empty() {
                     self.me.clone()
                 } else {
-                    placement::place(strategy, grain, caller, &view.active, &self.loads)
+                    placement::place(strategy, grain, caller, candidates, &self.loads)
                 };
                 Registration { silo, id: placement::registration_id() }
             },
@@ -175,9 +484,75 @@ impl Cluster {
     }
 
     /// Registers `registration` for `grain` here (first writer wins); returns the winner.
-    pub(crate) fn local_register(&self, grain: &GrainId, registration: Registration) -> Registration {
+    pub(crate) fn local_register(
+        &self,
+        grain: &GrainId,
+        registration: Registration,
+        stamp: Option<&ViewStamp>,
+    ) -> Result<Registration, Refusal> {
+        let view = self.directory.view();
+        self.directory.register(grain, stamp, registration, |r| self.liveness(&view, &r.silo))
+    }
+
+    /// Asks `grain`'s directory owner (by this silo's view) once; refusals are the caller's to retry.
+    async fn ask_owner(
+        &self,
+        grain: &GrainId,
+        ask: &DirectoryAsk<'_>,
+        deadline: Instant,
+    ) -> Result<Result<Registration, Refusal>, CallError> {
         let view = self.view();
-        self.directory.register(grain, registration, |r| view.is_active(&r.silo) || r.silo == self.me)
+        let stamp = view.stamp();
+        let owner = view.ring.owner(grain).cloned().unwrap_or_else(|| self.me.clone());
+        if owner == self.me {
+            return Ok(match ask {
+                DirectoryAsk::Locate(strategy) => self.local_lookup_or_place(grain, &self.me, *strategy, Some(&stamp)),
+                DirectoryAsk::Register(registration) => {
+                    self.local_register(grain, (*registration).clone(), Some(&stamp))
+                }
+            });
+        }
+        let request = match ask {
+            DirectoryAsk::Locate(strategy) => SystemRequest::LookupOrPlace {
+                grain: grain.clone(),
+                caller: self.me.clone(),
+                placement: *strategy,
+                view: stamp,
+            },
+            DirectoryAsk::Register(registration) => {
+                SystemRequest::Register { entries: vec![(grain.clone(), (*registration).clone())], view: stamp }
+            }
+        };
+        match self.system_call(&owner, &request, deadline).await? {
+            SystemResponse::Placed(registration) => Ok(Ok(registration)),
+            SystemResponse::Registered(mut list) if list.len() == 1 => Ok(list.remove(0)),
+            SystemResponse::Refused(refusal) => Ok(Err(refusal)),
+            other => Err(CallError::Protocol(format!("unexpected directory answer {other:?}"))),
+        }
+    }
+
+    /// Runs a directory request until its owner answers: after a refusal it waits (catching up with a newer
+    /// view when told its own is stale) and asks again, until `deadline`.
+    async fn until_answered(
+        &self,
+        grain: &GrainId,
+        ask: DirectoryAsk<'_>,
+        deadline: Instant,
+    ) -> Result<Registration, CallError> {
+        let mut backoff = Backoff::new(Duration::from_millis(100));
+        loop {
+            let refusal = match self.ask_owner(grain, &ask, deadline).await? {
+                Ok(registration) => return Ok(registration),
+                Err(refusal) => refusal,
+            };
+            tracing::debug!(%grain, %refusal, "directory did not answer; retrying");
+            if let Refusal::StaleView { version } = refusal {
+                self.wait_for_version(version, deadline.min(Instant::now() + Duration::from_millis(500))).await;
+            }
+            if !backoff.wait(deadline).await {
+                return Err(CallError::Unavailable(format!("directory for {grain}: {refusal}")));
+            }
+        }
     }
 
     /// Where `grain` lives, asking its directory owner (placing it if it lives nowhere).
@@ -187,83 +562,96 @@ impl Cluster {
         strategy: Placement,
         deadline: Instant,
     ) -> Result<Registration, CallError> {
-        let owner = self.view().ring.owner(grain).cloned().unwrap_or_else(|| self.me.clone());
-        if owner == self.me {
-            return Ok(self.local_lookup_or_place(grain, &self.me, strategy));
-        }
-        let request =
-            SystemRequest::LookupOrPlace { grain: grain.clone(), caller: self.me.clone(), placement: strategy };
-        match self.system_call(&owner, &request, deadline).await? {
-            SystemResponse::Placed(registration) => Ok(registration),
-            other => Err(CallError::Protocol(format!("unexpected directory answer {other:?}"))),
-        }
+        self.until_answered(grain, DirectoryAsk::Locate(strategy), deadline).await
     }
 
-    /// Registers activations with their directory owners; returns the winner of each, in order.
+    /// Registers an activation with its directory owner; returns the winner.
     pub(crate) async fn register(
         &self,
-        entries: Vec<(GrainId, Registration)>,
+        grain: &GrainId,
+        registration: &Registration,
         deadline: Instant,
-    ) -> Result<Vec<Registration>, CallError> {
-        let view = self.view();
-        let mut by_owner: std::collections::HashMap<SiloAddress, Vec<(usize, GrainId, Registration)>> =
-            std::collections::HashMap::new();
-        for (i, (grain, registration)) in entries.into_iter().enumerate() {
-            let owner = view.ring.owner(&grain).cloned().unwrap_or_else(|| self.me.clone());
-            by_owner.entry(owner).or_default().push((i, grain, registration));
-        }
-        let total: usize = by_owner.values().map(Vec::len).sum();
-        let mut winners: Vec<Option<Registration>> = vec![None; total];
-        for (owner, batch) in by_owner {
-            if owner == self.me {
-                for (i, grain, registration) in batch {
-                    winners[i] = Some(self.local_register(&grain, registration));
-                }
-                continue;
-            }
-            let request =
-                SystemRequest::Register { entries: batch.iter().map(|(_, g, r)| (g.clone(), r.clone())).collect() };
-            match self.system_call(&owner, &request, deadline).await? {
-                SystemResponse::Registered(list) if list.len() == batch.len() => {
-                    for ((i, _, _), winner) in batch.into_iter().zip(list) {
-                        winners[i] = Some(winner);
-                    }
-                }
-                other => return Err(CallError::Protocol(format!("unexpected directory answer {other:?}"))),
-            }
-        }
-        winners.into_iter().map(|w| w.ok_or_else(|| CallError::Protocol("missing registration".into()))).collect()
+    ) -> Result<Registration, CallError> {
+        self.until_answered(grain, DirectoryAsk::Register(registration), deadline).await
     }
 
-    /// Removes `grain`'s directory entry if it is still `registration` (in the background).
-    pub(crate) fn unregister(self: &Arc<Self>, grain: GrainId, registration: Registration) {
+    /// Removes `grain`'s directory entry if it is still `registration`.
+    pub(crate) async fn unregister(&self, grain: GrainId, registration: Registration) {
         self.cache.remove_if(&grain, |_, r| r == &registration);
         let owner = self.view().ring.owner(&grain).cloned().unwrap_or_else(|| self.me.clone());
         if owner == self.me {
             self.directory.unregister(&grain, &registration);
             return;
         }
-        let cluster = self.clone();
-        tokio::spawn(async move {
-            let request = SystemRequest::Unregister { grain, registration };
-            let deadline = system::deadline_in(cluster.timings.connect_timeout);
-            if let Err(error) = cluster.system_call(&owner, &request, deadline).await {
-                tracing::debug!(%error, "unregister failed; the owner drops the entry when it notices");
-            }
-        });
+        let request = SystemRequest::Unregister { grain, registration };
+        let deadline = system::deadline_in(self.timings.connect_timeout);
+        if let Err(error) = self.system_call(&owner, &request, deadline).await {
+            tracing::debug!(%error, "unregister failed; the entry is replaced when the grain is next placed");
+        }
     }
 
     /// Asks every other active silo to re-read the membership table now.
     pub(crate) fn broadcast_membership_changed(self: &Arc<Self>) {
+        self.broadcast(SystemRequest::MembershipChanged);
+    }
+
+    /// Sends `request` to every other active silo, without waiting for answers.
+    pub(crate) fn broadcast(self: &Arc<Self>, request: SystemRequest) {
         let view = self.view();
         for silo in view.active.iter().filter(|s| **s != self.me) {
-            let (cluster, silo) = (self.clone(), silo.clone());
+            let (cluster, silo, request) = (self.clone(), silo.clone(), request.clone());
             tokio::spawn(async move {
                 let deadline = system::deadline_in(Duration::from_secs(2));
-                let _ = cluster.system_call(&silo, &SystemRequest::MembershipChanged, deadline).await;
+                let _ = cluster.system_call(&silo, &request, deadline).await;
             });
         }
     }
+}
+
+/// Grains and registrations.
+type Placements = Vec<(GrainId, Registration)>;
+
+/// What one silo answered a recovery: the directory entries it handed over, and its activations.
+type RecoveryAnswer = (Placements, Placements);
+
+/// A directory request, as `Cluster::until_answered` repeats it.
+enum DirectoryAsk<'a> {
+    /// Where does the grain live? Place it (by this strategy) if nowhere.
+    Locate(Placement),
+    /// Register this activation (first writer wins).
+    Register(&'a Registration),
+}
+
+/// One registration per grain from what a recovery gathered: every silo's `(entries handed over,
+/// activations reported)`, and this silo's own activations. A reported activation beats a handed-over entry
+/// (it is the ground truth); of several activations of one grain, the one the previous owner's entry names
+/// wins, else the lowest silo; the others are returned to be evicted.
+fn settle<'a>(answers: impl Iterator<Item = &'a RecoveryAnswer>, local: Placements) -> (Placements, Placements) {
+    let mut entries: HashMap<GrainId, Registration> = HashMap::new();
+    let mut activations: HashMap<GrainId, Vec<Registration>> = HashMap::new();
+    for (handed, reported) in answers {
+        for (grain, registration) in handed {
+            entries.insert(grain.clone(), registration.clone());
+        }
+        for (grain, registration) in reported {
+            activations.entry(grain.clone()).or_default().push(registration.clone());
+        }
+    }
+    for (grain, registration) in local {
+        activations.entry(grain).or_default().push(registration);
+    }
+    let mut evictions = Vec::new();
+    for (grain, mut found) in activations {
+        found.sort_by(|a, b| a.silo.cmp(&b.silo).then(a.id.cmp(&b.id)));
+        found.dedup();
+        let winner = match entries.get(&grain) {
+            Some(entry) if found.contains(entry) => entry.clone(),
+            _ => found[0].clone(),
+        };
+        evictions.extend(found.into_iter().filter(|r| *r != winner).map(|r| (grain.clone(), r)));
+        entries.insert(grain, winner);
+    }
+    (entries.into_iter().collect(), evictions)
 }
 
 #[cfg(test)]

@@ -80,6 +80,16 @@ impl HashRing {
         Some(&self.points[i % self.points.len()].1)
     }
 
+    /// The hashes of the ring's points, in order.
+    pub fn points(&self) -> impl Iterator<Item = u32> + '_ {
+        self.points.iter().map(|(h, _)| *h)
+    }
+
+    /// Whether `silo` has points on the ring.
+    pub fn contains(&self, silo: &SiloAddress) -> bool {
+        self.points.iter().any(|(_, s)| s == silo)
+    }
+
     /// The directory owner of `id`.
     pub fn owner(&self, id: &GrainId) -> Option<&SiloAddress> {
         self.owner_of_hash(grain_hash(id))

@@ -24,6 +24,31 @@ pub struct Registration {
     pub id: u64,
 }
 
+/// Which membership view a directory request was decided under: the table version, and an id of the view's
+/// ring (two views with the same active silos have the same ring id, whatever their versions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ViewStamp {
+    pub(crate) version: i64,
+    pub(crate) ring_id: u64,
+}
+
+/// Why a directory partition did not answer; the caller retries (after catching up, for `StaleView`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub(crate) enum Refusal {
+    /// The caller's view is older than the partition's (`version`): it must re-read membership.
+    #[error("the caller's membership view is older than version {version}")]
+    StaleView { version: i64 },
+    /// The partition's view is older than the caller's: it is re-reading membership.
+    #[error("the directory partition's membership view is behind the caller's")]
+    Behind,
+    /// The partition has just taken over the grain's range and is still recovering it.
+    #[error("the directory partition is still recovering this range")]
+    NotReady,
+    /// The grain's registration names a silo declared dead that may still be serving until its lease ends.
+    #[error("the grain's silo was declared dead and its lease has not run out yet")]
+    Fenced,
+}
+
 /// A request to a silo's system target.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum SystemRequest {
@@ -32,11 +57,18 @@ pub(crate) enum SystemRequest {
     /// The gateway addresses of the active silos.
     Gateways,
     /// Tier two of placement, at the grain's directory owner: where is `grain`? If nowhere, place it.
-    LookupOrPlace { grain: GrainId, caller: SiloAddress, placement: Placement },
+    LookupOrPlace { grain: GrainId, caller: SiloAddress, placement: Placement, view: ViewStamp },
     /// Registers activations (first writer wins); answers the winning registration of each.
-    Register { entries: Vec<(GrainId, Registration)> },
+    Register { entries: Vec<(GrainId, Registration)>, view: ViewStamp },
     /// Removes `grain`'s entry if it is still `registration`.
     Unregister { grain: GrainId, registration: Registration },
+    /// From a silo that gained directory ranges in view `view`: hand over your directory entries in its ranges
+    /// and report your activations in them.
+    Recover { requester: SiloAddress, view: ViewStamp },
+    /// The directory found this activation to be a duplicate: it must stop before another turn.
+    Evict { grain: GrainId, registration: Registration },
+    /// `silo` is stopping: place no new activations on it.
+    Draining { silo: SiloAddress },
     /// The membership table changed: re-read it now.
     MembershipChanged,
     /// The grain ids active on the silo (diagnostics and tests).
@@ -54,8 +86,12 @@ pub(crate) enum SystemResponse {
     Gateways(Vec<String>),
     /// Answer to `LookupOrPlace`.
     Placed(Registration),
-    /// Answer to `Register`: the winner for each entry, in order.
-    Registered(Vec<Registration>),
+    /// Answer to `Register`: the winner for each entry (or why the partition did not decide), in order.
+    Registered(Vec<Result<Registration, Refusal>>),
+    /// A directory partition did not answer.
+    Refused(Refusal),
+    /// Answer to `Recover`: the directory entries handed over, and the sender's activations.
+    Recovered { entries: Vec<(GrainId, Registration)>, activations: Vec<(GrainId, Registration)> },
     /// Answer to `Activations`.
     Activations(Vec<GrainId>),
     /// Answer to `Table`.

@@ -1,0 +1,62 @@
+//! Fencing: a silo writes grain state only while it holds its membership lease.
+//!
+//! A silo that was frozen (SIGSTOP, a VM pause) or cut off from the membership table may have been declared
+//! dead, and its grains re-activated elsewhere, without knowing it. Its lease (see `cluster::Lease`) runs out
+//! no later than the moment peers start re-placing its grains, so a write it attempts afterwards — a turn that
+//! was half-way through, an `on_deactivate` flush — is refused here instead of racing the new activation.
+//! The etag check in storage remains the last line: it refuses a stale writer whatever happens.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use grains_storage::{ETag, GrainStateStore, StateKey, StorageError, StoredState};
+
+use crate::cluster::Cluster;
+
+/// A state store that refuses writes while the silo's membership lease is not valid.
+pub(crate) struct FencedStore {
+    inner: Arc<dyn GrainStateStore>,
+    cluster: Arc<Cluster>,
+}
+
+impl FencedStore {
+    pub(crate) fn new(inner: Arc<dyn GrainStateStore>, cluster: Arc<Cluster>) -> Self {
+        Self { inner, cluster }
+    }
+
+    fn check(&self, key: &StateKey) -> Result<(), StorageError> {
+        if self.cluster.lease.is_valid() {
+            return Ok(());
+        }
+        self.cluster.refresh_now.notify_one();
+        Err(StorageError::Unavailable(format!(
+            "write of {key} refused: this silo cannot confirm that it is still a cluster member"
+        )))
+    }
+}
+
+#[async_trait]
+impl GrainStateStore for FencedStore {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    async fn read(&self, key: &StateKey) -> Result<Option<StoredState>, StorageError> {
+        self.inner.read(key).await
+    }
+
+    async fn write(
+        &self,
+        key: &StateKey,
+        document: &serde_json::Value,
+        expected: Option<&str>,
+    ) -> Result<ETag, StorageError> {
+        self.check(key)?;
+        self.inner.write(key, document, expected).await
+    }
+
+    async fn clear(&self, key: &StateKey, expected: Option<&str>) -> Result<(), StorageError> {
+        self.check(key)?;
+        self.inner.clear(key, expected).await
+    }
+}
