@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use grains_storage::{MembershipEntry, SiloAddress, SiloStatus, StorageError, Suspicion};
 
-use super::system::{self, SystemRequest, SystemResponse};
+use super::system::{self, SystemResponse};
 use super::{Cluster, ClusterView};
 use crate::config::ClusterTimings;
 use crate::silo::SiloInner;
@@ -200,8 +200,7 @@ async fn probe_round(cluster: &Cluster, misses: &mut HashMap<SiloAddress, u32>) 
     misses.retain(|silo, _| targets.contains(silo));
     let probes = targets.iter().map(|target| async move {
         let deadline = system::deadline_in(cluster.timings.probe_timeout);
-        let answer =
-            tokio::time::timeout_at(deadline, cluster.system_call(target, &SystemRequest::Ping, deadline)).await;
+        let answer = tokio::time::timeout_at(deadline, cluster.probe(target, deadline)).await;
         (target, answer)
     });
     let mut changed = false;

@@ -175,6 +175,9 @@ pub(crate) struct Cluster {
     evictions: AtomicU32,
     pub(crate) loads: DashMap<SiloAddress, u64>,
     peers: ConnectionPool,
+    /// Connections for probes only, so that a probe never queues behind a flood of calls on a peer stream
+    /// (head-of-line blocking there made loaded silos suspect each other).
+    probes: ConnectionPool,
     pub(crate) refresh_now: Notify,
     pub(crate) lease: Lease,
     /// Silos declared dead that may still serve until the instant given (their lease, seen from here).
@@ -200,6 +203,7 @@ impl Cluster {
             evictions: AtomicU32::new(0),
             loads: DashMap::new(),
             peers: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout),
+            probes: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout),
             refresh_now: Notify::new(),
             lease: Lease::new(timings.lease),
             fenced: Mutex::new(HashMap::new()),
@@ -436,8 +440,16 @@ impl Cluster {
     /// Closes the connections to silos that are dead (or gone from the table): their calls in flight fail
     /// now. A silo that is shutting down keeps its connections until it has answered what it was sent.
     pub(crate) fn close_peers_not_in(&self, view: &ClusterView) {
-        self.peers
-            .retain(|endpoint| view.rows.iter().any(|r| r.silo.endpoint == endpoint && r.status != SiloStatus::Dead));
+        let keep =
+            |endpoint: &str| view.rows.iter().any(|r| r.silo.endpoint == endpoint && r.status != SiloStatus::Dead);
+        self.peers.retain(keep);
+        self.probes.retain(keep);
+    }
+
+    /// Probes `silo` on the probe connection.
+    pub(crate) async fn probe(&self, silo: &SiloAddress, deadline: Instant) -> Result<SystemResponse, CallError> {
+        let conn = self.probes.get(&silo.endpoint).await?;
+        system::call(&conn, &SystemRequest::Ping, deadline).await
     }
 
     /// A system call to `silo`.
