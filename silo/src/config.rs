@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::peer_auth::ClusterSecret;
+
 /// Which grain-state storage provider a silo uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -169,6 +171,14 @@ pub struct SiloConfig {
     /// How long the silo keeps retrying (with backoff) to reach Postgres at start-up before giving up.
     #[serde(with = "duration_text")]
     pub database_start_timeout: Duration,
+    /// The secret the cluster's silos prove membership with when they connect to each other (see the
+    /// `gateway` module). Without it, any connection that declares itself a silo is taken as one: fine on
+    /// loopback, refused on other addresses unless `insecure` (printed as `***`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_secret: Option<ClusterSecret>,
+    /// Listen on a non-loopback address without a `cluster_secret`, letting whoever reaches the port run the
+    /// cluster's system calls (membership, directory). Off by default: such a silo refuses to start.
+    pub insecure: bool,
     /// Per-grain-type overrides, keyed by grain type name: `[grain.Cart] idle_timeout = "1m"`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub grain: BTreeMap<String, GrainTypeConfig>,
@@ -199,6 +209,8 @@ impl Default for SiloConfig {
             database_pool_size: 16,
             database_acquire_timeout: Duration::from_secs(3),
             database_start_timeout: Duration::from_secs(120),
+            cluster_secret: None,
+            insecure: false,
             grain: BTreeMap::new(),
         }
     }
@@ -214,6 +226,7 @@ impl SiloConfig {
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.database_url = shown.database_url.as_deref().map(mask_password);
+        shown.cluster_secret = shown.cluster_secret.map(|_| ClusterSecret::new("***"));
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
 
@@ -224,6 +237,20 @@ impl SiloConfig {
             None if self.host.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             None => self.host,
         }
+    }
+
+    /// Refuses a configuration that would let anyone who reaches the silo's port run the cluster's system
+    /// calls: listening on a non-loopback address with no `cluster_secret`, unless `insecure` says so.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        if self.gateway && self.cluster_secret.is_none() && !self.insecure && !self.host.is_loopback() {
+            return Err(format!(
+                "refusing to listen on {} without a cluster secret: anyone who reaches the port could rewrite the \
+                 cluster's membership and directory; set cluster_secret (GRAINS_CLUSTER_SECRET, --cluster-secret, \
+                 --cluster-secret-file), bind 127.0.0.1, or pass --insecure (GRAINS_INSECURE=true) to accept that",
+                self.host
+            ));
+        }
+        Ok(())
     }
 
     /// The idle timeout for a grain type: silo override, else the type's own, else the silo default.
@@ -316,6 +343,25 @@ mod tests {
         let told = SiloConfig { advertise_host: Some("10.1.2.3".parse().unwrap()), ..any };
         assert_eq!(told.advertised_host().to_string(), "10.1.2.3");
         assert_eq!(SiloConfig::default().advertised_host(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn the_cluster_secret_is_masked_when_printed() {
+        let config = SiloConfig { cluster_secret: Some("hunter2".into()), ..SiloConfig::default() };
+        let printed = config.to_toml();
+        assert!(printed.contains("cluster_secret = \"***\""), "{printed}");
+        assert!(!printed.contains("hunter2"));
+    }
+
+    #[test]
+    fn a_public_address_needs_a_secret_or_an_explicit_insecure() {
+        let public = SiloConfig { host: "0.0.0.0".parse().unwrap(), ..SiloConfig::default() };
+        let refused = public.check_exposure().unwrap_err();
+        assert!(refused.contains("--insecure") && refused.contains("cluster_secret"), "{refused}");
+        assert!(SiloConfig { insecure: true, ..public.clone() }.check_exposure().is_ok());
+        assert!(SiloConfig { cluster_secret: Some("s".into()), ..public.clone() }.check_exposure().is_ok());
+        assert!(SiloConfig { gateway: false, ..public }.check_exposure().is_ok());
+        assert!(SiloConfig::default().check_exposure().is_ok(), "loopback is fine without a secret");
     }
 
     #[test]

@@ -4,6 +4,24 @@
 //! path as it arrives and answered when it completes, so one slow grain never holds up the other calls on the
 //! same connection. Tonic batches queued responses into as few HTTP/2 writes as it can.
 //!
+//! # Who may call what
+//!
+//! The port serves two kinds of caller, told apart when a stream is set up (see `peer_auth`):
+//!
+//! - **Silos of the cluster** prove membership in the stream's request metadata: their endpoint, a timestamp,
+//!   a nonce and an HMAC-SHA256 over them keyed with the cluster secret (`cluster_secret`,
+//!   `GRAINS_CLUSTER_SECRET`, `--cluster-secret[-file]`), accepted once, within two minutes of this silo's
+//!   clock. A stream whose proof is wrong, stale or replayed is refused before it carries a frame
+//!   (`Unauthenticated`; the opening silo sees [`CallError::PermissionDenied`]). A peer's stream carries any
+//!   call, including the reserved `$system` calls that read and write membership and the directory.
+//! - **Everyone else** is a client: grain calls (routed; never delivered straight to an activation) and the
+//!   gateway list (`Gateways`, which [`crate::Client`] needs). Every other system call is answered
+//!   [`CallError::PermissionDenied`] and changes nothing.
+//!
+//! Without a secret a silo runs in *insecure mode*: a stream that declares itself a peer is taken as one. That
+//! suits the embedded default and loopback development clusters; on any other address the silo refuses to
+//! start unless `insecure` (`--insecure`, `GRAINS_INSECURE`) is set.
+//!
 //! The same port answers `GET /metrics` (HTTP/1.1 or HTTP/2) with the silo's counters in the Prometheus text
 //! format, for scraping.
 
@@ -22,8 +40,10 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::Streaming;
 
+use crate::cluster::system::SystemRequest;
+use crate::peer_auth::{Caller, ClusterCredentials, PeerVerifier};
 use crate::silo::SiloInner;
-use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind};
+use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind, Mode, SYSTEM_TYPE};
 
 /// Where the silo serves its metrics in the Prometheus text format (plain HTTP/1.1 or HTTP/2 `GET`).
 pub const METRICS_PATH: &str = "/metrics";
@@ -53,7 +73,10 @@ impl GatewayHandle {
 pub(crate) fn start(silo: Arc<SiloInner>, listener: tokio::net::TcpListener) -> std::io::Result<GatewayHandle> {
     let local_addr = listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
-    let service = GatewayService { silo, stopped: stopped.clone() };
+    let credentials =
+        ClusterCredentials { cluster_id: silo.config.cluster_id.clone(), secret: silo.config.cluster_secret.clone() };
+    let verifier = Arc::new(PeerVerifier::new(credentials));
+    let service = GatewayService { silo, verifier, stopped: stopped.clone() };
     let incoming = TcpListenerStream::new(listener);
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
@@ -77,6 +100,7 @@ async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
 #[derive(Clone)]
 struct GatewayService {
     silo: Arc<SiloInner>,
+    verifier: Arc<PeerVerifier>,
     stopped: watch::Receiver<bool>,
 }
 
@@ -110,20 +134,22 @@ where
             return Box::pin(async move { Ok(Status::unimplemented(format!("no method at {path}")).into_http()) });
         }
         let silo = self.silo.clone();
+        let verifier = self.verifier.clone();
         let stopped = self.stopped.clone();
         Box::pin(async move {
             let limit = silo.config.max_payload_bytes;
             let mut grpc = tonic::server::Grpc::new(EnvelopeCodec::new(limit))
                 .max_decoding_message_size(HARD_FRAME_LIMIT)
                 .max_encoding_message_size(HARD_FRAME_LIMIT);
-            Ok(grpc.streaming(ConnectMethod { silo, stopped }, request).await)
+            Ok(grpc.streaming(ConnectMethod { silo, verifier, stopped }, request).await)
         })
     }
 }
 
-/// The streaming method: each accepted stream becomes a connection task.
+/// The streaming method: each accepted stream becomes a connection task, once its caller is established.
 struct ConnectMethod {
     silo: Arc<SiloInner>,
+    verifier: Arc<PeerVerifier>,
     stopped: watch::Receiver<bool>,
 }
 
@@ -139,8 +165,16 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
     }
 
     fn call(&mut self, request: tonic::Request<Streaming<Inbound>>) -> Self::Future {
+        let caller = match self.verifier.verify(request.metadata()) {
+            Ok(caller) => caller,
+            Err(refused) => {
+                tracing::warn!(remote = ?request.remote_addr(), %refused, "peer connection refused");
+                return std::future::ready(Err(Status::unauthenticated(refused.to_string())));
+            }
+        };
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(serve_connection(self.silo.clone(), request.into_inner(), tx, self.stopped.clone()));
+        let serve = serve_connection(self.silo.clone(), caller, request.into_inner(), tx, self.stopped.clone());
+        tokio::spawn(serve);
         std::future::ready(Ok(tonic::Response::new(UnboundedReceiverStream::new(rx))))
     }
 }
@@ -151,11 +185,12 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
 /// closes once the last call in flight has been answered.
 async fn serve_connection(
     silo: Arc<SiloInner>,
+    caller: Caller,
     mut inbound: Streaming<Inbound>,
     outbound: mpsc::UnboundedSender<Result<Envelope, Status>>,
     stopped: watch::Receiver<bool>,
 ) {
-    tracing::debug!("gateway connection opened");
+    tracing::debug!(?caller, "gateway connection opened");
     let stop = wait_for_stop(stopped);
     tokio::pin!(stop);
     let mut draining = false;
@@ -184,6 +219,10 @@ async fn serve_connection(
         };
         match frame {
             Inbound::Envelope(envelope) if envelope.kind == Kind::Request as i32 => {
+                if let Err(denied) = authorize(&caller, &envelope) {
+                    let _ = outbound.send(Ok(Envelope::response(envelope.correlation_id, Err(denied))));
+                    continue;
+                }
                 let silo = silo.clone();
                 let outbound = outbound.clone();
                 tokio::spawn(async move {
@@ -216,4 +255,43 @@ async fn serve_connection(
         }
     }
     tracing::debug!("gateway connection closed");
+}
+
+/// Whether `caller` may make the request in `envelope`. Silos may make any; a client makes grain calls to be
+/// routed (never delivered straight to an activation, skipping the directory) and asks for the gateway list,
+/// and nothing else: every other system request reads or rewrites the cluster's membership or directory.
+fn authorize(caller: &Caller, envelope: &Envelope) -> Result<(), CallError> {
+    if let Caller::Peer(_) = caller {
+        return Ok(());
+    }
+    if envelope.target.as_ref().is_some_and(|t| t.grain_type == SYSTEM_TYPE) {
+        let request: SystemRequest = grains::codec::decode_named(&envelope.payload)?;
+        return match request {
+            SystemRequest::Gateways => Ok(()),
+            other => Err(CallError::PermissionDenied(format!(
+                "the system call {} is served only to the cluster's silos, and this connection did not prove \
+                 membership (see cluster_secret)",
+                system_call_name(&other)
+            ))),
+        };
+    }
+    match Mode::try_from(envelope.mode) {
+        Ok(Mode::Route) => Ok(()),
+        _ => Err(CallError::PermissionDenied(
+            "only the cluster's silos deliver calls straight to an activation; a client's calls are routed".to_owned(),
+        )),
+    }
+}
+
+fn system_call_name(request: &SystemRequest) -> &'static str {
+    match request {
+        SystemRequest::Ping => "Ping",
+        SystemRequest::Gateways => "Gateways",
+        SystemRequest::LookupOrPlace { .. } => "LookupOrPlace",
+        SystemRequest::Register { .. } => "Register",
+        SystemRequest::Unregister { .. } => "Unregister",
+        SystemRequest::MembershipChanged => "MembershipChanged",
+        SystemRequest::Activations => "Activations",
+        SystemRequest::Table(_) => "Table",
+    }
 }

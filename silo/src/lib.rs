@@ -36,6 +36,7 @@ pub mod config;
 mod connection;
 pub mod gateway;
 mod metrics;
+mod peer_auth;
 mod silo;
 pub mod wire;
 
@@ -43,4 +44,5 @@ pub use client::{Client, ClientConfig, ConnectError};
 pub use cluster::ClusterView;
 pub use config::{ClusterTimings, FailureDetection, GrainTypeConfig, MembershipKind, SiloConfig, StorageKind};
 pub use metrics::MetricsSnapshot;
+pub use peer_auth::{ClusterCredentials, ClusterSecret, PROOF_WINDOW};
 pub use silo::{Silo, SiloBuilder, SiloError};

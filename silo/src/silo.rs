@@ -30,6 +30,7 @@ use crate::cluster::{Cluster, ClusterView, Registration, membership};
 use crate::config::{MembershipKind, SiloConfig, StorageKind};
 use crate::gateway::{self, GatewayHandle};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::peer_auth::{ClusterCredentials, PeerIdentity};
 use crate::wire::{Envelope, Mode, WireGrainId};
 
 /// Why a silo could not start.
@@ -611,6 +612,7 @@ impl SiloBuilder {
     /// agent.
     pub async fn start(self) -> Result<Silo, SiloError> {
         let config = self.config;
+        config.check_exposure().map_err(SiloError::Config)?;
         let pool = match (config.storage, config.membership) {
             (StorageKind::Postgres, _) | (_, MembershipKind::Postgres) => Some(open_pool(&config).await?),
             _ => None,
@@ -619,16 +621,6 @@ impl SiloBuilder {
             (Some(store), _, _) => store,
             (None, StorageKind::Postgres, Some(pool)) => Arc::new(postgres::PostgresStateStore::new(pool.clone())),
             (None, _, _) => Arc::new(MemoryStateStore::new()),
-        };
-        let table: Arc<dyn MembershipTable> = match (self.membership, config.membership, &pool) {
-            (Some(table), _, _) => table,
-            (None, MembershipKind::Memory, _) if config.seed.is_some() => {
-                Arc::new(crate::cluster::seed::SeedMembershipTable::new(config.seed.clone().unwrap_or_default()))
-            }
-            (None, MembershipKind::Postgres, Some(pool)) => {
-                Arc::new(PostgresMembershipTable::new(pool.clone(), config.cluster_id.clone()))
-            }
-            (None, _, _) => Arc::new(MemoryMembershipTable::new()),
         };
         let types = GrainRegistration::all()
             .map(|r| (r.type_name, (r, config.idle_timeout_for(r.type_name, r.options.idle_timeout))))
@@ -650,7 +642,27 @@ impl SiloBuilder {
             None => format!("in-process-{}", std::process::id()),
         };
         let me = SiloAddress { endpoint, epoch: membership::now_ms() };
-        let cluster = Arc::new(Cluster::new(me, config.failure_detection.timings(), table));
+        let identity = PeerIdentity {
+            credentials: ClusterCredentials {
+                cluster_id: config.cluster_id.clone(),
+                secret: config.cluster_secret.clone(),
+            },
+            endpoint: me.endpoint.clone(),
+        };
+        let table: Arc<dyn MembershipTable> = match (self.membership, config.membership, &pool) {
+            (Some(table), _, _) => table,
+            (None, MembershipKind::Memory, _) if config.seed.is_some() => {
+                Arc::new(crate::cluster::seed::SeedMembershipTable::new(
+                    config.seed.clone().unwrap_or_default(),
+                    identity.clone(),
+                ))
+            }
+            (None, MembershipKind::Postgres, Some(pool)) => {
+                Arc::new(PostgresMembershipTable::new(pool.clone(), config.cluster_id.clone()))
+            }
+            (None, _, _) => Arc::new(MemoryMembershipTable::new()),
+        };
+        let cluster = Arc::new(Cluster::new(me, config.failure_detection.timings(), table, identity));
         let inner = Arc::new_cyclic(|this| SiloInner {
             config,
             types,

@@ -31,6 +31,7 @@ use tokio::time::Instant;
 
 use crate::config::ClusterTimings;
 use crate::connection::{Connection, ConnectionPool, PeerKind};
+use crate::peer_auth::PeerIdentity;
 use directory::DirectoryPartition;
 use ring::HashRing;
 pub use system::Registration;
@@ -91,7 +92,13 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    pub(crate) fn new(me: SiloAddress, timings: ClusterTimings, table: Arc<dyn MembershipTable>) -> Self {
+    /// The cluster machinery of silo `me`, which proves its membership to peers with `identity`.
+    pub(crate) fn new(
+        me: SiloAddress,
+        timings: ClusterTimings,
+        table: Arc<dyn MembershipTable>,
+        identity: PeerIdentity,
+    ) -> Self {
         placement::seed_from_clock();
         // Until the table is read, the silo sees itself alone: a single silo works from the first call.
         let alone = ClusterView { active: vec![me.clone()], ring: HashRing::new([&me]), ..ClusterView::default() };
@@ -104,7 +111,7 @@ impl Cluster {
             cache: DashMap::new(),
             evictions: std::sync::atomic::AtomicU32::new(0),
             loads: DashMap::new(),
-            peers: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout),
+            peers: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout, Some(identity)),
             refresh_now: Notify::new(),
         }
     }
@@ -275,7 +282,9 @@ mod tests {
     #[test]
     fn the_routing_cache_stays_within_its_capacity() {
         let me = SiloAddress { endpoint: "127.0.0.1:1".into(), epoch: 1 };
-        let cluster = Cluster::new(me.clone(), ClusterTimings::fast(), Arc::new(MemoryMembershipTable::new()));
+        let identity = PeerIdentity { credentials: Default::default(), endpoint: me.endpoint.clone() };
+        let table = Arc::new(MemoryMembershipTable::new());
+        let cluster = Cluster::new(me.clone(), ClusterTimings::fast(), table, identity);
         for i in 0..10_000i64 {
             cluster.remember(GrainId::new("G", i), Registration { silo: me.clone(), id: 1 }, 1_000);
             assert!(cluster.cache.len() <= 1_000, "{} entries at {i}", cluster.cache.len());
