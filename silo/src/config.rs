@@ -156,7 +156,9 @@ pub struct SiloConfig {
     /// The deadline of calls that do not set their own.
     #[serde(with = "duration_text")]
     pub call_timeout: Duration,
-    /// The largest request or reply payload accepted, in bytes.
+    /// The largest request or reply payload accepted, in bytes (default 4 MiB). A larger one is answered
+    /// `PayloadTooLarge`; a frame whose header announces more than this plus 64 KiB ends its stream before any
+    /// of it is buffered, so each stream holds at most that much of a frame in memory.
     pub max_payload_bytes: usize,
     /// The grain-state storage provider.
     pub storage: StorageKind,

@@ -43,7 +43,9 @@ use tonic::codec::Streaming;
 use crate::cluster::system::SystemRequest;
 use crate::peer_auth::{Caller, ClusterCredentials, PeerVerifier};
 use crate::silo::SiloInner;
-use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind, Mode, SYSTEM_TYPE};
+use crate::wire::{
+    CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind, Mode, SYSTEM_TYPE, frame_limit,
+};
 
 /// Where the silo serves its metrics in the Prometheus text format (plain HTTP/1.1 or HTTP/2 `GET`).
 pub const METRICS_PATH: &str = "/metrics";
@@ -138,8 +140,9 @@ where
         let stopped = self.stopped.clone();
         Box::pin(async move {
             let limit = silo.config.max_payload_bytes;
+            // Checked on each frame's 5-byte header, before the frame is buffered.
             let mut grpc = tonic::server::Grpc::new(EnvelopeCodec::new(limit))
-                .max_decoding_message_size(HARD_FRAME_LIMIT)
+                .max_decoding_message_size(frame_limit(limit))
                 .max_encoding_message_size(HARD_FRAME_LIMIT);
             Ok(grpc.streaming(ConnectMethod { silo, verifier, stopped }, request).await)
         })

@@ -1,0 +1,155 @@
+//! Limits on hostile input: each is a `SiloConfig` key, and going past it gets a typed error (or a closed
+//! stream) without disturbing anything else.
+
+use std::io::{BufRead, BufReader};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use grains_silo::wire::CONNECT_PATH;
+use http_body::Body as _;
+use tokio::sync::mpsc;
+
+/// A silo process (so that its memory can be measured alone), killed when dropped.
+struct SiloProcess {
+    child: Child,
+    addr: String,
+}
+
+impl SiloProcess {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_grains-test-silo"))
+            .args(["--port", "0", "--log", "warn"])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the test silo binary starts");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(addr) = line.strip_prefix("gateway listening on ") {
+                        break addr.to_owned();
+                    }
+                }
+                _ => panic!("the silo exited before listening"),
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        SiloProcess { child, addr }
+    }
+
+    /// Resident memory, in MiB, from /proc.
+    fn rss_mib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status");
+        kib / 1024
+    }
+}
+
+impl Drop for SiloProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A request body fed by the test, chunk by chunk: lets a test write a gRPC frame header that announces a
+/// huge frame and then trickle its bytes, as an attacker would.
+struct ChunkedBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChunkedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|bytes| Ok(http_body::Frame::data(bytes))))
+    }
+}
+
+/// Opens a Connect stream to `addr` whose request body is fed through the returned sender.
+async fn open_raw_body(addr: &str) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<()>) {
+    use tower_service::Service;
+    let mut channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}{CONNECT_PATH}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(ChunkedBody(rx)))
+        .unwrap();
+    std::future::poll_fn(|cx| channel.poll_ready(cx)).await.unwrap();
+    let response = channel.call(request);
+    let task = tokio::spawn(async move {
+        // Hold the response (and so the stream) open until the server ends it.
+        if let Ok(response) = response.await {
+            let mut body = response.into_body();
+            while let Some(Ok(_)) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {}
+        }
+    });
+    (tx, task)
+}
+
+/// 50 streams each announce a 200 MiB frame and send 8 MiB of it. A silo that buffers frames up to the size
+/// their header announces holds 400 MiB; one that checks the header against its payload limit (4 MiB) ends
+/// each stream at the header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_giant_frames_are_refused_at_the_header_not_buffered() {
+    const STREAMS: usize = 50;
+    const SENT_PER_STREAM: usize = 8 << 20;
+    let silo = SiloProcess::start(&[]);
+    let before = silo.rss_mib();
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        streams.push(open_raw_body(&silo.addr).await);
+    }
+    let mut header = vec![0u8];
+    header.extend_from_slice(&(200u32 << 20).to_be_bytes());
+    let chunk = Bytes::from(vec![0x5au8; 1 << 20]);
+    let mut sends = Vec::new();
+    for (tx, _) in &streams {
+        let tx = tx.clone();
+        let header = Bytes::from(header.clone());
+        let chunk = chunk.clone();
+        sends.push(tokio::spawn(async move {
+            if tx.send(header).await.is_err() {
+                return 0;
+            }
+            let mut sent = 0;
+            while sent < SENT_PER_STREAM {
+                let sending = tokio::time::timeout(Duration::from_secs(5), tx.send(chunk.clone())).await;
+                if !matches!(sending, Ok(Ok(()))) {
+                    break; // the silo ended the stream (or stopped reading it)
+                }
+                sent += chunk.len();
+            }
+            sent
+        }));
+    }
+    let mut accepted = 0;
+    for send in sends {
+        accepted += send.await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = silo.rss_mib();
+    println!(
+        "silo RSS: {before} MiB before, {during} MiB with {STREAMS} streams announcing 200 MiB frames \
+         ({} MiB handed to the transport)",
+        accepted >> 20
+    );
+    assert!(during < before + 150, "the silo buffered the frames: {before} MiB -> {during} MiB");
+    drop(streams);
+}
