@@ -64,6 +64,12 @@ pub struct SiloArgs {
     /// The largest payload accepted, in bytes.
     #[arg(long, env = "GRAINS_MAX_PAYLOAD_BYTES")]
     pub max_payload_bytes: Option<usize>,
+    /// The most calls waiting in one activation's mailbox; past it calls are answered `Overloaded`.
+    #[arg(long, env = "GRAINS_MAX_MAILBOX_LENGTH")]
+    pub max_mailbox_length: Option<usize>,
+    /// The longest deadline a caller may ask for (e.g. 5m).
+    #[arg(long, env = "GRAINS_MAX_CALL_TIMEOUT", value_parser = duration_arg)]
+    pub max_call_timeout: Option<Duration>,
     /// The grain-state storage provider.
     #[arg(long, env = "GRAINS_STORAGE", value_enum)]
     pub storage: Option<StorageKind>,
@@ -116,6 +122,8 @@ impl SiloArgs {
             collection_interval,
             call_timeout,
             max_payload_bytes,
+            max_mailbox_length,
+            max_call_timeout,
             storage,
             database_pool_size,
             database_start_timeout

@@ -160,6 +160,12 @@ pub struct SiloConfig {
     /// `PayloadTooLarge`; a frame whose header announces more than this plus 64 KiB ends its stream before any
     /// of it is buffered, so each stream holds at most that much of a frame in memory.
     pub max_payload_bytes: usize,
+    /// The most calls waiting in one activation's mailbox (default 10 000); a call past it is answered
+    /// `Overloaded` at once and does not run.
+    pub max_mailbox_length: usize,
+    /// The longest deadline a caller may ask for (default 5m); a longer `timeout_ms` is cut to it.
+    #[serde(with = "duration_text")]
+    pub max_call_timeout: Duration,
     /// The grain-state storage provider.
     pub storage: StorageKind,
     /// The Postgres URL, for `storage = "postgres"` (printed with its password masked).
@@ -206,6 +212,8 @@ impl Default for SiloConfig {
             collection_interval: Duration::from_secs(60),
             call_timeout: grains::runtime::DEFAULT_CALL_TIMEOUT,
             max_payload_bytes: 4 * 1024 * 1024,
+            max_mailbox_length: 10_000,
+            max_call_timeout: Duration::from_secs(5 * 60),
             storage: StorageKind::Memory,
             database_url: None,
             database_pool_size: 16,

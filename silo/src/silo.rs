@@ -230,7 +230,7 @@ impl SiloInner {
             Some(&entry) => entry,
             None => unreachable!("calls are checked for their grain type first"),
         };
-        let mailbox = Arc::new(activation::Mailbox::default());
+        let mailbox = Arc::new(activation::Mailbox::with_limit(self.config.max_mailbox_length));
         let activation_id = self.next_activation_id.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(ActivationShared::new(self.now_ms(), idle_timeout));
         tokio::spawn(activation::run(ActivationStart {
@@ -382,7 +382,7 @@ impl SiloInner {
             .collect::<Result<Vec<_>, _>>()?;
         let timeout = match envelope.timeout_ms {
             0 => self.config.call_timeout,
-            ms => Duration::from_millis(ms),
+            ms => Duration::from_millis(ms).min(self.config.max_call_timeout),
         };
         let call = Call {
             target: id,

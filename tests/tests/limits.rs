@@ -8,7 +8,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use grains::CallError;
 use grains_silo::wire::CONNECT_PATH;
+use grains_silo::{Client, Silo, SiloConfig};
+use grains_tests::Counter;
 use http_body::Body as _;
 use tokio::sync::mpsc;
 
@@ -152,4 +155,78 @@ async fn announced_giant_frames_are_refused_at_the_header_not_buffered() {
     );
     assert!(during < before + 150, "the silo buffered the frames: {before} MiB -> {during} MiB");
     drop(streams);
+}
+
+async fn listening_silo(adjust: impl FnOnce(SiloConfig) -> SiloConfig) -> (Silo, Client) {
+    let config = adjust(SiloConfig { port: 0, gateway: true, ..grains_tests::test_config() });
+    let silo = grains_tests::start_silo(config).await;
+    let client = Client::connect(format!("http://{}", silo.gateway_addr().unwrap())).await.unwrap();
+    (silo, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_answers_overloaded_at_once_and_the_grain_keeps_serving() {
+    let (silo, client) = listening_silo(|c| SiloConfig { max_mailbox_length: 4, ..c }).await;
+    let busy = client.grain::<Counter>("limits-mailbox");
+    busy.increment().await.unwrap().unwrap();
+    let running = {
+        let busy = busy.clone();
+        tokio::spawn(async move { busy.sleep(1_500).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let queued: Vec<_> = (0..10)
+        .map(|_| {
+            let busy = busy.clone();
+            tokio::spawn(async move { busy.get().await })
+        })
+        .collect();
+    let mut served = 0;
+    let mut overloaded = 0;
+    for call in queued {
+        match call.await.unwrap() {
+            Ok(1) => served += 1,
+            Err(CallError::Overloaded(_)) => overloaded += 1,
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    running.await.unwrap().unwrap();
+    assert!(overloaded >= 5, "{overloaded} of 10 calls refused, {served} served, with room for 4");
+    assert_eq!(served + overloaded, 10);
+    assert_eq!(busy.increment().await.unwrap().unwrap(), 2, "the grain still serves");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_chosen_deadline_is_capped_by_max_call_timeout() {
+    let (silo, client) = listening_silo(|c| SiloConfig { max_call_timeout: Duration::from_millis(500), ..c }).await;
+    let slow = client.grain::<Counter>("limits-deadline").with_timeout(Duration::from_secs(60));
+    let result = slow.sleep(3_000).await;
+    assert!(matches!(result, Err(CallError::Timeout(d)) if d <= Duration::from_millis(500)), "{result:?}");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_deadline_passed_in_the_queue_is_dropped_before_its_turn() {
+    use grains::runtime::{Call, Payload};
+    let silo = grains_tests::start_silo(grains_tests::test_config()).await;
+    let busy = silo.grain::<Counter>("limits-expired");
+    busy.increment().await.unwrap().unwrap();
+    let running = {
+        let busy = busy.clone();
+        tokio::spawn(async move { busy.sleep(800).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The caller still holds its reply (its future is not polled), but the deadline passes while the call
+    // waits behind the sleep.
+    let stale = silo.runtime().invoke(Call {
+        target: grains::GrainId::new("Counter", "limits-expired"),
+        method: "increment".into(),
+        payload: Payload::Encoded(grains::codec::encode(&()).unwrap().into()),
+        deadline: tokio::time::Instant::now() + Duration::from_millis(100),
+        chain: Vec::new().into(),
+    });
+    running.await.unwrap().unwrap();
+    assert_eq!(busy.get().await.unwrap(), 1, "the expired increment ran");
+    assert!(matches!(stale.await, Err(CallError::Timeout(_))));
+    silo.shutdown(Duration::from_secs(5)).await;
 }
