@@ -70,6 +70,18 @@ pub struct SiloArgs {
     /// The longest deadline a caller may ask for (e.g. 5m).
     #[arg(long, env = "GRAINS_MAX_CALL_TIMEOUT", value_parser = duration_arg)]
     pub max_call_timeout: Option<Duration>,
+    /// The most connections kept open at once.
+    #[arg(long, env = "GRAINS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// How long a new connection may take to open its first request (e.g. 10s).
+    #[arg(long, env = "GRAINS_HANDSHAKE_TIMEOUT", value_parser = duration_arg)]
+    pub handshake_timeout: Option<Duration>,
+    /// How long a connection may send nothing before it is closed (e.g. 10m).
+    #[arg(long, env = "GRAINS_CONNECTION_IDLE_TIMEOUT", value_parser = duration_arg)]
+    pub connection_idle_timeout: Option<Duration>,
+    /// The most calls a client connection may have in flight.
+    #[arg(long, env = "GRAINS_MAX_CALLS_PER_CONNECTION")]
+    pub max_calls_per_connection: Option<usize>,
     /// The grain-state storage provider.
     #[arg(long, env = "GRAINS_STORAGE", value_enum)]
     pub storage: Option<StorageKind>,
@@ -124,6 +136,10 @@ impl SiloArgs {
             max_payload_bytes,
             max_mailbox_length,
             max_call_timeout,
+            max_connections,
+            handshake_timeout,
+            connection_idle_timeout,
+            max_calls_per_connection,
             storage,
             database_pool_size,
             database_start_timeout

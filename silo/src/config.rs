@@ -166,6 +166,19 @@ pub struct SiloConfig {
     /// The longest deadline a caller may ask for (default 5m); a longer `timeout_ms` is cut to it.
     #[serde(with = "duration_text")]
     pub max_call_timeout: Duration,
+    /// The most connections the silo keeps open at once (default 10 000); past it a new connection is closed
+    /// at once (and logged once a minute at most).
+    pub max_connections: usize,
+    /// How long a new connection may take to open its first request (default 10s) before it is closed.
+    #[serde(with = "duration_text")]
+    pub handshake_timeout: Duration,
+    /// How long a connection may send nothing before it is closed (default 10m, above `max_call_timeout`;
+    /// the Grains client pings every 10 s while it has a stream open).
+    #[serde(with = "duration_text")]
+    pub connection_idle_timeout: Duration,
+    /// The most calls a client connection may have in flight (default 10 000); past it a call is answered
+    /// `Overloaded` at once. Connections from the cluster's silos are not limited.
+    pub max_calls_per_connection: usize,
     /// The grain-state storage provider.
     pub storage: StorageKind,
     /// The Postgres URL, for `storage = "postgres"` (printed with its password masked).
@@ -214,6 +227,10 @@ impl Default for SiloConfig {
             max_payload_bytes: 4 * 1024 * 1024,
             max_mailbox_length: 10_000,
             max_call_timeout: Duration::from_secs(5 * 60),
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            connection_idle_timeout: Duration::from_secs(10 * 60),
+            max_calls_per_connection: 10_000,
             storage: StorageKind::Memory,
             database_url: None,
             database_pool_size: 16,

@@ -35,11 +35,12 @@ use grains::CallError;
 use grains::runtime::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::Streaming;
 
+use crate::admission::{self, AdmissionLimits, ConnectionInfo};
 use crate::cluster::system::SystemRequest;
 use crate::peer_auth::{Caller, ClusterCredentials, PeerVerifier};
 use crate::silo::SiloInner;
@@ -79,10 +80,14 @@ pub(crate) fn start(silo: Arc<SiloInner>, listener: tokio::net::TcpListener) -> 
         ClusterCredentials { cluster_id: silo.config.cluster_id.clone(), secret: silo.config.cluster_secret.clone() };
     let verifier = Arc::new(PeerVerifier::new(credentials));
     let service = GatewayService { silo, verifier, stopped: stopped.clone() };
-    let incoming = TcpListenerStream::new(listener);
+    let limits = AdmissionLimits {
+        max_connections: service.silo.config.max_connections,
+        handshake_timeout: service.silo.config.handshake_timeout,
+        idle_timeout: service.silo.config.connection_idle_timeout,
+    };
+    let incoming = ReceiverStream::new(admission::accept_loop(listener, limits, stopped.clone()));
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .accept_http1(true)
             .serve_with_incoming_shutdown(service, incoming, wait_for_stop(stopped))
             .await;
@@ -121,6 +126,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if let Some(connection) = request.extensions().get::<ConnectionInfo>() {
+            connection.established.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         if request.uri().path() == METRICS_PATH {
             let text = self.silo.metrics_snapshot().to_prometheus();
             return Box::pin(async move {
@@ -171,7 +179,8 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
         let caller = match self.verifier.verify(request.metadata()) {
             Ok(caller) => caller,
             Err(refused) => {
-                tracing::warn!(remote = ?request.remote_addr(), %refused, "peer connection refused");
+                let remote = request.extensions().get::<ConnectionInfo>().map(|c| c.remote);
+                tracing::warn!(?remote, %refused, "peer connection refused");
                 return std::future::ready(Err(Status::unauthenticated(refused.to_string())));
             }
         };
@@ -197,6 +206,9 @@ async fn serve_connection(
     let stop = wait_for_stop(stopped);
     tokio::pin!(stop);
     let mut draining = false;
+    // The cluster's silos carry each other's whole traffic on one connection: only clients are limited.
+    let limit = silo.config.max_calls_per_connection;
+    let calls_in_flight = matches!(caller, Caller::Client).then(|| Arc::new(tokio::sync::Semaphore::new(limit)));
     loop {
         let next = if draining {
             match tokio::time::timeout(DRAIN_IDLE, inbound.message()).await {
@@ -226,9 +238,22 @@ async fn serve_connection(
                     let _ = outbound.send(Ok(Envelope::response(envelope.correlation_id, Err(denied))));
                     continue;
                 }
+                let permit = match &calls_in_flight {
+                    Some(slots) => match slots.clone().try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        Err(_) => {
+                            let full = format!("this connection has its limit of {limit} calls in flight");
+                            let refused = Envelope::response(envelope.correlation_id, Err(CallError::Overloaded(full)));
+                            let _ = outbound.send(Ok(refused));
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
                 let silo = silo.clone();
                 let outbound = outbound.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let correlation_id = envelope.correlation_id;
                     let limit = silo.config.max_payload_bytes;
                     let result = silo.serve_request(envelope).await.and_then(|reply| {

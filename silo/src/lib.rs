@@ -29,6 +29,7 @@
 //! The activation table, mailboxes and idle collector are internal.
 
 mod activation;
+mod admission;
 pub mod cli;
 mod client;
 pub mod cluster;

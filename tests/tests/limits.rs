@@ -230,3 +230,106 @@ async fn a_call_whose_deadline_passed_in_the_queue_is_dropped_before_its_turn() 
     assert!(matches!(stale.await, Err(CallError::Timeout(_))));
     silo.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Whether the silo closes `stream` (EOF or reset) within `within`.
+async fn closed_by_silo(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // the server's HTTP/2 settings
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_opens_no_request_or_goes_quiet_is_closed() {
+    let (silo, client) = listening_silo(|c| SiloConfig {
+        handshake_timeout: Duration::from_millis(300),
+        connection_idle_timeout: Duration::from_millis(800),
+        ..c
+    })
+    .await;
+    let addr = silo.gateway_addr().unwrap();
+    // Connects and says nothing.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(closed_by_silo(&mut silent, Duration::from_secs(10)).await, "a silent connection stayed open");
+    // Sends half of the HTTP/2 preface, then nothing: no request ever opens.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut slow, b"PRI * HTTP/2.0\r\n").await.unwrap();
+    assert!(closed_by_silo(&mut slow, Duration::from_secs(10)).await, "a half handshake stayed open");
+    // An established stream that answered a call, then carries nothing for longer than the idle timeout.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let codec = grains_silo::wire::EnvelopeCodec::new(1 << 20);
+    let path = http::uri::PathAndQuery::from_static(CONNECT_PATH);
+    let request = tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+    let mut responses = grpc.streaming(request, path, codec).await.unwrap().into_inner();
+    tx.send(grains_silo::wire::Envelope {
+        correlation_id: 1,
+        target: Some((&grains::GrainId::new("Counter", "limits-idle")).into()),
+        method: "get".into(),
+        payload: grains::codec::encode(&()).unwrap().into(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(matches!(responses.message().await, Ok(Some(grains_silo::wire::Inbound::Envelope(_)))));
+    let ended = tokio::time::timeout(Duration::from_secs(10), responses.message()).await;
+    assert!(matches!(ended, Ok(Err(_)) | Ok(Ok(None))), "an idle connection stayed open: {ended:?}");
+    // Clients reconnect and carry on (a call that met the close in flight fails as lost, outcome unknown).
+    let mut result = client.grain::<Counter>("limits-idle").get().await;
+    for _ in 0..3 {
+        if !matches!(result, Err(CallError::Unavailable(_))) {
+            break;
+        }
+        result = client.grain::<Counter>("limits-idle").get().await;
+    }
+    assert_eq!(result, Ok(0));
+    drop(tx);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_are_closed_at_once_and_a_freed_slot_is_reused() {
+    let (silo, client) = listening_silo(|c| SiloConfig { max_connections: 3, ..c }).await;
+    let addr = silo.gateway_addr().unwrap();
+    // The client holds one slot; two idle connections take the others.
+    let held =
+        [tokio::net::TcpStream::connect(addr).await.unwrap(), tokio::net::TcpStream::connect(addr).await.unwrap()];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(closed_by_silo(&mut extra, Duration::from_secs(5)).await, "a connection past the limit stayed open");
+    assert_eq!(client.grain::<Counter>("limits-conns").increment().await.unwrap().unwrap(), 1);
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = Client::connect(format!("http://{addr}")).await.unwrap();
+    assert_eq!(second.grain::<Counter>("limits-conns").increment().await.unwrap().unwrap(), 2);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_past_max_calls_per_connection_are_answered_overloaded() {
+    let (silo, client) = listening_silo(|c| SiloConfig { max_calls_per_connection: 2, ..c }).await;
+    let calls: Vec<_> = (0..6)
+        .map(|i| {
+            let grain = client.grain::<Counter>(format!("limits-per-conn-{i}"));
+            tokio::spawn(async move { grain.sleep(1_000).await })
+        })
+        .collect();
+    let mut overloaded = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(()) => {}
+            Err(CallError::Overloaded(_)) => overloaded += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(overloaded >= 4, "{overloaded} of 6 calls refused with room for 2");
+    assert_eq!(client.grain::<Counter>("limits-per-conn-0").get().await.unwrap(), 0, "the connection still serves");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
