@@ -100,6 +100,15 @@ pub enum CallError {
     /// The silo is shutting down and accepts no new calls.
     #[error("silo is shutting down")]
     ShuttingDown,
+    /// The connection may not make this call: the cluster's system calls are served only to its silos (on a
+    /// connection that proved membership at set-up), and a connection whose proof was wrong is refused. Nothing
+    /// was run or changed.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The silo refused the call at once because a limit was reached (a full mailbox, too many calls on one
+    /// connection). The call did not run; retry later, more slowly.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
 }
 
 impl From<CodecError> for CallError {

@@ -52,10 +52,12 @@ pub(crate) enum Mail {
 /// Unlike a channel, an empty mailbox holds no buffer (a channel allocates its first block of slots up front),
 /// so a million idle activations cost a million small structs, and a burst's buffer is given back once the
 /// queue drains.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Mailbox {
     queue: std::sync::Mutex<MailQueue>,
     arrived: tokio::sync::Notify,
+    /// The most calls it queues (`max_mailbox_length`); a call past it is answered `Overloaded` at once.
+    limit: usize,
 }
 
 #[derive(Debug, Default)]
@@ -78,12 +80,26 @@ impl Mailbox {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `mail`, or hands it back if the mailbox is closed.
+    /// An empty mailbox that queues at most `limit` calls.
+    pub(crate) fn with_limit(limit: usize) -> Self {
+        Self { queue: std::sync::Mutex::default(), arrived: tokio::sync::Notify::new(), limit }
+    }
+
+    /// Queues `mail`, or hands it back if the mailbox is closed. A call that finds the mailbox full is
+    /// answered [`CallError::Overloaded`] here (it counts as delivered: it must not be retried elsewhere).
     pub(crate) fn send(&self, mail: Mail) -> Result<(), Mail> {
         {
             let mut queue = self.lock();
             if queue.closed {
                 return Err(mail);
+            }
+            if queue.items.len() >= self.limit
+                && let Mail::Call(call) = mail
+            {
+                drop(queue);
+                let full = format!("the grain's mailbox holds its limit of {} calls", self.limit);
+                let _ = call.reply.send(Err(CallError::Overloaded(full)));
+                return Ok(());
             }
             queue.items.push_back(mail);
         }
@@ -309,6 +325,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
                     continue;
                 }
                 if Instant::now() >= call.deadline {
+                    // Nobody will use the answer; a queue of stale calls must not cost a turn each.
                     let _ = call.reply.send(Err(CallError::Timeout(Duration::ZERO)));
                     continue;
                 }

@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use clap::Parser;
 
 use crate::config::{FailureDetection, MembershipKind, SiloConfig, StorageKind};
+use crate::peer_auth::ClusterSecret;
 use crate::silo::Silo;
 
 fn duration_arg(text: &str) -> Result<Duration, String> {
@@ -63,6 +64,24 @@ pub struct SiloArgs {
     /// The largest payload accepted, in bytes.
     #[arg(long, env = "GRAINS_MAX_PAYLOAD_BYTES")]
     pub max_payload_bytes: Option<usize>,
+    /// The most calls waiting in one activation's mailbox; past it calls are answered `Overloaded`.
+    #[arg(long, env = "GRAINS_MAX_MAILBOX_LENGTH")]
+    pub max_mailbox_length: Option<usize>,
+    /// The longest deadline a caller may ask for (e.g. 5m).
+    #[arg(long, env = "GRAINS_MAX_CALL_TIMEOUT", value_parser = duration_arg)]
+    pub max_call_timeout: Option<Duration>,
+    /// The most connections kept open at once.
+    #[arg(long, env = "GRAINS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// How long a new connection may take to open its first request (e.g. 10s).
+    #[arg(long, env = "GRAINS_HANDSHAKE_TIMEOUT", value_parser = duration_arg)]
+    pub handshake_timeout: Option<Duration>,
+    /// How long a connection may send nothing before it is closed (e.g. 10m).
+    #[arg(long, env = "GRAINS_CONNECTION_IDLE_TIMEOUT", value_parser = duration_arg)]
+    pub connection_idle_timeout: Option<Duration>,
+    /// The most calls a client connection may have in flight.
+    #[arg(long, env = "GRAINS_MAX_CALLS_PER_CONNECTION")]
+    pub max_calls_per_connection: Option<usize>,
     /// The grain-state storage provider.
     #[arg(long, env = "GRAINS_STORAGE", value_enum)]
     pub storage: Option<StorageKind>,
@@ -75,6 +94,17 @@ pub struct SiloArgs {
     /// How long to keep retrying to reach Postgres at start-up (e.g. 2m).
     #[arg(long, env = "GRAINS_DATABASE_START_TIMEOUT", value_parser = duration_arg)]
     pub database_start_timeout: Option<Duration>,
+    /// The secret the cluster's silos prove membership with (prefer `--cluster-secret-file`: a flag's value
+    /// is visible to other users of the machine).
+    #[arg(long, env = "GRAINS_CLUSTER_SECRET", hide_env_values = true, conflicts_with = "cluster_secret_file")]
+    pub cluster_secret: Option<String>,
+    /// A file holding the cluster secret (one line; a trailing newline is ignored).
+    #[arg(long, env = "GRAINS_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Listen on a non-loopback address without a cluster secret (anyone who reaches the port can then run
+    /// the cluster's system calls).
+    #[arg(long, env = "GRAINS_INSECURE")]
+    pub insecure: bool,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax (e.g. `info`, `grains_silo=debug`).
     #[arg(long, env = "GRAINS_LOG", default_value = "info")]
     pub log: String,
@@ -104,6 +134,12 @@ impl SiloArgs {
             collection_interval,
             call_timeout,
             max_payload_bytes,
+            max_mailbox_length,
+            max_call_timeout,
+            max_connections,
+            handshake_timeout,
+            connection_idle_timeout,
+            max_calls_per_connection,
             storage,
             database_pool_size,
             database_start_timeout
@@ -116,6 +152,19 @@ impl SiloArgs {
         }
         if let Some(seed) = &self.seed {
             config.seed = Some(seed.clone());
+        }
+        if let Some(secret) = &self.cluster_secret {
+            config.cluster_secret = Some(ClusterSecret::new(secret.clone()));
+        }
+        if let Some(path) = &self.cluster_secret_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the cluster secret {}", path.display()))?;
+            let secret = text.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!secret.is_empty(), "the cluster secret file {} is empty", path.display());
+            config.cluster_secret = Some(ClusterSecret::new(secret));
+        }
+        if self.insecure {
+            config.insecure = true;
         }
         Ok(config)
     }
@@ -208,6 +257,20 @@ mod tests {
         assert_eq!(config.port, 4200);
         assert_eq!(config.name, "from-file");
         assert_eq!(config.call_timeout, Duration::from_secs(5));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_cluster_secret_is_read_from_a_file_and_insecure_from_a_flag() {
+        let dir = std::env::temp_dir().join(format!("grains-cli-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let args = SiloArgs::parse_from(["silo", "--cluster-secret-file", file.to_str().unwrap(), "--insecure"]);
+        let config = args.to_config().unwrap();
+        assert_eq!(config.cluster_secret, Some(ClusterSecret::new("s3cret")));
+        assert!(config.insecure);
+        assert!(SiloArgs::try_parse_from(["silo", "--cluster-secret", "a", "--cluster-secret-file", "b"]).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::cluster::system::{self, SystemRequest, SystemResponse};
 use crate::connection::{Connection, ConnectionPool, PeerKind};
+use crate::peer_auth::{ClusterCredentials, PeerIdentity};
 use crate::wire::{Envelope, Mode, WireGrainId};
 
 /// Why a client could not connect.
@@ -35,7 +36,7 @@ pub enum ConnectError {
 }
 
 /// Client settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
     /// The deadline of calls that do not set their own.
     pub call_timeout: Duration,
@@ -45,6 +46,10 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// How often to refresh the gateway list from the cluster.
     pub gateway_refresh_interval: Duration,
+    /// Connect as a member of the cluster, proving it with the cluster's id and secret, for the diagnostics
+    /// only members may ask for ([`Client::active_grains`]). `None`: an ordinary client (grain calls and the
+    /// gateway list).
+    pub member: Option<ClusterCredentials>,
 }
 
 impl Default for ClientConfig {
@@ -54,6 +59,7 @@ impl Default for ClientConfig {
             max_payload_bytes: 4 * 1024 * 1024,
             connect_timeout: Duration::from_secs(5),
             gateway_refresh_interval: Duration::from_secs(5),
+            member: None,
         }
     }
 }
@@ -108,10 +114,15 @@ impl Client {
         if gateways.is_empty() {
             return Err(ConnectError::InvalidAddress(String::new()));
         }
+        let identity = config
+            .member
+            .clone()
+            .map(|credentials| PeerIdentity { credentials, endpoint: format!("client-{}", std::process::id()) });
+        let connections = ConnectionPool::new(PeerKind::Gateway, config.connect_timeout, identity);
         let inner = Arc::new_cyclic(|this| ClientInner {
             config,
             gateways: RwLock::new(gateways.clone()),
-            connections: ConnectionPool::new(PeerKind::Gateway, config.connect_timeout),
+            connections,
             next: AtomicUsize::new(0),
             this: this.clone(),
         });
@@ -148,7 +159,8 @@ impl Client {
         self.inner.gateways()
     }
 
-    /// Diagnostics: the grain ids active on the silo at `gateway` (`host:port`).
+    /// Diagnostics: the grain ids active on the silo at `gateway` (`host:port`). Only for a client connected
+    /// as a member ([`ClientConfig::member`]); others get [`CallError::PermissionDenied`].
     pub async fn active_grains(&self, gateway: &str) -> Result<Vec<GrainId>, CallError> {
         let gateway = normalize(gateway).map_err(|e| CallError::Protocol(e.to_string()))?;
         let conn = self.inner.connection(&gateway).await?;

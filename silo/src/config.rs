@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::peer_auth::ClusterSecret;
+
 /// Which grain-state storage provider a silo uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -160,8 +162,29 @@ pub struct SiloConfig {
     /// The deadline of calls that do not set their own.
     #[serde(with = "duration_text")]
     pub call_timeout: Duration,
-    /// The largest request or reply payload accepted, in bytes.
+    /// The largest request or reply payload accepted, in bytes (default 4 MiB). A larger one is answered
+    /// `PayloadTooLarge`; a frame whose header announces more than this plus 64 KiB ends its stream before any
+    /// of it is buffered, so each stream holds at most that much of a frame in memory.
     pub max_payload_bytes: usize,
+    /// The most calls waiting in one activation's mailbox (default 10 000); a call past it is answered
+    /// `Overloaded` at once and does not run.
+    pub max_mailbox_length: usize,
+    /// The longest deadline a caller may ask for (default 5m); a longer `timeout_ms` is cut to it.
+    #[serde(with = "duration_text")]
+    pub max_call_timeout: Duration,
+    /// The most connections the silo keeps open at once (default 10 000); past it a new connection is closed
+    /// at once (and logged once a minute at most).
+    pub max_connections: usize,
+    /// How long a new connection may take to open its first request (default 10s) before it is closed.
+    #[serde(with = "duration_text")]
+    pub handshake_timeout: Duration,
+    /// How long a connection may send nothing before it is closed (default 10m, above `max_call_timeout`;
+    /// the Grains client pings every 10 s while it has a stream open).
+    #[serde(with = "duration_text")]
+    pub connection_idle_timeout: Duration,
+    /// The most calls a client connection may have in flight (default 10 000); past it a call is answered
+    /// `Overloaded` at once. Connections from the cluster's silos are not limited.
+    pub max_calls_per_connection: usize,
     /// The grain-state storage provider.
     pub storage: StorageKind,
     /// The Postgres URL, for `storage = "postgres"` (printed with its password masked).
@@ -175,6 +198,14 @@ pub struct SiloConfig {
     /// How long the silo keeps retrying (with backoff) to reach Postgres at start-up before giving up.
     #[serde(with = "duration_text")]
     pub database_start_timeout: Duration,
+    /// The secret the cluster's silos prove membership with when they connect to each other (see the
+    /// `gateway` module). Without it, any connection that declares itself a silo is taken as one: fine on
+    /// loopback, refused on other addresses unless `insecure` (printed as `***`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_secret: Option<ClusterSecret>,
+    /// Listen on a non-loopback address without a `cluster_secret`, letting whoever reaches the port run the
+    /// cluster's system calls (membership, directory). Off by default: such a silo refuses to start.
+    pub insecure: bool,
     /// Per-grain-type overrides, keyed by grain type name: `[grain.Cart] idle_timeout = "1m"`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub grain: BTreeMap<String, GrainTypeConfig>,
@@ -200,11 +231,19 @@ impl Default for SiloConfig {
             collection_interval: Duration::from_secs(60),
             call_timeout: grains::runtime::DEFAULT_CALL_TIMEOUT,
             max_payload_bytes: 4 * 1024 * 1024,
+            max_mailbox_length: 10_000,
+            max_call_timeout: Duration::from_secs(5 * 60),
+            max_connections: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            connection_idle_timeout: Duration::from_secs(10 * 60),
+            max_calls_per_connection: 10_000,
             storage: StorageKind::Memory,
             database_url: None,
             database_pool_size: 16,
             database_acquire_timeout: Duration::from_secs(3),
             database_start_timeout: Duration::from_secs(120),
+            cluster_secret: None,
+            insecure: false,
             grain: BTreeMap::new(),
         }
     }
@@ -220,6 +259,7 @@ impl SiloConfig {
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.database_url = shown.database_url.as_deref().map(mask_password);
+        shown.cluster_secret = shown.cluster_secret.map(|_| ClusterSecret::new("***"));
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
 
@@ -230,6 +270,20 @@ impl SiloConfig {
             None if self.host.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
             None => self.host,
         }
+    }
+
+    /// Refuses a configuration that would let anyone who reaches the silo's port run the cluster's system
+    /// calls: listening on a non-loopback address with no `cluster_secret`, unless `insecure` says so.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        if self.gateway && self.cluster_secret.is_none() && !self.insecure && !self.host.is_loopback() {
+            return Err(format!(
+                "refusing to listen on {} without a cluster secret: anyone who reaches the port could rewrite the \
+                 cluster's membership and directory; set cluster_secret (GRAINS_CLUSTER_SECRET, --cluster-secret, \
+                 --cluster-secret-file), bind 127.0.0.1, or pass --insecure (GRAINS_INSECURE=true) to accept that",
+                self.host
+            ));
+        }
+        Ok(())
     }
 
     /// The idle timeout for a grain type: silo override, else the type's own, else the silo default.
@@ -322,6 +376,25 @@ mod tests {
         let told = SiloConfig { advertise_host: Some("10.1.2.3".parse().unwrap()), ..any };
         assert_eq!(told.advertised_host().to_string(), "10.1.2.3");
         assert_eq!(SiloConfig::default().advertised_host(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn the_cluster_secret_is_masked_when_printed() {
+        let config = SiloConfig { cluster_secret: Some("hunter2".into()), ..SiloConfig::default() };
+        let printed = config.to_toml();
+        assert!(printed.contains("cluster_secret = \"***\""), "{printed}");
+        assert!(!printed.contains("hunter2"));
+    }
+
+    #[test]
+    fn a_public_address_needs_a_secret_or_an_explicit_insecure() {
+        let public = SiloConfig { host: "0.0.0.0".parse().unwrap(), ..SiloConfig::default() };
+        let refused = public.check_exposure().unwrap_err();
+        assert!(refused.contains("--insecure") && refused.contains("cluster_secret"), "{refused}");
+        assert!(SiloConfig { insecure: true, ..public.clone() }.check_exposure().is_ok());
+        assert!(SiloConfig { cluster_secret: Some("s".into()), ..public.clone() }.check_exposure().is_ok());
+        assert!(SiloConfig { gateway: false, ..public }.check_exposure().is_ok());
+        assert!(SiloConfig::default().check_exposure().is_ok(), "loopback is fine without a secret");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::codec::Streaming;
 use tonic::transport::Endpoint;
 
+use crate::peer_auth::PeerIdentity;
 use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind};
 
 /// Who is at the other end, which decides the error a lost call gets.
@@ -56,8 +57,15 @@ impl Connection {
         lost(self.kind, &self.peer, what)
     }
 
-    /// Opens a stream to `peer` (`host:port`).
-    pub(crate) async fn open(peer: &str, kind: PeerKind, connect_timeout: Duration) -> Result<Arc<Self>, CallError> {
+    /// Opens a stream to `peer` (`host:port`), proving membership of the cluster with `identity` when given
+    /// (a silo's connections to its peers). A peer that refuses the proof answers
+    /// [`CallError::PermissionDenied`].
+    pub(crate) async fn open(
+        peer: &str,
+        kind: PeerKind,
+        connect_timeout: Duration,
+        identity: Option<&PeerIdentity>,
+    ) -> Result<Arc<Self>, CallError> {
         let url = if peer.contains("://") { peer.to_owned() } else { format!("http://{peer}") };
         let endpoint = Endpoint::from_shared(url)
             .map_err(|_| CallError::Protocol(format!("invalid address {peer}")))?
@@ -71,14 +79,19 @@ impl Connection {
             .max_encoding_message_size(HARD_FRAME_LIMIT);
         grpc.ready().await.map_err(|e| lost(kind, peer, &e.to_string()))?;
         let (outbound, rx) = mpsc::unbounded_channel();
+        let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx));
+        if let Some(identity) = identity {
+            identity.stamp(request.metadata_mut());
+        }
         let response = grpc
-            .streaming(
-                tonic::Request::new(UnboundedReceiverStream::new(rx)),
-                PathAndQuery::from_static(CONNECT_PATH),
-                EnvelopeCodec::new(HARD_FRAME_LIMIT),
-            )
+            .streaming(request, PathAndQuery::from_static(CONNECT_PATH), EnvelopeCodec::new(HARD_FRAME_LIMIT))
             .await
-            .map_err(|e| lost(kind, peer, &e.to_string()))?;
+            .map_err(|status| match status.code() {
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                    CallError::PermissionDenied(format!("{peer} refused this connection: {}", status.message()))
+                }
+                _ => lost(kind, peer, &status.to_string()),
+            })?;
         let conn = Arc::new(Connection {
             peer: peer.to_owned(),
             kind,
@@ -179,14 +192,15 @@ async fn read_responses(conn: Arc<Connection>, mut inbound: Streaming<Inbound>) 
 pub(crate) struct ConnectionPool {
     kind: PeerKind,
     connect_timeout: Duration,
+    identity: Option<PeerIdentity>,
     open: DashMap<String, Arc<Connection>>,
     opening: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl ConnectionPool {
-    /// An empty pool of connections to peers of `kind`.
-    pub(crate) fn new(kind: PeerKind, connect_timeout: Duration) -> Self {
-        Self { kind, connect_timeout, open: DashMap::new(), opening: DashMap::new() }
+    /// An empty pool of connections to peers of `kind`, each opened with `identity`'s membership proof if given.
+    pub(crate) fn new(kind: PeerKind, connect_timeout: Duration, identity: Option<PeerIdentity>) -> Self {
+        Self { kind, connect_timeout, identity, open: DashMap::new(), opening: DashMap::new() }
     }
 
     /// The open connection to `endpoint`, opening one if there is none or the last one died.
@@ -199,7 +213,7 @@ impl ConnectionPool {
         if let Some(conn) = self.open.get(endpoint).filter(|c| c.is_alive()) {
             return Ok(conn.clone());
         }
-        let conn = Connection::open(endpoint, self.kind, self.connect_timeout).await?;
+        let conn = Connection::open(endpoint, self.kind, self.connect_timeout, self.identity.as_ref()).await?;
         self.open.insert(endpoint.to_owned(), conn.clone());
         Ok(conn)
     }

@@ -4,6 +4,24 @@
 //! path as it arrives and answered when it completes, so one slow grain never holds up the other calls on the
 //! same connection. Tonic batches queued responses into as few HTTP/2 writes as it can.
 //!
+//! # Who may call what
+//!
+//! The port serves two kinds of caller, told apart when a stream is set up (see `peer_auth`):
+//!
+//! - **Silos of the cluster** prove membership in the stream's request metadata: their endpoint, a timestamp,
+//!   a nonce and an HMAC-SHA256 over them keyed with the cluster secret (`cluster_secret`,
+//!   `GRAINS_CLUSTER_SECRET`, `--cluster-secret[-file]`), accepted once, within two minutes of this silo's
+//!   clock. A stream whose proof is wrong, stale or replayed is refused before it carries a frame
+//!   (`Unauthenticated`; the opening silo sees [`CallError::PermissionDenied`]). A peer's stream carries any
+//!   call, including the reserved `$system` calls that read and write membership and the directory.
+//! - **Everyone else** is a client: grain calls (routed; never delivered straight to an activation) and the
+//!   gateway list (`Gateways`, which [`crate::Client`] needs). Every other system call is answered
+//!   [`CallError::PermissionDenied`] and changes nothing.
+//!
+//! Without a secret a silo runs in *insecure mode*: a stream that declares itself a peer is taken as one. That
+//! suits the embedded default and loopback development clusters; on any other address the silo refuses to
+//! start unless `insecure` (`--insecure`, `GRAINS_INSECURE`) is set.
+//!
 //! The same port answers `GET /metrics` (HTTP/1.1 or HTTP/2) with the silo's counters in the Prometheus text
 //! format, for scraping.
 
@@ -17,13 +35,18 @@ use grains::CallError;
 use grains::runtime::BoxFuture;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::Streaming;
 
+use crate::admission::{self, AdmissionLimits, ConnectionInfo};
+use crate::cluster::system::SystemRequest;
+use crate::peer_auth::{Caller, ClusterCredentials, PeerVerifier};
 use crate::silo::SiloInner;
-use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind};
+use crate::wire::{
+    CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind, Mode, SYSTEM_TYPE, frame_limit,
+};
 
 /// Where the silo serves its metrics in the Prometheus text format (plain HTTP/1.1 or HTTP/2 `GET`).
 pub const METRICS_PATH: &str = "/metrics";
@@ -53,11 +76,18 @@ impl GatewayHandle {
 pub(crate) fn start(silo: Arc<SiloInner>, listener: tokio::net::TcpListener) -> std::io::Result<GatewayHandle> {
     let local_addr = listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
-    let service = GatewayService { silo, stopped: stopped.clone() };
-    let incoming = TcpListenerStream::new(listener);
+    let credentials =
+        ClusterCredentials { cluster_id: silo.config.cluster_id.clone(), secret: silo.config.cluster_secret.clone() };
+    let verifier = Arc::new(PeerVerifier::new(credentials));
+    let service = GatewayService { silo, verifier, stopped: stopped.clone() };
+    let limits = AdmissionLimits {
+        max_connections: service.silo.config.max_connections,
+        handshake_timeout: service.silo.config.handshake_timeout,
+        idle_timeout: service.silo.config.connection_idle_timeout,
+    };
+    let incoming = ReceiverStream::new(admission::accept_loop(listener, limits, stopped.clone()));
     let task = tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .accept_http1(true)
             .serve_with_incoming_shutdown(service, incoming, wait_for_stop(stopped))
             .await;
@@ -77,6 +107,7 @@ async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
 #[derive(Clone)]
 struct GatewayService {
     silo: Arc<SiloInner>,
+    verifier: Arc<PeerVerifier>,
     stopped: watch::Receiver<bool>,
 }
 
@@ -95,6 +126,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if let Some(connection) = request.extensions().get::<ConnectionInfo>() {
+            connection.established.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         if request.uri().path() == METRICS_PATH {
             let text = self.silo.metrics_snapshot().to_prometheus();
             return Box::pin(async move {
@@ -110,20 +144,23 @@ where
             return Box::pin(async move { Ok(Status::unimplemented(format!("no method at {path}")).into_http()) });
         }
         let silo = self.silo.clone();
+        let verifier = self.verifier.clone();
         let stopped = self.stopped.clone();
         Box::pin(async move {
             let limit = silo.config.max_payload_bytes;
+            // Checked on each frame's 5-byte header, before the frame is buffered.
             let mut grpc = tonic::server::Grpc::new(EnvelopeCodec::new(limit))
-                .max_decoding_message_size(HARD_FRAME_LIMIT)
+                .max_decoding_message_size(frame_limit(limit))
                 .max_encoding_message_size(HARD_FRAME_LIMIT);
-            Ok(grpc.streaming(ConnectMethod { silo, stopped }, request).await)
+            Ok(grpc.streaming(ConnectMethod { silo, verifier, stopped }, request).await)
         })
     }
 }
 
-/// The streaming method: each accepted stream becomes a connection task.
+/// The streaming method: each accepted stream becomes a connection task, once its caller is established.
 struct ConnectMethod {
     silo: Arc<SiloInner>,
+    verifier: Arc<PeerVerifier>,
     stopped: watch::Receiver<bool>,
 }
 
@@ -139,8 +176,17 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
     }
 
     fn call(&mut self, request: tonic::Request<Streaming<Inbound>>) -> Self::Future {
+        let caller = match self.verifier.verify(request.metadata()) {
+            Ok(caller) => caller,
+            Err(refused) => {
+                let remote = request.extensions().get::<ConnectionInfo>().map(|c| c.remote);
+                tracing::warn!(?remote, %refused, "peer connection refused");
+                return std::future::ready(Err(Status::unauthenticated(refused.to_string())));
+            }
+        };
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(serve_connection(self.silo.clone(), request.into_inner(), tx, self.stopped.clone()));
+        let serve = serve_connection(self.silo.clone(), caller, request.into_inner(), tx, self.stopped.clone());
+        tokio::spawn(serve);
         std::future::ready(Ok(tonic::Response::new(UnboundedReceiverStream::new(rx))))
     }
 }
@@ -151,14 +197,18 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
 /// closes once the last call in flight has been answered.
 async fn serve_connection(
     silo: Arc<SiloInner>,
+    caller: Caller,
     mut inbound: Streaming<Inbound>,
     outbound: mpsc::UnboundedSender<Result<Envelope, Status>>,
     stopped: watch::Receiver<bool>,
 ) {
-    tracing::debug!("gateway connection opened");
+    tracing::debug!(?caller, "gateway connection opened");
     let stop = wait_for_stop(stopped);
     tokio::pin!(stop);
     let mut draining = false;
+    // The cluster's silos carry each other's whole traffic on one connection: only clients are limited.
+    let limit = silo.config.max_calls_per_connection;
+    let calls_in_flight = matches!(caller, Caller::Client).then(|| Arc::new(tokio::sync::Semaphore::new(limit)));
     loop {
         let next = if draining {
             match tokio::time::timeout(DRAIN_IDLE, inbound.message()).await {
@@ -184,9 +234,26 @@ async fn serve_connection(
         };
         match frame {
             Inbound::Envelope(envelope) if envelope.kind == Kind::Request as i32 => {
+                if let Err(denied) = authorize(&caller, &envelope) {
+                    let _ = outbound.send(Ok(Envelope::response(envelope.correlation_id, Err(denied))));
+                    continue;
+                }
+                let permit = match &calls_in_flight {
+                    Some(slots) => match slots.clone().try_acquire_owned() {
+                        Ok(permit) => Some(permit),
+                        Err(_) => {
+                            let full = format!("this connection has its limit of {limit} calls in flight");
+                            let refused = Envelope::response(envelope.correlation_id, Err(CallError::Overloaded(full)));
+                            let _ = outbound.send(Ok(refused));
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
                 let silo = silo.clone();
                 let outbound = outbound.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let correlation_id = envelope.correlation_id;
                     let limit = silo.config.max_payload_bytes;
                     let result = silo.serve_request(envelope).await.and_then(|reply| {
@@ -216,4 +283,47 @@ async fn serve_connection(
         }
     }
     tracing::debug!("gateway connection closed");
+}
+
+/// Whether `caller` may make the request in `envelope`. Silos may make any; a client makes grain calls to be
+/// routed (never delivered straight to an activation, skipping the directory) and asks for the gateway list,
+/// and nothing else: every other system request reads or rewrites the cluster's membership or directory.
+fn authorize(caller: &Caller, envelope: &Envelope) -> Result<(), CallError> {
+    if let Caller::Peer(_) = caller {
+        return Ok(());
+    }
+    if envelope.target.as_ref().is_some_and(|t| t.grain_type == SYSTEM_TYPE) {
+        // Only the gateway list is open to clients; anything else, decodable or not, is refused.
+        let name = match grains::codec::decode_named::<SystemRequest>(&envelope.payload) {
+            Ok(SystemRequest::Gateways) => return Ok(()),
+            Ok(other) => system_call_name(&other),
+            Err(_) => "(undecodable)",
+        };
+        return Err(CallError::PermissionDenied(format!(
+            "the system call {name} is served only to the cluster's silos, and this connection did not prove \
+             membership (see cluster_secret)"
+        )));
+    }
+    match Mode::try_from(envelope.mode) {
+        Ok(Mode::Route) => Ok(()),
+        _ => Err(CallError::PermissionDenied(
+            "only the cluster's silos deliver calls straight to an activation; a client's calls are routed".to_owned(),
+        )),
+    }
+}
+
+fn system_call_name(request: &SystemRequest) -> &'static str {
+    match request {
+        SystemRequest::Ping => "Ping",
+        SystemRequest::Gateways => "Gateways",
+        SystemRequest::LookupOrPlace { .. } => "LookupOrPlace",
+        SystemRequest::Register { .. } => "Register",
+        SystemRequest::Unregister { .. } => "Unregister",
+        SystemRequest::MembershipChanged => "MembershipChanged",
+        SystemRequest::Activations => "Activations",
+        SystemRequest::Table(_) => "Table",
+        SystemRequest::Recover { .. } => "Recover",
+        SystemRequest::Evict { .. } => "Evict",
+        SystemRequest::Draining { .. } => "Draining",
+    }
 }

@@ -29,6 +29,7 @@
 //! The activation table, mailboxes and idle collector are internal.
 
 mod activation;
+mod admission;
 pub mod cli;
 mod client;
 pub mod cluster;
@@ -37,6 +38,7 @@ mod connection;
 mod fencing;
 pub mod gateway;
 mod metrics;
+mod peer_auth;
 mod silo;
 pub mod wire;
 
@@ -44,4 +46,5 @@ pub use client::{Client, ClientConfig, ConnectError};
 pub use cluster::ClusterView;
 pub use config::{ClusterTimings, FailureDetection, GrainTypeConfig, MembershipKind, SiloConfig, StorageKind};
 pub use metrics::MetricsSnapshot;
+pub use peer_auth::{ClusterCredentials, ClusterSecret, PROOF_WINDOW};
 pub use silo::{Silo, SiloBuilder, SiloError};

@@ -30,6 +30,7 @@ use crate::cluster::{Backoff, Cluster, ClusterView, LocalActivations, Registrati
 use crate::config::{MembershipKind, SiloConfig, StorageKind};
 use crate::gateway::{self, GatewayHandle};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::peer_auth::{ClusterCredentials, PeerIdentity};
 use crate::wire::{Envelope, Mode, WireGrainId};
 
 /// Why a silo could not start.
@@ -236,7 +237,7 @@ impl SiloInner {
             Some(&entry) => entry,
             None => unreachable!("calls are checked for their grain type first"),
         };
-        let mailbox = Arc::new(activation::Mailbox::default());
+        let mailbox = Arc::new(activation::Mailbox::with_limit(self.config.max_mailbox_length));
         let activation_id = self.next_activation_id.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(ActivationShared::new(self.now_ms(), idle_timeout));
         let task = tokio::spawn(activation::run(ActivationStart {
@@ -383,7 +384,8 @@ impl SiloInner {
             .iter()
             .map(|id| id.to_grain_id(self.grain_type(&id.grain_type).map(|r| r.type_name)))
             .collect::<Result<Vec<_>, _>>()?;
-        let deadline = envelope.deadline(self.config.call_timeout)?;
+        // A client-chosen deadline is capped: a call never holds resources past `max_call_timeout`.
+        let deadline = envelope.deadline(self.config.call_timeout)?.min(Instant::now() + self.config.max_call_timeout);
         let call = Call {
             target: id,
             method: envelope.method.into(),
@@ -634,6 +636,7 @@ impl SiloBuilder {
     /// agent.
     pub async fn start(self) -> Result<Silo, SiloError> {
         let config = self.config;
+        config.check_exposure().map_err(SiloError::Config)?;
         let pool = match (config.storage, config.membership) {
             (StorageKind::Postgres, _) | (_, MembershipKind::Postgres) => Some(open_pool(&config).await?),
             _ => None,
@@ -642,16 +645,6 @@ impl SiloBuilder {
             (Some(store), _, _) => store,
             (None, StorageKind::Postgres, Some(pool)) => Arc::new(postgres::PostgresStateStore::new(pool.clone())),
             (None, _, _) => Arc::new(MemoryStateStore::new()),
-        };
-        let table: Arc<dyn MembershipTable> = match (self.membership, config.membership, &pool) {
-            (Some(table), _, _) => table,
-            (None, MembershipKind::Memory, _) if config.seed.is_some() => {
-                Arc::new(crate::cluster::seed::SeedMembershipTable::new(config.seed.clone().unwrap_or_default()))
-            }
-            (None, MembershipKind::Postgres, Some(pool)) => {
-                Arc::new(PostgresMembershipTable::new(pool.clone(), config.cluster_id.clone()))
-            }
-            (None, _, _) => Arc::new(MemoryMembershipTable::new()),
         };
         let types = GrainRegistration::all()
             .map(|r| (r.type_name, (r, config.idle_timeout_for(r.type_name, r.options.idle_timeout))))
@@ -673,7 +666,27 @@ impl SiloBuilder {
             None => format!("in-process-{}", std::process::id()),
         };
         let me = SiloAddress { endpoint, epoch: membership::now_ms() };
-        let cluster = Arc::new(Cluster::new(me, config.failure_detection.timings(), table));
+        let identity = PeerIdentity {
+            credentials: ClusterCredentials {
+                cluster_id: config.cluster_id.clone(),
+                secret: config.cluster_secret.clone(),
+            },
+            endpoint: me.endpoint.clone(),
+        };
+        let table: Arc<dyn MembershipTable> = match (self.membership, config.membership, &pool) {
+            (Some(table), _, _) => table,
+            (None, MembershipKind::Memory, _) if config.seed.is_some() => {
+                Arc::new(crate::cluster::seed::SeedMembershipTable::new(
+                    config.seed.clone().unwrap_or_default(),
+                    identity.clone(),
+                ))
+            }
+            (None, MembershipKind::Postgres, Some(pool)) => {
+                Arc::new(PostgresMembershipTable::new(pool.clone(), config.cluster_id.clone()))
+            }
+            (None, _, _) => Arc::new(MemoryMembershipTable::new()),
+        };
+        let cluster = Arc::new(Cluster::new(me, config.failure_detection.timings(), table, identity));
         let store: Arc<dyn GrainStateStore> = Arc::new(crate::fencing::FencedStore::new(store, cluster.clone()));
         let inner = Arc::new_cyclic(|this| SiloInner {
             config,

@@ -6,7 +6,9 @@
 //!
 //! A frame that cannot be decoded, or that is larger than the payload limit, is answered with a typed error
 //! for its correlation id (read from the frame's first field when possible, else 0) and the stream keeps
-//! working. Only a frame beyond the transport's hard cap ([`HARD_FRAME_LIMIT`]) ends the stream.
+//! working. A frame whose header announces more than [`frame_limit`] (the payload limit plus
+//! [`ENVELOPE_OVERHEAD`]) ends the stream at the header, before any of it is buffered: the transport cannot
+//! skip a frame, and buffering whatever a header announces lets a few streams take the silo's memory.
 
 use bytes::{Buf, Bytes};
 use grains::{CallError, GrainId, GrainKey};
@@ -17,9 +19,18 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 /// The gRPC path of the gateway's one method: a bidirectional stream of [`Envelope`]s.
 pub const CONNECT_PATH: &str = "/grains.v1.Gateway/Connect";
 
-/// Frames above this size end the stream (the transport cannot skip them); below it, oversized frames are
-/// answered with [`CallError::PayloadTooLarge`].
+/// The largest frame a client or silo reads from a silo it called (a silo's replies are bounded by its own
+/// payload limit).
 pub const HARD_FRAME_LIMIT: usize = 256 * 1024 * 1024;
+
+/// Room for an envelope's own fields (target, method, call chain) around its payload.
+pub const ENVELOPE_OVERHEAD: usize = 64 * 1024;
+
+/// The largest frame a silo reads with a payload limit of `max_payload_bytes`: frames up to it that exceed the
+/// payload limit are answered with [`CallError::PayloadTooLarge`]; a larger one ends the stream at its header.
+pub fn frame_limit(max_payload_bytes: usize) -> usize {
+    max_payload_bytes.saturating_add(ENVELOPE_OVERHEAD)
+}
 
 /// Whether an envelope is a request or a response.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -311,7 +322,7 @@ impl Decoder for EnvelopeCodec {
         let size = src.remaining();
         let correlation_id = peek_correlation_id(src.chunk());
         // The envelope's own fields are small; the limit applies to the frame as a whole.
-        if size > self.limit + 1024 {
+        if size > self.limit.saturating_add(1024) {
             src.advance(size);
             return Ok(Some(Inbound::TooLarge { correlation_id, size }));
         }

@@ -212,10 +212,13 @@ async fn duplicates(client: &Client, silos: &[&SiloProcess]) -> usize {
     duplicates
 }
 
+/// A client that may ask silos for their activations: it declares itself a member (the silos here run on
+/// loopback without a cluster secret, so the declaration needs no proof).
 fn client_config() -> ClientConfig {
     ClientConfig {
         call_timeout: Duration::from_secs(10),
         gateway_refresh_interval: Duration::from_millis(500),
+        member: Some(grains_silo::ClusterCredentials::default()),
         ..Default::default()
     }
 }

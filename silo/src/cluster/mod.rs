@@ -32,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::config::ClusterTimings;
 use crate::connection::{Connection, ConnectionPool, PeerKind};
+use crate::peer_auth::PeerIdentity;
 use directory::{DirectoryPartition, Liveness};
 use ring::HashRing;
 pub use system::Registration;
@@ -188,7 +189,13 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
-    pub(crate) fn new(me: SiloAddress, timings: ClusterTimings, table: Arc<dyn MembershipTable>) -> Self {
+    /// The cluster machinery of silo `me`, which proves its membership to peers with `identity`.
+    pub(crate) fn new(
+        me: SiloAddress,
+        timings: ClusterTimings,
+        table: Arc<dyn MembershipTable>,
+        identity: PeerIdentity,
+    ) -> Self {
         placement::seed_from_clock();
         // Until the table is read, the silo sees itself alone (version 0): routing waits for the first real view,
         // and its directory partition owns nothing yet.
@@ -202,8 +209,8 @@ impl Cluster {
             cache: DashMap::new(),
             evictions: AtomicU32::new(0),
             loads: DashMap::new(),
-            peers: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout),
-            probes: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout),
+            peers: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout, Some(identity.clone())),
+            probes: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout, Some(identity)),
             refresh_now: Notify::new(),
             lease: Lease::new(timings.lease),
             fenced: Mutex::new(HashMap::new()),
@@ -675,7 +682,9 @@ mod tests {
     #[test]
     fn the_routing_cache_stays_within_its_capacity() {
         let me = SiloAddress { endpoint: "127.0.0.1:1".into(), epoch: 1 };
-        let cluster = Cluster::new(me.clone(), ClusterTimings::fast(), Arc::new(MemoryMembershipTable::new()));
+        let identity = PeerIdentity { credentials: Default::default(), endpoint: me.endpoint.clone() };
+        let table = Arc::new(MemoryMembershipTable::new());
+        let cluster = Cluster::new(me.clone(), ClusterTimings::fast(), table, identity);
         for i in 0..10_000i64 {
             cluster.remember(GrainId::new("G", i), Registration { silo: me.clone(), id: 1 }, 1_000);
             assert!(cluster.cache.len() <= 1_000, "{} entries at {i}", cluster.cache.len());

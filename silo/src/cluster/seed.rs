@@ -16,6 +16,7 @@ use tokio::sync::Mutex;
 
 use super::system::{self, SystemRequest, SystemResponse};
 use crate::connection::{Connection, PeerKind};
+use crate::peer_auth::PeerIdentity;
 
 /// A membership table operation sent to the seed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,13 +61,14 @@ pub(crate) async fn serve(table: &dyn MembershipTable, op: TableOp) -> Result<Ta
 /// The membership table of a seed silo, reached over the network.
 pub(crate) struct SeedMembershipTable {
     seed: String,
+    identity: PeerIdentity,
     connection: Mutex<Option<Arc<Connection>>>,
 }
 
 impl SeedMembershipTable {
-    /// The table held by the silo at `seed` (`host:port`).
-    pub(crate) fn new(seed: impl Into<String>) -> Self {
-        Self { seed: seed.into(), connection: Mutex::new(None) }
+    /// The table held by the silo at `seed` (`host:port`), reached as the member `identity`.
+    pub(crate) fn new(seed: impl Into<String>, identity: PeerIdentity) -> Self {
+        Self { seed: seed.into(), identity, connection: Mutex::new(None) }
     }
 
     async fn ask(&self, op: TableOp) -> Result<TableAnswer, StorageError> {
@@ -76,9 +78,10 @@ impl SeedMembershipTable {
             match slot.as_ref().filter(|c| c.is_alive()) {
                 Some(conn) => conn.clone(),
                 None => {
-                    let conn = Connection::open(&self.seed, PeerKind::Silo, Duration::from_secs(2))
-                        .await
-                        .map_err(unavailable)?;
+                    let conn =
+                        Connection::open(&self.seed, PeerKind::Silo, Duration::from_secs(2), Some(&self.identity))
+                            .await
+                            .map_err(unavailable)?;
                     *slot = Some(conn.clone());
                     conn
                 }
