@@ -33,6 +33,21 @@ pub(crate) enum PeerKind {
     Silo,
 }
 
+/// HTTP/2 keep-alive: after `interval` without hearing from the peer the connection pings it, and closes (failing
+/// its calls in flight) when the ping is not answered within `timeout` — a frozen peer is noticed even while its
+/// TCP connection stays open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeepAlive {
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+}
+
+impl KeepAlive {
+    /// Between silos, where membership probes judge liveness.
+    pub(crate) const BETWEEN_SILOS: KeepAlive =
+        KeepAlive { interval: Duration::from_secs(10), timeout: Duration::from_secs(10) };
+}
+
 /// One open stream and the calls waiting on it.
 pub(crate) struct Connection {
     peer: String,
@@ -58,13 +73,23 @@ impl Connection {
 
     /// Opens a stream to `peer` (`host:port`).
     pub(crate) async fn open(peer: &str, kind: PeerKind, connect_timeout: Duration) -> Result<Arc<Self>, CallError> {
+        Self::open_with(peer, kind, connect_timeout, KeepAlive::BETWEEN_SILOS).await
+    }
+
+    /// Opens a stream to `peer` (`host:port`) with the given keep-alive.
+    pub(crate) async fn open_with(
+        peer: &str,
+        kind: PeerKind,
+        connect_timeout: Duration,
+        keep_alive: KeepAlive,
+    ) -> Result<Arc<Self>, CallError> {
         let url = if peer.contains("://") { peer.to_owned() } else { format!("http://{peer}") };
         let endpoint = Endpoint::from_shared(url)
             .map_err(|_| CallError::Protocol(format!("invalid address {peer}")))?
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10));
+            .http2_keep_alive_interval(keep_alive.interval)
+            .keep_alive_timeout(keep_alive.timeout);
         let channel = endpoint.connect().await.map_err(|e| lost(kind, peer, &e.to_string()))?;
         let mut grpc = tonic::client::Grpc::new(channel)
             .max_decoding_message_size(HARD_FRAME_LIMIT)
@@ -179,6 +204,7 @@ async fn read_responses(conn: Arc<Connection>, mut inbound: Streaming<Inbound>) 
 pub(crate) struct ConnectionPool {
     kind: PeerKind,
     connect_timeout: Duration,
+    keep_alive: KeepAlive,
     open: DashMap<String, Arc<Connection>>,
     opening: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
@@ -186,7 +212,18 @@ pub(crate) struct ConnectionPool {
 impl ConnectionPool {
     /// An empty pool of connections to peers of `kind`.
     pub(crate) fn new(kind: PeerKind, connect_timeout: Duration) -> Self {
-        Self { kind, connect_timeout, open: DashMap::new(), opening: DashMap::new() }
+        Self {
+            kind,
+            connect_timeout,
+            keep_alive: KeepAlive::BETWEEN_SILOS,
+            open: DashMap::new(),
+            opening: DashMap::new(),
+        }
+    }
+
+    /// The same pool, opening its connections with `keep_alive`.
+    pub(crate) fn with_keep_alive(self, keep_alive: KeepAlive) -> Self {
+        Self { keep_alive, ..self }
     }
 
     /// The open connection to `endpoint`, opening one if there is none or the last one died.
@@ -199,7 +236,7 @@ impl ConnectionPool {
         if let Some(conn) = self.open.get(endpoint).filter(|c| c.is_alive()) {
             return Ok(conn.clone());
         }
-        let conn = Connection::open(endpoint, self.kind, self.connect_timeout).await?;
+        let conn = Connection::open_with(endpoint, self.kind, self.connect_timeout, self.keep_alive).await?;
         self.open.insert(endpoint.to_owned(), conn.clone());
         Ok(conn)
     }
