@@ -5,6 +5,13 @@
 //! another gateway only when it certainly did not run: the connection could not be opened, or the silo refused
 //! it because it is shutting down. A call lost in flight fails with [`CallError::Unavailable`] (outcome
 //! unknown: at most once). The gateway list is refreshed from the cluster's membership in the background.
+//!
+//! A gateway can stop answering while its TCP connection stays open (a frozen process): membership takes many
+//! seconds to declare it dead, and until then a round-robin share of every caller's calls would wait out their
+//! deadlines on it. So each connection pings its gateway after half of
+//! [`ClientConfig::gateway_liveness_timeout`] without a frame from it, and closes when the ping goes unanswered
+//! for that long: the calls waiting on it fail as unavailable (never re-sent), and the gateway is *avoided* —
+//! new calls go to the others — until a background probe gets an answer from it again.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
@@ -15,7 +22,7 @@ use grains::{CallError, Grain, GrainId, GrainKey, GrainRef, RefCore};
 use tokio::time::Instant;
 
 use crate::cluster::system::{self, SystemRequest, SystemResponse};
-use crate::connection::{Connection, ConnectionPool, PeerKind};
+use crate::connection::{Connection, ConnectionPool, KeepAlive, PeerKind};
 use crate::peer_auth::{ClusterCredentials, PeerIdentity};
 use crate::wire::{Envelope, Mode, WireGrainId};
 
@@ -50,6 +57,10 @@ pub struct ClientConfig {
     /// only members may ask for ([`Client::active_grains`]). `None`: an ordinary client (grain calls and the
     /// gateway list).
     pub member: Option<ClusterCredentials>,
+    /// How long a gateway may leave a keep-alive ping unanswered before its connection is closed (its calls in
+    /// flight fail as unavailable) and new calls avoid it until it answers again. The ping goes out after half
+    /// this long without a frame from the gateway.
+    pub gateway_liveness_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -60,6 +71,7 @@ impl Default for ClientConfig {
             connect_timeout: Duration::from_secs(5),
             gateway_refresh_interval: Duration::from_secs(5),
             member: None,
+            gateway_liveness_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -80,8 +92,18 @@ struct ClientInner {
     config: ClientConfig,
     gateways: RwLock<Vec<String>>,
     connections: ConnectionPool,
+    /// Gateways that stopped answering; each has one probe waiting for it to answer again.
+    avoided: dashmap::DashMap<String, ()>,
     next: AtomicUsize,
     this: Weak<ClientInner>,
+}
+
+/// The order in which one call tries the gateways: round-robin from `start` over those not avoided, then the
+/// avoided ones as a last resort (when every gateway is avoided, calls still go somewhere).
+fn gateway_order(gateways: &[String], start: usize, avoided: impl Fn(&str) -> bool) -> Vec<&String> {
+    let rotated = (0..gateways.len()).map(|i| &gateways[(start + i) % gateways.len()]);
+    let (answering, silent): (Vec<&String>, Vec<&String>) = rotated.partition(|g| !avoided(g));
+    answering.into_iter().chain(silent).collect()
 }
 
 /// `http://host:port/` → `host:port`.
@@ -118,11 +140,16 @@ impl Client {
             .member
             .clone()
             .map(|credentials| PeerIdentity { credentials, endpoint: format!("client-{}", std::process::id()) });
-        let connections = ConnectionPool::new(PeerKind::Gateway, config.connect_timeout, identity);
+        let connections =
+            ConnectionPool::new(PeerKind::Gateway, config.connect_timeout, identity).with_keep_alive(KeepAlive {
+                interval: config.gateway_liveness_timeout / 2,
+                timeout: config.gateway_liveness_timeout,
+            });
         let inner = Arc::new_cyclic(|this| ClientInner {
             config,
             gateways: RwLock::new(gateways.clone()),
             connections,
+            avoided: dashmap::DashMap::new(),
             next: AtomicUsize::new(0),
             this: this.clone(),
         });
@@ -192,18 +219,36 @@ impl ClientInner {
     }
 
     /// Asks a gateway for the cluster's current gateway list and adopts it (keeping the old one on failure).
+    /// Each gateway gets its own deadline, and avoided gateways are asked last: a frozen one costs one
+    /// deadline, not the refresh.
     async fn refresh_gateways(&self) {
-        let deadline = Instant::now() + self.config.connect_timeout;
-        for gateway in self.gateways() {
-            let Ok(conn) = self.connection(&gateway).await else { continue };
-            match system::call(&conn, &SystemRequest::Gateways, deadline).await {
-                Ok(SystemResponse::Gateways(list)) if !list.is_empty() => {
-                    *self.gateways.write().unwrap_or_else(|e| e.into_inner()) = list;
-                    return;
-                }
-                _ => continue,
+        let gateways = self.gateways();
+        for gateway in gateway_order(&gateways, 0, |g| self.is_avoided(g)) {
+            let deadline = Instant::now() + self.config.connect_timeout;
+            let answer = tokio::time::timeout_at(deadline, async {
+                let conn = self.connection(gateway).await?;
+                system::call(&conn, &SystemRequest::Gateways, deadline).await
+            });
+            if let Ok(Ok(SystemResponse::Gateways(list))) = answer.await
+                && !list.is_empty()
+            {
+                *self.gateways.write().unwrap_or_else(|e| e.into_inner()) = list;
+                return;
             }
         }
+    }
+
+    fn is_avoided(&self, gateway: &str) -> bool {
+        self.avoided.contains_key(gateway)
+    }
+
+    /// Routes new calls away from `gateway` until it answers a probe again.
+    fn avoid(&self, gateway: &str) {
+        if self.avoided.insert(gateway.to_owned(), ()).is_some() {
+            return; // already avoided, and probed
+        }
+        tracing::warn!(%gateway, "gateway not answering; routing calls to the others until it answers again");
+        tokio::spawn(probe_until_answered(self.this.clone(), gateway.to_owned()));
     }
 
     /// Sends one call through a gateway; moves to another gateway only if the call certainly did not run.
@@ -223,18 +268,20 @@ impl ClientInner {
         };
         let gateways = self.gateways();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let timeout = call.deadline.saturating_duration_since(Instant::now());
         let mut last_error = CallError::Unavailable("no gateway".to_owned());
-        for i in 0..gateways.len() {
+        for gateway in gateway_order(&gateways, start, |g| self.is_avoided(g)) {
             if Instant::now() >= call.deadline {
                 break;
             }
-            let gateway = &gateways[(start + i) % gateways.len()];
-            let conn = match self.connection(gateway).await {
-                Ok(conn) => conn,
-                Err(e) => {
+            let conn = match tokio::time::timeout_at(call.deadline, self.connection(gateway)).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    self.avoid(gateway);
                     last_error = e; // nothing was sent: try the next gateway
                     continue;
                 }
+                Err(_) => return Err(CallError::Timeout(timeout)), // still connecting: nothing was sent
             };
             match conn.call(envelope.clone(), call.deadline).await {
                 Ok(bytes) => return Ok(Payload::Encoded(bytes)),
@@ -247,10 +294,39 @@ impl ClientInner {
                     }
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if !conn.is_alive() {
+                        self.avoid(gateway); // lost, or closed for not answering the keep-alive ping
+                    }
+                    return Err(e);
+                }
             }
         }
         Err(last_error)
+    }
+}
+
+/// Pings an avoided gateway until it answers (then calls may go to it again), it leaves the cluster's gateway
+/// list, or the client is dropped.
+async fn probe_until_answered(client: Weak<ClientInner>, gateway: String) {
+    loop {
+        let Some(pause) = client.upgrade().map(|c| c.config.gateway_liveness_timeout) else { return };
+        tokio::time::sleep(pause).await;
+        let Some(client) = client.upgrade() else { return };
+        if !client.gateways().contains(&gateway) {
+            client.avoided.remove(&gateway);
+            return;
+        }
+        let deadline = Instant::now() + client.config.connect_timeout;
+        let answer = tokio::time::timeout_at(deadline, async {
+            let conn = client.connection(&gateway).await?;
+            system::call(&conn, &SystemRequest::Ping, deadline).await
+        });
+        if let Ok(Ok(SystemResponse::Pong { .. })) = answer.await {
+            tracing::info!(%gateway, "gateway answers again");
+            client.avoided.remove(&gateway);
+            return;
+        }
     }
 }
 
@@ -264,5 +340,25 @@ impl GrainRuntime for ClientInner {
 
     fn default_timeout(&self) -> Duration {
         self.config.call_timeout
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(order: Vec<&String>) -> Vec<&str> {
+        order.into_iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn calls_rotate_over_the_answering_gateways_and_try_an_avoided_one_last() {
+        let gateways: Vec<String> = ["a", "b", "c"].map(String::from).into();
+        assert_eq!(names(gateway_order(&gateways, 1, |_| false)), ["b", "c", "a"]);
+        let avoid_b = |g: &str| g == "b";
+        assert_eq!(names(gateway_order(&gateways, 0, avoid_b)), ["a", "c", "b"]);
+        assert_eq!(names(gateway_order(&gateways, 1, avoid_b)), ["c", "a", "b"]);
+        assert_eq!(names(gateway_order(&gateways, 2, |_| true)), ["c", "a", "b"], "all avoided: still round-robin");
+        assert!(gateway_order(&[], 5, |_| false).is_empty());
     }
 }

@@ -114,6 +114,23 @@ impl FailureDetection {
     }
 }
 
+/// A configuration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A clustered silo bound to every interface, with no address to advertise: it would tell its peers
+    /// 127.0.0.1, and silos on different hosts with the same port would take each other for older
+    /// incarnations of themselves and declare each other dead.
+    #[error(
+        "host = {host} binds every interface, so this clustered silo cannot tell its peers where to reach it: set \
+         advertise_host (flag --advertise-host, env GRAINS_ADVERTISE_HOST) to an address the other silos and \
+         clients can reach"
+    )]
+    NoAdvertisedAddress {
+        /// The unspecified address bound.
+        host: IpAddr,
+    },
+}
+
 /// Per-grain-type settings that override what the grain type declares.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -134,7 +151,8 @@ pub struct SiloConfig {
     /// The address the silo binds to, and advertises to peers and clients.
     pub host: IpAddr,
     /// The address peers and clients are told to use, when it differs from `host` (e.g. `host = "0.0.0.0"`).
-    /// Default: `host`, or 127.0.0.1 when `host` is unspecified.
+    /// Default: `host`; when `host` is unspecified, 127.0.0.1 for a silo alone, and required for a silo that
+    /// clusters (`membership = "postgres"`, or `seed` set).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub advertise_host: Option<IpAddr>,
     /// The silo's one port, for clients and peer silos alike (0: any free port; the bound address is
@@ -263,12 +281,15 @@ impl SiloConfig {
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
 
-    /// The host peers and clients should connect to.
-    pub fn advertised_host(&self) -> IpAddr {
+    /// The host peers and clients should connect to. A silo bound to every interface must be told it
+    /// (`advertise_host`) when it clusters; a silo alone advertises 127.0.0.1.
+    pub fn advertised_host(&self) -> Result<IpAddr, ConfigError> {
+        let clusters = self.membership == MembershipKind::Postgres || self.seed.is_some();
         match self.advertise_host {
-            Some(host) => host,
-            None if self.host.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            None => self.host,
+            Some(host) => Ok(host),
+            None if self.host.is_unspecified() && clusters => Err(ConfigError::NoAdvertisedAddress { host: self.host }),
+            None if self.host.is_unspecified() => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            None => Ok(self.host),
         }
     }
 
@@ -372,10 +393,29 @@ mod tests {
     #[test]
     fn a_silo_bound_to_every_interface_advertises_a_reachable_address() {
         let any = SiloConfig { host: "0.0.0.0".parse().unwrap(), ..SiloConfig::default() };
-        assert_eq!(any.advertised_host(), IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let told = SiloConfig { advertise_host: Some("10.1.2.3".parse().unwrap()), ..any };
-        assert_eq!(told.advertised_host().to_string(), "10.1.2.3");
-        assert_eq!(SiloConfig::default().advertised_host(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(any.advertised_host(), Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)), "a silo alone");
+        let told = SiloConfig { advertise_host: Some("10.1.2.3".parse().unwrap()), ..any.clone() };
+        assert_eq!(told.advertised_host().unwrap().to_string(), "10.1.2.3");
+        assert_eq!(SiloConfig::default().advertised_host(), Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        let bound = SiloConfig { host: "10.0.0.7".parse().unwrap(), membership: MembershipKind::Postgres, ..any };
+        assert_eq!(bound.advertised_host().unwrap().to_string(), "10.0.0.7");
+    }
+
+    #[test]
+    fn a_clustered_silo_bound_to_every_interface_must_be_told_what_to_advertise() {
+        let any = SiloConfig { host: "0.0.0.0".parse().unwrap(), ..SiloConfig::default() };
+        let postgres = SiloConfig { membership: MembershipKind::Postgres, ..any.clone() };
+        let seeded = SiloConfig { seed: Some("10.0.0.1:30000".into()), ..any.clone() };
+        let ipv6 = SiloConfig { host: "::".parse().unwrap(), ..postgres.clone() };
+        for config in [&postgres, &seeded, &ipv6] {
+            let error = config.advertised_host().unwrap_err();
+            let message = error.to_string();
+            for names in ["advertise_host", "--advertise-host", "GRAINS_ADVERTISE_HOST"] {
+                assert!(message.contains(names), "the error names {names}: {message}");
+            }
+        }
+        let told = SiloConfig { advertise_host: Some("10.1.2.3".parse().unwrap()), ..postgres };
+        assert_eq!(told.advertised_host().unwrap().to_string(), "10.1.2.3");
     }
 
     #[test]

@@ -34,6 +34,21 @@ pub(crate) enum PeerKind {
     Silo,
 }
 
+/// HTTP/2 keep-alive: after `interval` without hearing from the peer the connection pings it, and closes (failing
+/// its calls in flight) when the ping is not answered within `timeout` — a frozen peer is noticed even while its
+/// TCP connection stays open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct KeepAlive {
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+}
+
+impl KeepAlive {
+    /// Between silos, where membership probes judge liveness.
+    pub(crate) const BETWEEN_SILOS: KeepAlive =
+        KeepAlive { interval: Duration::from_secs(10), timeout: Duration::from_secs(10) };
+}
+
 /// One open stream and the calls waiting on it.
 pub(crate) struct Connection {
     peer: String,
@@ -58,21 +73,22 @@ impl Connection {
     }
 
     /// Opens a stream to `peer` (`host:port`), proving membership of the cluster with `identity` when given
-    /// (a silo's connections to its peers). A peer that refuses the proof answers
+    /// (a silo's connections to its peers), pinging it as `keep_alive` says. A peer that refuses the proof answers
     /// [`CallError::PermissionDenied`].
     pub(crate) async fn open(
         peer: &str,
         kind: PeerKind,
         connect_timeout: Duration,
         identity: Option<&PeerIdentity>,
+        keep_alive: KeepAlive,
     ) -> Result<Arc<Self>, CallError> {
         let url = if peer.contains("://") { peer.to_owned() } else { format!("http://{peer}") };
         let endpoint = Endpoint::from_shared(url)
             .map_err(|_| CallError::Protocol(format!("invalid address {peer}")))?
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(10));
+            .http2_keep_alive_interval(keep_alive.interval)
+            .keep_alive_timeout(keep_alive.timeout);
         let channel = endpoint.connect().await.map_err(|e| lost(kind, peer, &e.to_string()))?;
         let mut grpc = tonic::client::Grpc::new(channel)
             .max_decoding_message_size(HARD_FRAME_LIMIT)
@@ -193,6 +209,7 @@ pub(crate) struct ConnectionPool {
     kind: PeerKind,
     connect_timeout: Duration,
     identity: Option<PeerIdentity>,
+    keep_alive: KeepAlive,
     open: DashMap<String, Arc<Connection>>,
     opening: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
@@ -200,7 +217,19 @@ pub(crate) struct ConnectionPool {
 impl ConnectionPool {
     /// An empty pool of connections to peers of `kind`, each opened with `identity`'s membership proof if given.
     pub(crate) fn new(kind: PeerKind, connect_timeout: Duration, identity: Option<PeerIdentity>) -> Self {
-        Self { kind, connect_timeout, identity, open: DashMap::new(), opening: DashMap::new() }
+        Self {
+            kind,
+            connect_timeout,
+            identity,
+            keep_alive: KeepAlive::BETWEEN_SILOS,
+            open: DashMap::new(),
+            opening: DashMap::new(),
+        }
+    }
+
+    /// The same pool, opening its connections with `keep_alive`.
+    pub(crate) fn with_keep_alive(self, keep_alive: KeepAlive) -> Self {
+        Self { keep_alive, ..self }
     }
 
     /// The open connection to `endpoint`, opening one if there is none or the last one died.
@@ -213,7 +242,8 @@ impl ConnectionPool {
         if let Some(conn) = self.open.get(endpoint).filter(|c| c.is_alive()) {
             return Ok(conn.clone());
         }
-        let conn = Connection::open(endpoint, self.kind, self.connect_timeout, self.identity.as_ref()).await?;
+        let conn = Connection::open(endpoint, self.kind, self.connect_timeout, self.identity.as_ref(), self.keep_alive)
+            .await?;
         self.open.insert(endpoint.to_owned(), conn.clone());
         Ok(conn)
     }

@@ -637,6 +637,7 @@ impl SiloBuilder {
     pub async fn start(self) -> Result<Silo, SiloError> {
         let config = self.config;
         config.check_exposure().map_err(SiloError::Config)?;
+        let advertised_host = config.advertised_host().map_err(|e| SiloError::Config(e.to_string()))?;
         let pool = match (config.storage, config.membership) {
             (StorageKind::Postgres, _) | (_, MembershipKind::Postgres) => Some(open_pool(&config).await?),
             _ => None,
@@ -661,7 +662,7 @@ impl SiloBuilder {
                 let bound = l
                     .local_addr()
                     .map_err(|source| SiloError::Bind { addr: SocketAddr::new(config.host, config.port), source })?;
-                SocketAddr::new(config.advertised_host(), bound.port()).to_string()
+                SocketAddr::new(advertised_host, bound.port()).to_string()
             }
             None => format!("in-process-{}", std::process::id()),
         };

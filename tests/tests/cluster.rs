@@ -2,12 +2,13 @@
 //! activation per grain under concurrent first calls from every silo.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use grains::{CallError, GrainId, GrainRef};
-use grains_silo::{Client, ClientConfig};
-use grains_tests::{Counter, LIFECYCLE, Peer, start_cluster};
+use grains_silo::{Client, ClientConfig, Silo, SiloConfig};
+use grains_storage::{MembershipTable, SiloStatus};
+use grains_tests::{Counter, LIFECYCLE, Peer, start_cluster, test_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_grains_spread_over_three_silos_and_call_each_other_across_them() {
@@ -146,7 +147,6 @@ async fn placement_strategies_put_activations_where_they_say() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grains_churning_through_activation_and_passivation_keep_one_activation_and_every_acknowledged_write() {
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     // Counters passivate 60 ms after their last call, so calls keep re-activating them, from all three silos.
     let silos = Arc::new(
@@ -216,7 +216,6 @@ async fn grains_churning_through_activation_and_passivation_keep_one_activation_
 /// alive at once), not only after things settle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_silo_joining_under_load_never_makes_a_second_activation() {
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     const KEYS: usize = 2000;
     let key = |k: usize| format!("join-{k}");
@@ -295,5 +294,45 @@ async fn a_silo_joining_under_load_never_makes_a_second_activation() {
         for silo in silos {
             silo.shutdown(Duration::from_secs(10)).await;
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_two_silos_that_cannot_reach_each_other_but_share_the_table_exactly_one_survives() {
+    // Each advertises 127.0.0.2 but listens on 127.0.0.1 only: every probe between them is refused, while both
+    // read and write the one membership table.
+    // Started together, they miss their probes of each other in step and suspect each other at the same moment.
+    let table: Arc<dyn MembershipTable> = Arc::new(grains_storage::MemoryMembershipTable::new());
+    let start = |i: usize| {
+        let config = SiloConfig {
+            name: format!("cut-off-{i}"),
+            port: 0,
+            gateway: true,
+            advertise_host: Some("127.0.0.2".parse().unwrap()),
+            failure_detection: grains_silo::FailureDetection::Fast,
+            ..test_config()
+        };
+        Silo::builder().config(config).membership_table(table.clone()).start()
+    };
+    let (first, second) = tokio::join!(start(0), start(1));
+    let silos = [first.unwrap(), second.unwrap()];
+    let started = std::time::Instant::now();
+    while !silos.iter().any(Silo::is_stopped) {
+        assert!(started.elapsed() < Duration::from_secs(20), "neither silo was declared dead");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Long enough for the loser to have voted many times over, were it allowed to.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stopped: Vec<bool> = silos.iter().map(Silo::is_stopped).collect();
+    let snapshot = table.read_all().await.unwrap();
+    let statuses: Vec<SiloStatus> =
+        silos.iter().map(|s| snapshot.row(s.address()).map(|r| r.entry.status).unwrap()).collect();
+    assert_eq!(stopped.iter().filter(|s| **s).count(), 1, "exactly one silo stopped: {stopped:?}, {statuses:?}");
+    for (stopped, status) in stopped.iter().zip(&statuses) {
+        let expected = if *stopped { SiloStatus::Dead } else { SiloStatus::Active };
+        assert_eq!(*status, expected, "the survivor is active, the other dead: {statuses:?}");
+    }
+    for silo in silos {
+        silo.shutdown(Duration::from_secs(5)).await;
     }
 }

@@ -1,5 +1,6 @@
 //! Silos as separate OS processes on 127.0.0.1, with membership and grain state in Postgres: kill -9 under
-//! load, restart, graceful stop, and a frozen (SIGSTOP) silo that must stop itself once declared dead.
+//! load, restart, graceful stop, a frozen (SIGSTOP) silo that must stop itself once declared dead, and a
+//! client that must route around a frozen gateway.
 //!
 //! The figures are printed (run with `--nocapture` to see them); the assertions are about correctness —
 //! acknowledged writes lost, duplicate activations — never about speed.
@@ -33,9 +34,14 @@ struct SiloProcess {
 
 impl SiloProcess {
     fn start(db: &TestDatabase, cluster: &str, port: u16) -> Self {
+        Self::start_detecting(db, cluster, port, "fast")
+    }
+
+    /// A silo with the named failure-detection profile (`fast` or `production`).
+    fn start_detecting(db: &TestDatabase, cluster: &str, port: u16, failure_detection: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_grains-test-silo"))
             .args(["--port", &port.to_string(), "--storage", "postgres", "--membership", "postgres"])
-            .args(["--database-url", db.url(), "--cluster-id", cluster, "--failure-detection", "fast"])
+            .args(["--database-url", db.url(), "--cluster-id", cluster, "--failure-detection", failure_detection])
             .args(["--log", "info", "--call-timeout", "5s"])
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -94,7 +100,16 @@ async fn membership(db: &TestDatabase, cluster: &str) -> PostgresMembershipTable
 
 /// Starts three silo processes of `cluster` and waits until all three are active.
 async fn start_three(db: &TestDatabase, cluster: &str) -> (Vec<SiloProcess>, PostgresMembershipTable) {
-    let silos = (0..3).map(|_| SiloProcess::start(db, cluster, 0)).collect();
+    start_three_detecting(db, cluster, "fast").await
+}
+
+/// Starts three silo processes of `cluster` with the named failure-detection profile.
+async fn start_three_detecting(
+    db: &TestDatabase,
+    cluster: &str,
+    failure_detection: &str,
+) -> (Vec<SiloProcess>, PostgresMembershipTable) {
+    let silos = (0..3).map(|_| SiloProcess::start_detecting(db, cluster, 0, failure_detection)).collect();
     let table = membership(db, cluster).await;
     wait_for_active(&table, 3).await;
     (silos, table)
@@ -126,31 +141,44 @@ struct Load {
 
 impl Load {
     fn start(client: &Client) -> Self {
-        let acked: Arc<Vec<AtomicU64>> = Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
-        let last_ok_ms: Arc<Vec<AtomicU64>> = Arc::new((0..KEYS).map(|_| AtomicU64::new(0)).collect());
+        Self::start_on(client, (0..KEYS).map(|key| format!("k-{key}")).collect())
+    }
+
+    /// Load on the counters named `keys` (acknowledgements are indexed like `keys`).
+    fn start_on(client: &Client, keys: Vec<String>) -> Self {
+        let keys = Arc::new(keys);
+        let acked: Arc<Vec<AtomicU64>> = Arc::new(keys.iter().map(|_| AtomicU64::new(0)).collect());
+        let last_ok_ms: Arc<Vec<AtomicU64>> = Arc::new(keys.iter().map(|_| AtomicU64::new(0)).collect());
         let ok = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let epoch = Instant::now();
         let workers = (0..WORKERS)
             .map(|w| {
-                let (client, acked, last_ok_ms, ok, errors, stop) =
-                    (client.clone(), acked.clone(), last_ok_ms.clone(), ok.clone(), errors.clone(), stop.clone());
+                let (client, keys, acked, last_ok_ms, ok, errors, stop) = (
+                    client.clone(),
+                    keys.clone(),
+                    acked.clone(),
+                    last_ok_ms.clone(),
+                    ok.clone(),
+                    errors.clone(),
+                    stop.clone(),
+                );
                 tokio::spawn(async move {
-                    let mine: Vec<usize> = (w..KEYS).step_by(WORKERS).collect();
+                    let mine: Vec<usize> = (w..keys.len()).step_by(WORKERS).collect();
                     let mut i = 0;
-                    while !stop.load(Ordering::Relaxed) {
+                    while !stop.load(Ordering::Relaxed) && !mine.is_empty() {
                         let key = mine[i % mine.len()];
                         i += 1;
-                        match client.grain::<Counter>(format!("k-{key}")).increment().await {
+                        match client.grain::<Counter>(keys[key].as_str()).increment().await {
                             Ok(Ok(value)) => {
                                 acked[key].fetch_max(value, Ordering::Relaxed);
                                 last_ok_ms[key].store(epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
                                 ok.fetch_add(1, Ordering::Relaxed);
                             }
-                            Ok(Err(e)) => errors.lock().unwrap().push(format!("k-{key}: state {e}")),
+                            Ok(Err(e)) => errors.lock().unwrap().push(format!("{}: state {e}", keys[key])),
                             Err(e) => {
-                                errors.lock().unwrap().push(format!("k-{key}: {e}"));
+                                errors.lock().unwrap().push(format!("{}: {e}", keys[key]));
                                 tokio::time::sleep(Duration::from_millis(20)).await;
                             }
                         }
@@ -166,12 +194,20 @@ impl Load {
     }
 
     async fn wait_all_keys_ok_after(&self, since_ms: u64, within: Duration) -> u64 {
+        let all_ok = self.all_keys_ok_after(since_ms, within).await;
+        all_ok.unwrap_or_else(|| panic!("not every key answered again within {within:?}"))
+    }
+
+    /// When every key had been acknowledged after `since_ms`, if that happens `within` from now.
+    async fn all_keys_ok_after(&self, since_ms: u64, within: Duration) -> Option<u64> {
         let deadline = Instant::now() + within;
         loop {
             if self.last_ok_ms.iter().all(|t| t.load(Ordering::Relaxed) > since_ms) {
-                return self.now_ms();
+                return Some(self.now_ms());
             }
-            assert!(Instant::now() < deadline, "not every key answered again within {within:?}");
+            if Instant::now() >= deadline {
+                return None;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -369,6 +405,70 @@ async fn a_frozen_silo_declared_dead_stops_itself_when_it_wakes() {
     let result = client.grain::<Counter>("after-zombie").increment().await;
     assert!(matches!(result, Ok(Ok(1))), "{result:?}");
     let _ = CallError::ShuttingDown;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_routes_around_a_frozen_gateway() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let db = TestDatabase::create().await;
+    // Production failure detection: the frozen silo stays Active in the table for the whole test, so only the
+    // client's own judgement of its gateways can route around it.
+    let (mut silos, table) = start_three_detecting(&db, "frozen-gateway", "production").await;
+    let urls: Vec<String> = silos.iter().map(|s| format!("http://{}", s.addr)).collect();
+    let client = Client::connect_cluster(&urls, client_config()).await.unwrap();
+    for key in 0..KEYS {
+        client.grain::<Counter>(format!("k-{key}")).increment().await.unwrap().unwrap();
+    }
+    let frozen = silos.remove(0);
+    let frozen_port = format!(":{}", frozen.port());
+    // The load runs on grains neither hosted nor looked up on the silo to be frozen: every call it makes can be
+    // answered by the other two, if the client sends it to them.
+    let hosted_there: std::collections::HashSet<GrainId> =
+        client.active_grains(&frozen.addr).await.unwrap().into_iter().collect();
+    let view = grains_silo::ClusterView::from_snapshot(&table.read_all().await.unwrap());
+    let keys: Vec<String> = (0..KEYS)
+        .map(|key| format!("k-{key}"))
+        .filter(|key| {
+            let id = GrainId::new(<Counter as grains::GrainType>::TYPE_NAME, key.as_str());
+            let owner = view.ring.owner(&id).expect("three active silos");
+            !hosted_there.contains(&id) && !owner.endpoint.ends_with(&frozen_port)
+        })
+        .collect();
+    assert!(keys.len() > KEYS / 5, "only {} keys avoid the silo to be frozen", keys.len());
+    let load = Load::start_on(&client, keys);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let warm = load.ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let frozen_at = load.now_ms();
+    let before = load.ok.load(Ordering::Relaxed) - warm;
+
+    frozen.signal("-STOP");
+    let ok = load.ok.clone();
+    let three_seconds_later = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ok.load(Ordering::Relaxed)
+    });
+    // Every grain of the load answers again through the other gateways within a few seconds of the freeze
+    // (calls stuck on the frozen gateway have a 10 s deadline: waiting them out would take longer).
+    let all_back = load.all_keys_ok_after(frozen_at, Duration::from_secs(8)).await;
+    let after = three_seconds_later.await.unwrap() - warm - before;
+    frozen.signal("-CONT");
+    let (_, ok, errors) = load.stop().await;
+    println!(
+        "frozen gateway: {:.0} calls/s in the 3 s before the freeze, {:.0} calls/s in the 3 s after it; every key \
+         answered again: {}; {ok} calls acknowledged, {} failed",
+        before as f64 / 3.0,
+        after as f64 / 3.0,
+        all_back.map_or("no".to_owned(), |at| format!("{:.2} s after the freeze", (at - frozen_at) as f64 / 1000.0)),
+        errors.len()
+    );
+    assert!(all_back.is_some(), "the grains not on the frozen silo did not all answer within 8 s of the freeze");
+    for error in &errors {
+        assert!(
+            error.contains("unavailable") || error.contains("timed out"),
+            "only unknown-outcome errors are allowed around the freeze: {error}"
+        );
+    }
 }
 
 fn start_dev_silo(seed: Option<&str>) -> SiloProcess {

@@ -78,10 +78,15 @@ impl SeedMembershipTable {
             match slot.as_ref().filter(|c| c.is_alive()) {
                 Some(conn) => conn.clone(),
                 None => {
-                    let conn =
-                        Connection::open(&self.seed, PeerKind::Silo, Duration::from_secs(2), Some(&self.identity))
-                            .await
-                            .map_err(unavailable)?;
+                    let conn = Connection::open(
+                        &self.seed,
+                        PeerKind::Silo,
+                        Duration::from_secs(2),
+                        Some(&self.identity),
+                        crate::connection::KeepAlive::BETWEEN_SILOS,
+                    )
+                    .await
+                    .map_err(unavailable)?;
                     *slot = Some(conn.clone());
                     conn
                 }
