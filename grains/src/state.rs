@@ -40,8 +40,7 @@ where
 {
     /// Loads the state called `name` of the grain behind `ctx` (default `T` when none is stored).
     pub async fn load(ctx: &GrainContext, name: &str) -> Result<Self, StateError> {
-        let id = ctx.id();
-        let key = StateKey::new(id.grain_type(), id.key().to_string(), name);
+        let key = ctx.id().state_key(name);
         let mut state = Self { value: T::default(), etag: None, key, ctx: ctx.clone() };
         state.read().await?;
         Ok(state)
