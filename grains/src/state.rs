@@ -9,7 +9,9 @@
 //!
 //! Any other failed write also deactivates the grain after the current turn: the value in memory then holds
 //! changes storage may not have (or, if the connection broke mid-commit, may have), and only a reload tells.
-//! So a change is either acknowledged and stored, or it is not seen by any later call.
+//! So a change is either acknowledged and stored, or it is not seen by any later call. That includes a value
+//! the store refuses to hold ([`StorageError::Rejected`], e.g. a string with U+0000 in Postgres): the write
+//! fails alone, with that typed error rather than `Unavailable`, since retrying the same value cannot succeed.
 //!
 //! ## Evolving a state type
 //! State is stored as a JSON document (serde_json). Adding a field with `#[serde(default)]` keeps old records

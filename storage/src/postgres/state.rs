@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use sqlx::PgPool;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::unavailable;
+use super::storage_error;
 use crate::{ETag, GrainStateStore, StateKey, StorageError, StoredState};
 
 /// Grain state in Postgres: one row per (grain type, grain key, state name).
@@ -23,6 +23,13 @@ use crate::{ETag, GrainStateStore, StateKey, StorageError, StoredState};
 /// batch, each row still checked against its own etag — and committed once. Each writer is answered only after that commit, so an acknowledged write is
 /// durable exactly as with one commit per write, while the commit (the fsync) is paid once per batch instead
 /// of once per grain. A single writer sees the latency of one small transaction.
+///
+/// **One bad write fails alone.** A statement is all or nothing, so a record Postgres refuses (a string with
+/// U+0000, which JSONB cannot hold; a key too long for the index) would fail every write batched with it. When a
+/// batch is refused as [`StorageError::Rejected`], nothing of it was applied, so the writer splits it in halves
+/// and commits each apart, recursively, until each refused write stands alone: its writer gets `Rejected`
+/// naming its key, every other writer its etag. With `k` bad writes in a batch of `n` that costs about
+/// `2·k·log2(n)` extra statements, paid only when something was refused.
 #[derive(Debug, Clone)]
 pub struct PostgresStateStore {
     pool: PgPool,
@@ -103,22 +110,34 @@ async fn run_writer(pool: PgPool, queue: Arc<Mutex<BatchQueue>>) {
                 None => return,
             }
         };
-        match commit_batch(&pool, &batch).await {
-            Ok(etags) => {
-                for write in batch {
-                    let result = etags
-                        .get(&write.key)
-                        .map(|etag| etag.to_string())
-                        .ok_or_else(|| conflict(&write.key, write.expected.map(|e| e.to_string()).as_deref()));
-                    let _ = write.reply.send(result);
-                }
-            }
-            Err(error) => {
-                for write in batch {
-                    let _ = write.reply.send(Err(error.clone()));
-                }
-            }
+        let outcomes = commit_isolating_rejections(&pool, &batch).await;
+        for (write, outcome) in batch.into_iter().zip(outcomes) {
+            let result = match outcome {
+                Ok(Some(etag)) => Ok(etag.to_string()),
+                Ok(None) => Err(conflict(&write.key, write.expected.map(|e| e.to_string()).as_deref())),
+                Err(error) => Err(error),
+            };
+            let _ = write.reply.send(result);
         }
+    }
+}
+
+/// What became of one write: its new etag, `None` when its etag check failed, or why it failed.
+type Outcome = Result<Option<i64>, StorageError>;
+
+/// Commits `batch`, one outcome per write in order. When Postgres refuses the batch for a record in it,
+/// nothing was applied: the halves are committed apart, down to single writes, so only refused writes fail.
+async fn commit_isolating_rejections(pool: &PgPool, batch: &[PendingWrite]) -> Vec<Outcome> {
+    match commit_batch(pool, batch).await {
+        Ok(etags) => batch.iter().map(|write| Ok(etags.get(&write.key).copied())).collect(),
+        Err(StorageError::Rejected { reason, .. }) if batch.len() > 1 => {
+            tracing::debug!(writes = batch.len(), %reason, "batch refused; committing its halves apart");
+            let (left, right) = batch.split_at(batch.len() / 2);
+            let mut outcomes = Box::pin(commit_isolating_rejections(pool, left)).await;
+            outcomes.extend(Box::pin(commit_isolating_rejections(pool, right)).await);
+            outcomes
+        }
+        Err(error) => vec![Err(error); batch.len()],
     }
 }
 
@@ -175,7 +194,7 @@ async fn commit_batch(pool: &PgPool, batch: &[PendingWrite]) -> Result<HashMap<S
     .bind(expected)
     .fetch_all(pool)
     .await
-    .map_err(unavailable)?;
+    .map_err(storage_error(format_args!("a batch of {n} writes")))?;
     Ok(rows.into_iter().map(|(t, k, n, etag)| (StateKey::new(t, k, n), etag)).collect())
 }
 
@@ -202,7 +221,7 @@ async fn write_one(
         Some(etag) => query.bind(etag),
         None => query,
     };
-    query.fetch_optional(pool).await.map_err(unavailable)
+    query.fetch_optional(pool).await.map_err(storage_error(key))
 }
 
 fn conflict(key: &StateKey, expected: Option<&str>) -> StorageError {
@@ -228,7 +247,7 @@ impl GrainStateStore for PostgresStateStore {
         .bind(&key.state_name)
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(storage_error(key))?;
         Ok(row.map(|(document, etag)| StoredState { document, etag: etag.to_string() }))
     }
 
@@ -265,7 +284,7 @@ impl GrainStateStore for PostgresStateStore {
                 .bind(expected_etag)
                 .execute(&self.pool)
                 .await
-                .map_err(unavailable)?;
+                .map_err(storage_error(key))?;
                 if deleted.rows_affected() == 1 { Ok(()) } else { Err(conflict(key, expected)) }
             }
         }
