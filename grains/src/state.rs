@@ -12,6 +12,8 @@
 //! So a change is either acknowledged and stored, or it is not seen by any later call. That includes a value
 //! the store refuses to hold ([`StorageError::Rejected`], e.g. a string with U+0000 in Postgres): the write
 //! fails alone, with that typed error rather than `Unavailable`, since retrying the same value cannot succeed.
+//! And a silo the cluster has declared dead gets [`StorageError::Fenced`] from a store fenced by membership
+//! (Postgres state and membership in one database): its grains live elsewhere now.
 //!
 //! ## Evolving a state type
 //! State is stored as a JSON document (serde_json). Adding a field with `#[serde(default)]` keeps old records

@@ -615,11 +615,8 @@ impl SiloBuilder {
             (StorageKind::Postgres, _) | (_, MembershipKind::Postgres) => Some(open_pool(&config).await?),
             _ => None,
         };
-        let store: Arc<dyn GrainStateStore> = match (self.store, config.storage, &pool) {
-            (Some(store), _, _) => store,
-            (None, StorageKind::Postgres, Some(pool)) => Arc::new(postgres::PostgresStateStore::new(pool.clone())),
-            (None, _, _) => Arc::new(MemoryStateStore::new()),
-        };
+        // State and membership in one Postgres: state writes are fenced by this silo's membership row.
+        let fenced = self.membership.is_none() && config.membership == MembershipKind::Postgres;
         let table: Arc<dyn MembershipTable> = match (self.membership, config.membership, &pool) {
             (Some(table), _, _) => table,
             (None, MembershipKind::Memory, _) if config.seed.is_some() => {
@@ -650,6 +647,14 @@ impl SiloBuilder {
             None => format!("in-process-{}", std::process::id()),
         };
         let me = SiloAddress { endpoint, epoch: membership::now_ms() };
+        let store: Arc<dyn GrainStateStore> = match (self.store, config.storage, &pool) {
+            (Some(store), _, _) => store,
+            (None, StorageKind::Postgres, Some(pool)) if fenced => {
+                Arc::new(postgres::PostgresStateStore::fenced(pool.clone(), config.cluster_id.clone(), me.clone()))
+            }
+            (None, StorageKind::Postgres, Some(pool)) => Arc::new(postgres::PostgresStateStore::new(pool.clone())),
+            (None, _, _) => Arc::new(MemoryStateStore::new()),
+        };
         let cluster = Arc::new(Cluster::new(me, config.failure_detection.timings(), table));
         let inner = Arc::new_cyclic(|this| SiloInner {
             config,

@@ -56,6 +56,13 @@ pub enum StorageError {
         /// The store's reason.
         reason: String,
     },
+    /// The write was refused because the membership table no longer shows the writing silo alive (its row is
+    /// dead, or gone): another silo may own its grains now. Nothing was applied; this silo must stop writing.
+    #[error("storage write fenced: silo {silo} is not alive in the membership table")]
+    Fenced {
+        /// The silo the store is fenced to.
+        silo: String,
+    },
     /// A stored document could not be (de)serialized.
     #[error("storage codec error: {0}")]
     Codec(String),
