@@ -208,15 +208,15 @@ async fn commit_batch(
     fence: Option<&Fence>,
     batch: &[PendingWrite],
 ) -> Result<HashMap<StateKey, i64>, StorageError> {
-    let subject = || format!("a batch of {} writes", batch.len());
+    let n = batch.len();
     let Some(fence) = fence else {
-        let mut conn = pool.acquire().await.map_err(storage_error(subject()))?;
+        let mut conn = pool.acquire().await.map_err(storage_error(format_args!("a batch of {n} writes")))?;
         return apply_batch(&mut conn, batch).await;
     };
-    let mut tx = pool.begin().await.map_err(storage_error(subject()))?;
+    let mut tx = pool.begin().await.map_err(storage_error(format_args!("a batch of {n} writes")))?;
     fence.hold(&mut tx).await?;
     let etags = apply_batch(&mut tx, batch).await?; // on an error, dropping `tx` rolls it back
-    tx.commit().await.map_err(storage_error(subject()))?;
+    tx.commit().await.map_err(storage_error(format_args!("a batch of {n} writes")))?;
     Ok(etags)
 }
 
