@@ -9,7 +9,11 @@
 //!
 //! Any other failed write also deactivates the grain after the current turn: the value in memory then holds
 //! changes storage may not have (or, if the connection broke mid-commit, may have), and only a reload tells.
-//! So a change is either acknowledged and stored, or it is not seen by any later call.
+//! So a change is either acknowledged and stored, or it is not seen by any later call. That includes a value
+//! the store refuses to hold ([`StorageError::Rejected`], e.g. a string with U+0000 in Postgres): the write
+//! fails alone, with that typed error rather than `Unavailable`, since retrying the same value cannot succeed.
+//! And a silo the cluster has declared dead gets [`StorageError::Fenced`] from a store fenced by membership
+//! (Postgres state and membership in one database): its grains live elsewhere now.
 //!
 //! ## Evolving a state type
 //! State is stored as a JSON document (serde_json). Adding a field with `#[serde(default)]` keeps old records
@@ -40,8 +44,7 @@ where
 {
     /// Loads the state called `name` of the grain behind `ctx` (default `T` when none is stored).
     pub async fn load(ctx: &GrainContext, name: &str) -> Result<Self, StateError> {
-        let id = ctx.id();
-        let key = StateKey::new(id.grain_type(), id.key().to_string(), name);
+        let key = ctx.id().state_key(name);
         let mut state = Self { value: T::default(), etag: None, key, ctx: ctx.clone() };
         state.read().await?;
         Ok(state)

@@ -4,7 +4,9 @@
 //! dead, and its grains re-activated elsewhere, without knowing it. Its lease (see `cluster::Lease`) runs out
 //! no later than the moment peers start re-placing its grains, so a write it attempts afterwards — a turn that
 //! was half-way through, an `on_deactivate` flush — is refused here instead of racing the new activation.
-//! The etag check in storage remains the last line: it refuses a stale writer whatever happens.
+//! With state and membership in one Postgres database, the store itself also fences each write by the silo's
+//! membership row (`PostgresStateStore::fenced`), which closes the gap between this check and the commit. The
+//! etag check in storage remains the last line: it refuses a stale writer whatever happens.
 
 use std::sync::Arc;
 
@@ -24,14 +26,12 @@ impl FencedStore {
         Self { inner, cluster }
     }
 
-    fn check(&self, key: &StateKey) -> Result<(), StorageError> {
+    fn check(&self) -> Result<(), StorageError> {
         if self.cluster.lease.is_valid() {
             return Ok(());
         }
         self.cluster.refresh_now.notify_one();
-        Err(StorageError::Unavailable(format!(
-            "write of {key} refused: this silo cannot confirm that it is still a cluster member"
-        )))
+        Err(StorageError::Fenced { silo: self.cluster.me.to_string() })
     }
 }
 
@@ -51,12 +51,12 @@ impl GrainStateStore for FencedStore {
         document: &serde_json::Value,
         expected: Option<&str>,
     ) -> Result<ETag, StorageError> {
-        self.check(key)?;
+        self.check()?;
         self.inner.write(key, document, expected).await
     }
 
     async fn clear(&self, key: &StateKey, expected: Option<&str>) -> Result<(), StorageError> {
-        self.check(key)?;
+        self.check()?;
         self.inner.clear(key, expected).await
     }
 }

@@ -642,11 +642,8 @@ impl SiloBuilder {
             (StorageKind::Postgres, _) | (_, MembershipKind::Postgres) => Some(open_pool(&config).await?),
             _ => None,
         };
-        let store: Arc<dyn GrainStateStore> = match (self.store, config.storage, &pool) {
-            (Some(store), _, _) => store,
-            (None, StorageKind::Postgres, Some(pool)) => Arc::new(postgres::PostgresStateStore::new(pool.clone())),
-            (None, _, _) => Arc::new(MemoryStateStore::new()),
-        };
+        // State and membership in one Postgres: state writes are fenced by this silo's membership row.
+        let fenced = self.membership.is_none() && config.membership == MembershipKind::Postgres;
         let types = GrainRegistration::all()
             .map(|r| (r.type_name, (r, config.idle_timeout_for(r.type_name, r.options.idle_timeout))))
             .collect::<HashMap<_, _, FastHash>>();
@@ -687,7 +684,15 @@ impl SiloBuilder {
             }
             (None, _, _) => Arc::new(MemoryMembershipTable::new()),
         };
-        let cluster = Arc::new(Cluster::new(me, config.failure_detection.timings(), table, identity));
+        let store: Arc<dyn GrainStateStore> = match (self.store, config.storage, &pool) {
+            (Some(store), _, _) => store,
+            (None, StorageKind::Postgres, Some(pool)) if fenced => {
+                Arc::new(postgres::PostgresStateStore::fenced(pool.clone(), config.cluster_id.clone(), me.clone()))
+            }
+            (None, StorageKind::Postgres, Some(pool)) => Arc::new(postgres::PostgresStateStore::new(pool.clone())),
+            (None, _, _) => Arc::new(MemoryStateStore::new()),
+        };
+        let cluster = Arc::new(Cluster::new(me.clone(), config.failure_detection.timings(), table, identity));
         let store: Arc<dyn GrainStateStore> = Arc::new(crate::fencing::FencedStore::new(store, cluster.clone()));
         let inner = Arc::new_cyclic(|this| SiloInner {
             config,

@@ -46,6 +46,23 @@ pub enum StorageError {
     /// The store cannot be reached or refused to serve; the operation was not applied.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The store refused this record for what it holds, not for its state: e.g. Postgres cannot store a
+    /// string with U+0000 in JSONB or in a key, or a key longer than its index allows. The operation was not
+    /// applied, and retrying it unchanged fails the same way.
+    #[error("storage rejected {key}: {reason}")]
+    Rejected {
+        /// The record that was refused.
+        key: String,
+        /// The store's reason.
+        reason: String,
+    },
+    /// The write was refused because the membership table no longer shows the writing silo alive (its row is
+    /// dead, or gone): another silo may own its grains now. Nothing was applied; this silo must stop writing.
+    #[error("storage write fenced: silo {silo} is not alive in the membership table")]
+    Fenced {
+        /// The silo the store is fenced to.
+        silo: String,
+    },
     /// A stored document could not be (de)serialized.
     #[error("storage codec error: {0}")]
     Codec(String),

@@ -14,7 +14,8 @@ use crate::{ETag, StorageError};
 pub struct ReminderEntry {
     /// The grain type.
     pub grain_type: String,
-    /// The grain key, in text form.
+    /// The grain key in its storage form, tagged by shape (`s:alice`, `i:42`; see `GrainKey::storage_key` in
+    /// the `grains` crate), so keys of different shapes never share a row.
     pub grain_key: String,
     /// The reminder's name, unique per grain.
     pub name: String,

@@ -14,7 +14,8 @@ pub type ETag = String;
 pub struct StateKey {
     /// The grain type name (e.g. `Cart`).
     pub grain_type: String,
-    /// The grain key in its text form (e.g. `alice`, `42`).
+    /// The grain key in its storage form, tagged by shape (`s:alice`, `i:42`; see `GrainKey::storage_key` in
+    /// the `grains` crate), so keys of different shapes never share a record.
     pub grain_key: String,
     /// The state's name within the grain (a grain may hold several persistent states).
     pub state_name: String,

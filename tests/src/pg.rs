@@ -65,7 +65,8 @@ impl TestDatabase {
         &self.url
     }
 
-    /// The value of every `Counter` grain stored in this database, by grain key.
+    /// The value of every `Counter` grain stored in this database, by grain key in its text form (`alice`; the
+    /// tests' counters have string keys, so these never collide).
     pub async fn counter_values(&self) -> std::collections::HashMap<String, u64> {
         let pool = self.pool().await;
         let rows: Vec<(String, i64)> = sqlx::query_as(
@@ -75,7 +76,12 @@ impl TestDatabase {
         .await
         .expect("read the stored counters");
         pool.close().await;
-        rows.into_iter().map(|(key, value)| (key, value as u64)).collect()
+        rows.into_iter()
+            .map(|(stored, value)| {
+                let key = grains::GrainKey::from_storage_key(&stored).unwrap_or_else(|| panic!("row key {stored:?}"));
+                (key.to_string(), value as u64)
+            })
+            .collect()
     }
 
     /// A migrated pool on this database.

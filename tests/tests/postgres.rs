@@ -27,7 +27,7 @@ async fn grain_state_is_stored_as_jsonb_rows_operators_can_read() {
     let pool = db.pool().await;
     let row = sqlx::query(
         "SELECT (document->>'value')::bigint AS value, etag, updated_at IS NOT NULL AS stamped
-         FROM grains_state WHERE grain_type = 'Counter' AND grain_key = 'psql-readable' AND state_name = 'state'",
+         FROM grains_state WHERE grain_type = 'Counter' AND grain_key = 's:psql-readable' AND state_name = 'state'",
     )
     .fetch_one(&pool)
     .await
@@ -37,6 +37,27 @@ async fn grain_state_is_stored_as_jsonb_rows_operators_can_read() {
     assert_eq!(Some(row.get::<i64, _>("etag").to_string()), counter.etag().await.unwrap());
     silo.shutdown(Duration::from_secs(5)).await;
     pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_integer_key_and_its_digits_as_a_string_key_are_two_rows() {
+    let db = TestDatabase::create().await;
+    let silo = start(postgres_config(db.url())).await;
+    let (int, string) = (silo.grain::<Counter>(5i64), silo.grain::<Counter>("5"));
+    assert_eq!(int.increment().await.unwrap().unwrap(), 1);
+    assert_eq!(int.increment().await.unwrap().unwrap(), 2);
+    assert_eq!(string.increment().await.unwrap().unwrap(), 1, "Str(\"5\") does not read Int(5)'s row");
+    assert_eq!(int.increment().await.unwrap().unwrap(), 3, "Int(5) does not see Str(\"5\")'s write");
+    let pool = db.pool().await;
+    let mut rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT grain_key, (document->>'value')::bigint FROM grains_state WHERE grain_type = 'Counter'")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    rows.sort();
+    assert_eq!(rows, vec![("i:5".to_owned(), 3), ("s:5".to_owned(), 1)], "each key's shape is in its stored form");
+    pool.close().await;
+    silo.shutdown(Duration::from_secs(5)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

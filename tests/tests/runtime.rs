@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use grains::{CallError, GrainId, StateError};
+use grains::{CallError, GrainId, GrainKey, StateError, Uuid};
 use grains_silo::GrainTypeConfig;
-use grains_storage::{GrainStateStore, MemoryStateStore, StateKey};
+use grains_storage::{GrainStateStore, MemoryStateStore};
 use grains_tests::{Counter, LIFECYCLE, Peer, start_silo, start_silo_with_store, test_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -95,7 +95,7 @@ async fn a_write_with_a_stale_etag_is_refused_and_the_loser_deactivates() {
     let etag = counter.etag().await.unwrap().expect("a stored version");
 
     // Another writer (a duplicate activation elsewhere, an operator) replaces the record.
-    let state_key = StateKey::new("Counter", key, "state");
+    let state_key = GrainId::new("Counter", key).state_key("state");
     store.write(&state_key, &serde_json::json!({"value": 100}), Some(&etag)).await.unwrap();
 
     let refused = counter.increment().await.unwrap();
@@ -106,6 +106,30 @@ async fn a_write_with_a_stale_etag_is_refused_and_the_loser_deactivates() {
     // The refused activation left; the next call reloads the winner's state.
     assert_eq!(counter.increment().await.unwrap().unwrap(), 101);
     assert_eq!(LIFECYCLE.activations(key), 2);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Pairs of keys of one grain type whose text forms are equal or look alike, but which name different grains.
+fn look_alike_keys() -> Vec<(GrainKey, GrainKey)> {
+    let uuid = Uuid::from_u128(0x5);
+    vec![
+        (GrainKey::Int(5), GrainKey::from("5")),
+        (GrainKey::from((1, "x")), GrainKey::from("1+x")),
+        (GrainKey::Uuid(uuid), GrainKey::from(uuid.to_string())),
+        (GrainKey::from((1, "2+x")), GrainKey::from((12, "x"))),
+    ]
+}
+
+#[tokio::test]
+async fn grains_whose_keys_differ_only_in_shape_keep_separate_state() {
+    let silo = start_silo(test_config()).await;
+    for (a, b) in look_alike_keys() {
+        let (first, second) = (silo.grain::<Counter>(a.clone()), silo.grain::<Counter>(b.clone()));
+        assert_eq!(first.increment().await.unwrap().unwrap(), 1);
+        assert_eq!(first.increment().await.unwrap().unwrap(), 2);
+        assert_eq!(second.increment().await.unwrap().unwrap(), 1, "{b:?} must not read the state of {a:?}");
+        assert_eq!(first.increment().await.unwrap().unwrap(), 3, "{a:?} must not see a write of {b:?}");
+    }
     silo.shutdown(Duration::from_secs(5)).await;
 }
 

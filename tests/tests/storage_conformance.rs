@@ -76,6 +76,8 @@ conformance!(
     state_twenty_concurrent_first_writes_have_exactly_one_winner,
     state_twenty_concurrent_updates_from_one_etag_have_exactly_one_winner,
     state_many_concurrent_writers_of_distinct_keys_all_land_with_distinct_etags,
+    state_a_document_the_store_cannot_hold_fails_only_its_own_write_among_concurrent_writers,
+    state_a_key_the_store_cannot_hold_fails_only_its_own_write_among_concurrent_writers,
     membership_empty_table_is_at_version_zero,
     membership_insert_bumps_the_version,
     membership_insert_at_a_stale_version_is_refused,
@@ -225,6 +227,111 @@ async fn state_many_concurrent_writers_of_distinct_keys_all_land_with_distinct_e
         assert!(etags.insert(first) && etags.insert(second.clone()), "etags are never shared");
         let stored = p.state.read(&key(&format!("many-{i}"))).await.unwrap().unwrap();
         assert_eq!((stored.document, stored.etag), (json!({"n": i, "round": 2}), second));
+    }
+}
+
+/// Writes 200 good keys beside a write of `bad` twice, all at once: first writes, then etag-checked updates
+/// (of `bad` with its etag if its first write landed, else with a made-up one). Checks that every good write
+/// landed and reads back; returns what became of the two writes of `bad`.
+async fn write_beside_many(
+    p: &Providers,
+    label: &str,
+    bad: &StateKey,
+    bad_document: serde_json::Value,
+) -> [Result<String, StorageError>; 2] {
+    let good_key = |i: usize| key(&format!("{label}-{i}"));
+    let first_writes: Vec<_> = (0..200)
+        .map(|i| {
+            let (store, k) = (p.state.clone(), good_key(i));
+            tokio::spawn(async move { store.write(&k, &json!({"n": i}), None).await })
+        })
+        .collect();
+    let bad_first = {
+        let (store, bad, document) = (p.state.clone(), bad.clone(), bad_document.clone());
+        tokio::spawn(async move { store.write(&bad, &document, None).await })
+    };
+    let mut etags = Vec::new();
+    for write in first_writes {
+        etags.push(write.await.unwrap().expect("a good first write beside a bad one succeeds"));
+    }
+    let bad_first = bad_first.await.unwrap();
+
+    let bad_etag = bad_first.clone().unwrap_or_else(|_| "1".to_owned());
+    let updates: Vec<_> = etags
+        .iter()
+        .enumerate()
+        .map(|(i, etag)| {
+            let (store, k, etag) = (p.state.clone(), good_key(i), etag.clone());
+            tokio::spawn(async move { store.write(&k, &json!({"n": i, "round": 2}), Some(&etag)).await })
+        })
+        .collect();
+    let bad_update = {
+        let (store, bad) = (p.state.clone(), bad.clone());
+        tokio::spawn(async move { store.write(&bad, &bad_document, Some(&bad_etag)).await })
+    };
+    for (i, update) in updates.into_iter().enumerate() {
+        let etag = update.await.unwrap().expect("a good update beside a bad one succeeds");
+        let stored = p.state.read(&good_key(i)).await.unwrap().expect("the good write is stored");
+        assert_eq!((stored.document, stored.etag), (json!({"n": i, "round": 2}), etag));
+    }
+    [bad_first, bad_update.await.unwrap()]
+}
+
+/// Whether the store refuses what Postgres cannot hold: U+0000 in a JSONB string or in a key, and a key
+/// longer than its primary-key index allows. The in-memory store holds any string and any `serde_json::Value`,
+/// so it accepts these; apart from that, both providers behave the same below.
+fn refuses_what_postgres_cannot_hold(store: &dyn GrainStateStore) -> bool {
+    store.name() == "postgres"
+}
+
+fn assert_rejected(result: &Result<String, StorageError>, bad: &StateKey) {
+    match result {
+        Err(StorageError::Rejected { key, reason }) => {
+            assert_eq!(key, &bad.to_string(), "the rejection names the refused record");
+            assert!(!reason.is_empty());
+        }
+        other => panic!("expected Rejected (not Unavailable: retrying cannot help), got {other:?}"),
+    }
+}
+
+async fn state_a_document_the_store_cannot_hold_fails_only_its_own_write_among_concurrent_writers(p: Providers) {
+    let bad = key("nul-document");
+    let [first, update] = write_beside_many(&p, "beside-document", &bad, json!({"text": "before\u{0}after"})).await;
+    if refuses_what_postgres_cannot_hold(&*p.state) {
+        assert_rejected(&first, &bad);
+        assert_rejected(&update, &bad);
+        assert_eq!(p.state.read(&bad).await.unwrap(), None);
+    } else {
+        assert!(first.is_ok() && update.is_ok(), "{first:?} {update:?}");
+    }
+}
+
+async fn state_a_key_the_store_cannot_hold_fails_only_its_own_write_among_concurrent_writers(p: Providers) {
+    let with_nul = key("nul\u{0}key");
+    let [first, update] = write_beside_many(&p, "beside-nul-key", &with_nul, json!({"n": 1})).await;
+    if refuses_what_postgres_cannot_hold(&*p.state) {
+        assert_rejected(&first, &with_nul);
+        assert_rejected(&update, &with_nul);
+        assert_rejected(&p.state.read(&with_nul).await.map(|_| String::new()), &with_nul);
+    } else {
+        assert!(first.is_ok() && update.is_ok(), "{first:?} {update:?}");
+    }
+
+    // Longer than the primary-key index holds, and not compressible below it: hex of a pseudo-random sequence.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let long = key(&(0..1_000)
+        .map(|_| {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            format!("{x:016x}")
+        })
+        .collect::<String>());
+    let [first, update] = write_beside_many(&p, "beside-long-key", &long, json!({"n": 2})).await;
+    if refuses_what_postgres_cannot_hold(&*p.state) {
+        assert_rejected(&first, &long);
+        // Nothing to update: no row has the key, so the etag check fails before any index entry is formed.
+        assert!(matches!(update, Err(StorageError::Conflict { .. })), "{update:?}");
+    } else {
+        assert!(first.is_ok() && update.is_ok(), "{first:?} {update:?}");
     }
 }
 

@@ -5,7 +5,7 @@ use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
-use super::unavailable;
+use super::storage_error;
 use crate::{
     MembershipEntry, MembershipRow, MembershipSnapshot, MembershipTable, SiloAddress, SiloStatus, StorageError,
     Suspicion,
@@ -28,16 +28,21 @@ impl PostgresMembershipTable {
         Self { pool, cluster_id: cluster_id.into() }
     }
 
+    /// What a rejected statement was about, for [`StorageError::Rejected`].
+    fn subject(&self) -> String {
+        format!("membership of cluster {}", self.cluster_id)
+    }
+
     /// Starts a transaction and claims the next table version if the table is still at `expected`.
     async fn claim_version(&self, expected: i64) -> Result<Option<Transaction<'static, Postgres>>, StorageError> {
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        let mut tx = self.pool.begin().await.map_err(storage_error(self.subject()))?;
         sqlx::query(
             "INSERT INTO grains_membership_version (cluster_id, version) VALUES ($1, 0) ON CONFLICT DO NOTHING",
         )
         .bind(&self.cluster_id)
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(storage_error(self.subject()))?;
         let bumped = sqlx::query(
             "UPDATE grains_membership_version SET version = version + 1 WHERE cluster_id = $1 AND version = $2",
         )
@@ -45,7 +50,7 @@ impl PostgresMembershipTable {
         .bind(expected)
         .execute(&mut *tx)
         .await
-        .map_err(unavailable)?;
+        .map_err(storage_error(self.subject()))?;
         Ok((bumped.rows_affected() == 1).then_some(tx))
     }
 }
@@ -84,23 +89,27 @@ impl MembershipTable for PostgresMembershipTable {
              WHERE v.cluster_id = $1
              ORDER BY m.endpoint, m.epoch"
         );
-        let rows = sqlx::query(sql).bind(&self.cluster_id).fetch_all(&self.pool).await.map_err(unavailable)?;
+        let rows = sqlx::query(sql)
+            .bind(&self.cluster_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(storage_error(self.subject()))?;
         let mut snapshot = MembershipSnapshot::default();
         for row in rows {
-            snapshot.version = row.try_get(0).map_err(unavailable)?;
-            let endpoint: Option<String> = row.try_get(1).map_err(unavailable)?;
+            snapshot.version = row.try_get(0).map_err(storage_error("a membership row"))?;
+            let endpoint: Option<String> = row.try_get(1).map_err(storage_error("a membership row"))?;
             let Some(endpoint) = endpoint else { continue };
-            let status: String = row.try_get(4).map_err(unavailable)?;
-            let suspicions: serde_json::Value = row.try_get(8).map_err(unavailable)?;
-            let etag: i64 = row.try_get(9).map_err(unavailable)?;
+            let status: String = row.try_get(4).map_err(storage_error("a membership row"))?;
+            let suspicions: serde_json::Value = row.try_get(8).map_err(storage_error("a membership row"))?;
+            let etag: i64 = row.try_get(9).map_err(storage_error("a membership row"))?;
             let entry = MembershipEntry {
-                silo: SiloAddress { endpoint, epoch: row.try_get(2).map_err(unavailable)? },
-                name: row.try_get(3).map_err(unavailable)?,
+                silo: SiloAddress { endpoint, epoch: row.try_get(2).map_err(storage_error("a membership row"))? },
+                name: row.try_get(3).map_err(storage_error("a membership row"))?,
                 status: SiloStatus::parse(&status)
                     .ok_or_else(|| StorageError::Codec(format!("unknown silo status {status:?}")))?,
-                gateway: row.try_get(5).map_err(unavailable)?,
-                started_at_ms: row.try_get(6).map_err(unavailable)?,
-                heartbeat_at_ms: row.try_get(7).map_err(unavailable)?,
+                gateway: row.try_get(5).map_err(storage_error("a membership row"))?,
+                started_at_ms: row.try_get(6).map_err(storage_error("a membership row"))?,
+                heartbeat_at_ms: row.try_get(7).map_err(storage_error("a membership row"))?,
                 suspicions: serde_json::from_value::<Vec<Suspicion>>(suspicions)
                     .map_err(|e| StorageError::Codec(e.to_string()))?,
             };
@@ -121,12 +130,14 @@ impl MembershipTable for PostgresMembershipTable {
             ", $9, nextval('grains_etag_seq'))
              ON CONFLICT DO NOTHING"
         );
-        let inserted =
-            bind_entry(sqlx::query(sql), &self.cluster_id, entry)?.execute(&mut *tx).await.map_err(unavailable)?;
+        let inserted = bind_entry(sqlx::query(sql), &self.cluster_id, entry)?
+            .execute(&mut *tx)
+            .await
+            .map_err(storage_error(self.subject()))?;
         if inserted.rows_affected() != 1 {
             return Ok(false); // the transaction rolls back on drop: the version is untouched
         }
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(storage_error(self.subject()))?;
         Ok(true)
     }
 
@@ -150,11 +161,11 @@ impl MembershipTable for PostgresMembershipTable {
             .bind(etag)
             .execute(&mut *tx)
             .await
-            .map_err(unavailable)?;
+            .map_err(storage_error(self.subject()))?;
         if updated.rows_affected() != 1 {
             return Ok(false);
         }
-        tx.commit().await.map_err(unavailable)?;
+        tx.commit().await.map_err(storage_error(self.subject()))?;
         Ok(true)
     }
 
@@ -171,7 +182,7 @@ impl MembershipTable for PostgresMembershipTable {
             .bind(at_ms)
             .execute(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(storage_error(self.subject()))?;
         Ok(())
     }
 
@@ -180,7 +191,7 @@ impl MembershipTable for PostgresMembershipTable {
             .bind(&self.cluster_id)
             .execute(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(storage_error(self.subject()))?;
         Ok(())
     }
 }

@@ -5,10 +5,17 @@
 //! against an empty database all come up; the migrations are tracked in `grains_schema_migrations`, apart
 //! from any `_sqlx_migrations` table the application keeps in the same database.
 //!
-//! Errors map onto [`StorageError`]: a lost or refused connection, a pool that cannot hand out a connection
-//! in time, or any server error is [`StorageError::Unavailable`] (the operation may or may not have been
-//! applied when the connection broke mid-commit); an etag or version mismatch is a conflict, never an
-//! overwrite.
+//! Errors map onto [`StorageError`] by what a retry would do:
+//! - [`StorageError::Rejected`]: the server refused the record for what it holds, and will refuse it again —
+//!   SQLSTATE class 22 (data exception: U+0000 in a string, a malformed value), 23 (a constraint the row breaks)
+//!   and 54 (a program limit: a key too long for its index); and a value the driver cannot encode.
+//! - [`StorageError::Unavailable`]: everything else — a lost or refused connection (class 08), a server
+//!   shutting down (57P0x), a pool that cannot hand out a connection in time, a serialization failure or
+//!   deadlock (40), a full disk (53), and also a schema or privilege problem (42), which no record causes and
+//!   an operator fixes. The operation may or may not have been applied when the connection broke mid-commit.
+//! - [`StorageError::Codec`]: a stored value the code cannot decode.
+//!
+//! An etag or version mismatch is a conflict, never an overwrite.
 
 /// SQL text: Unix milliseconds in parameter `$n` (BIGINT) as a TIMESTAMPTZ.
 macro_rules! ms_to_timestamp {
@@ -28,12 +35,13 @@ mod membership;
 mod reminders;
 mod state;
 
+use std::fmt;
 use std::time::Duration;
 
 pub use membership::PostgresMembershipTable;
 pub use reminders::PostgresReminderTable;
 pub use sqlx::postgres::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
 pub use state::PostgresStateStore;
 
 use crate::StorageError;
@@ -53,12 +61,27 @@ impl Default for PostgresOptions {
     }
 }
 
-/// Maps a sqlx error onto the storage contract.
-pub(crate) fn unavailable(error: sqlx::Error) -> StorageError {
-    match error {
+/// Maps a sqlx error onto the storage contract (see the module docs); `subject` names the record the
+/// statement was about, for [`StorageError::Rejected`]. Use as `.map_err(storage_error(&key))`.
+pub(crate) fn storage_error(subject: impl fmt::Display) -> impl FnOnce(sqlx::Error) -> StorageError {
+    move |error| match &error {
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => StorageError::Codec(error.to_string()),
-        other => StorageError::Unavailable(other.to_string()),
+        sqlx::Error::Encode(reason) => StorageError::Rejected { key: subject.to_string(), reason: reason.to_string() },
+        sqlx::Error::Database(db) if db.code().is_some_and(|code| rejects_the_record(&code)) => {
+            let reason = match db.try_downcast_ref::<PgDatabaseError>().and_then(PgDatabaseError::detail) {
+                Some(detail) => format!("{} ({detail})", db.message()),
+                None => db.message().to_owned(),
+            };
+            StorageError::Rejected { key: subject.to_string(), reason }
+        }
+        _ => StorageError::Unavailable(error.to_string()),
     }
+}
+
+/// Whether SQLSTATE `code` says the record itself was refused: a data exception (22), an integrity constraint
+/// (23), or a program limit such as an index row too large (54).
+fn rejects_the_record(code: &str) -> bool {
+    matches!(code.get(..2), Some("22" | "23" | "54"))
 }
 
 /// Opens a pool to `url` and checks that the server answers.
@@ -69,7 +92,7 @@ pub async fn connect(url: &str, options: &PostgresOptions) -> Result<PgPool, Sto
         .acquire_timeout(options.acquire_timeout)
         .connect_with(connect)
         .await
-        .map_err(unavailable)
+        .map_err(storage_error("the connection"))
 }
 
 /// Opens a pool to `url`, retrying with exponential backoff (up to 5 s between attempts) until `give_up_after`

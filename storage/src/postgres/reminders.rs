@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 
-use super::unavailable;
+use super::storage_error;
 use crate::{ETag, ReminderEntry, ReminderRow, ReminderTable, StorageError};
 
 /// Reminders in Postgres.
@@ -33,17 +33,22 @@ macro_rules! select {
     };
 }
 
+/// Names one reminder, for [`StorageError::Rejected`].
+fn reminder(grain_type: &str, grain_key: &str, name: &str) -> String {
+    format!("reminder {grain_type}/{grain_key}#{name}")
+}
+
 fn decode(row: &PgRow) -> Result<ReminderRow, StorageError> {
-    let hash: i64 = row.try_get(3).map_err(unavailable)?;
-    let etag: i64 = row.try_get(6).map_err(unavailable)?;
+    let hash: i64 = row.try_get(3).map_err(storage_error("a reminder row"))?;
+    let etag: i64 = row.try_get(6).map_err(storage_error("a reminder row"))?;
     Ok(ReminderRow {
         entry: ReminderEntry {
-            grain_type: row.try_get(0).map_err(unavailable)?,
-            grain_key: row.try_get(1).map_err(unavailable)?,
-            name: row.try_get(2).map_err(unavailable)?,
+            grain_type: row.try_get(0).map_err(storage_error("a reminder row"))?,
+            grain_key: row.try_get(1).map_err(storage_error("a reminder row"))?,
+            name: row.try_get(2).map_err(storage_error("a reminder row"))?,
             grain_hash: u32::try_from(hash).map_err(|e| StorageError::Codec(e.to_string()))?,
-            start_at_ms: row.try_get(4).map_err(unavailable)?,
-            period_ms: row.try_get(5).map_err(unavailable)?,
+            start_at_ms: row.try_get(4).map_err(storage_error("a reminder row"))?,
+            period_ms: row.try_get(5).map_err(storage_error("a reminder row"))?,
         },
         etag: etag.to_string(),
     })
@@ -57,7 +62,7 @@ impl ReminderTable for PostgresReminderTable {
             .bind(grain_key)
             .fetch_all(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(storage_error(format!("reminders of {grain_type}/{grain_key}")))?;
         rows.iter().map(decode).collect()
     }
 
@@ -73,7 +78,7 @@ impl ReminderTable for PostgresReminderTable {
             .bind(name)
             .fetch_optional(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(storage_error(reminder(grain_type, grain_key, name)))?;
         row.as_ref().map(decode).transpose()
     }
 
@@ -88,7 +93,7 @@ impl ReminderTable for PostgresReminderTable {
             .bind(i64::from(end))
             .fetch_all(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(storage_error(format!("reminders in ({begin}, {end}]")))?;
         rows.iter().map(decode).collect()
     }
 
@@ -112,7 +117,7 @@ impl ReminderTable for PostgresReminderTable {
             .bind(entry.period_ms)
             .fetch_one(&self.pool)
             .await
-            .map_err(unavailable)?;
+            .map_err(storage_error(reminder(&entry.grain_type, &entry.grain_key, &entry.name)))?;
         Ok(etag.to_string())
     }
 
@@ -127,7 +132,7 @@ impl ReminderTable for PostgresReminderTable {
         .bind(etag)
         .execute(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(storage_error(reminder(grain_type, grain_key, name)))?;
         Ok(deleted.rows_affected() == 1)
     }
 }

@@ -1,14 +1,15 @@
-//! Grain state in `grains_state`: JSONB documents with etag-checked writes, group-committed.
+//! Grain state in `grains_state`: JSONB documents with etag-checked writes, group-committed, optionally fenced
+//! by the writing silo's membership row.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::unavailable;
-use crate::{ETag, GrainStateStore, StateKey, StorageError, StoredState};
+use super::storage_error;
+use crate::{ETag, GrainStateStore, SiloAddress, StateKey, StorageError, StoredState};
 
 /// Grain state in Postgres: one row per (grain type, grain key, state name).
 ///
@@ -23,10 +24,69 @@ use crate::{ETag, GrainStateStore, StateKey, StorageError, StoredState};
 /// batch, each row still checked against its own etag — and committed once. Each writer is answered only after that commit, so an acknowledged write is
 /// durable exactly as with one commit per write, while the commit (the fsync) is paid once per batch instead
 /// of once per grain. A single writer sees the latency of one small transaction.
+///
+/// **One bad write fails alone.** A statement is all or nothing, so a record Postgres refuses (a string with
+/// U+0000, which JSONB cannot hold; a key too long for the index) would fail every write batched with it. When a
+/// batch is refused as [`StorageError::Rejected`], nothing of it was applied, so the writer splits it in halves
+/// and commits each apart, recursively, until each refused write stands alone: its writer gets `Rejected`
+/// naming its key, every other writer its etag. With `k` bad writes in a batch of `n` that costs about
+/// `2·k·log2(n)` extra statements, paid only when something was refused.
+///
+/// # Fencing
+/// A silo that its peers declared dead may not know it yet (a frozen process, a partition), and its grains
+/// are already active elsewhere; writes it still commits would overwrite the new owners' state (or, with
+/// etags, at least make them fail). A store made with [`fenced`](Self::fenced) for the silo's own membership
+/// row, in the same database as the membership table, commits a write only while that row exists and is not
+/// `dead`: each batch (and each clear) runs in a transaction that first takes
+/// `SELECT … FROM grains_membership WHERE <this silo> AND status <> 'dead' FOR SHARE`, then writes, then
+/// commits. A refused write fails with [`StorageError::Fenced`] and changes nothing.
+///
+/// Why that serializes a write with a dead-declaration: declaring a silo dead is an `UPDATE` of its row, which
+/// needs the row's `FOR NO KEY UPDATE` lock, and that conflicts with `FOR SHARE` (not with `FOR KEY SHARE`,
+/// which would not do: `status` is no key column).
+/// - A batch that holds the share lock first commits its writes before the declaration's `UPDATE` can go on;
+///   the declaration commits after them.
+/// - A batch that asks for the lock while the declaration's `UPDATE` holds it waits for that transaction; once
+///   it commits, Postgres re-checks the `WHERE` on the new row version (read committed re-checks locked rows),
+///   finds `dead`, returns no row, and the batch rolls back. If the declaration rolled back instead (it lost the
+///   table-version race), the batch goes on.
+///
+/// So no write commits after the declaration has committed. Reads are not fenced. Costs: a fenced batch takes
+/// four round trips (`BEGIN`, the lock, the write, `COMMIT`) instead of one, still once per batch, not per
+/// write; and the silo's heartbeat (an `UPDATE` of the same row) waits for in-flight batches to commit.
 #[derive(Debug, Clone)]
 pub struct PostgresStateStore {
     pool: PgPool,
+    fence: Option<Arc<Fence>>,
     batcher: Arc<OnceLock<mpsc::UnboundedSender<PendingWrite>>>,
+}
+
+/// The membership row a fenced store's writes depend on.
+#[derive(Debug)]
+struct Fence {
+    cluster_id: String,
+    silo: SiloAddress,
+}
+
+impl Fence {
+    /// Share-locks the silo's membership row in `tx` if it is not dead, until `tx` ends; `Fenced` otherwise.
+    async fn hold(&self, tx: &mut PgConnection) -> Result<(), StorageError> {
+        let alive = sqlx::query(
+            "SELECT 1 FROM grains_membership
+             WHERE cluster_id = $1 AND endpoint = $2 AND epoch = $3 AND status <> 'dead'
+             FOR SHARE",
+        )
+        .bind(&self.cluster_id)
+        .bind(&self.silo.endpoint)
+        .bind(self.silo.epoch)
+        .fetch_optional(tx)
+        .await
+        .map_err(storage_error(format_args!("the membership row of {}", self.silo)))?;
+        match alive {
+            Some(_) => Ok(()),
+            None => Err(StorageError::Fenced { silo: self.silo.to_string() }),
+        }
+    }
 }
 
 /// The most writes one transaction carries.
@@ -46,7 +106,14 @@ struct PendingWrite {
 impl PostgresStateStore {
     /// A store over `pool` (migrated with [`super::migrate`]).
     pub fn new(pool: PgPool) -> Self {
-        Self { pool, batcher: Arc::new(OnceLock::new()) }
+        Self { pool, fence: None, batcher: Arc::new(OnceLock::new()) }
+    }
+
+    /// A store over `pool` whose writes commit only while `silo` is not dead in the membership table of
+    /// `cluster_id` (see [fencing](Self#fencing)).
+    pub fn fenced(pool: PgPool, cluster_id: impl Into<String>, silo: SiloAddress) -> Self {
+        let fence = Fence { cluster_id: cluster_id.into(), silo };
+        Self { fence: Some(Arc::new(fence)), ..Self::new(pool) }
     }
 
     /// The queue of the group-commit writers, started on first use (inside the runtime).
@@ -55,7 +122,7 @@ impl PostgresStateStore {
             let (tx, rx) = mpsc::unbounded_channel();
             let rx = Arc::new(Mutex::new(BatchQueue { rx, deferred: VecDeque::new() }));
             for _ in 0..WRITERS {
-                tokio::spawn(run_writer(self.pool.clone(), rx.clone()));
+                tokio::spawn(run_writer(self.pool.clone(), self.fence.clone(), rx.clone()));
             }
             tx
         })
@@ -94,7 +161,7 @@ impl BatchQueue {
     }
 }
 
-async fn run_writer(pool: PgPool, queue: Arc<Mutex<BatchQueue>>) {
+async fn run_writer(pool: PgPool, fence: Option<Arc<Fence>>, queue: Arc<Mutex<BatchQueue>>) {
     loop {
         let batch = {
             let mut queue = queue.lock().await;
@@ -103,32 +170,62 @@ async fn run_writer(pool: PgPool, queue: Arc<Mutex<BatchQueue>>) {
                 None => return,
             }
         };
-        match commit_batch(&pool, &batch).await {
-            Ok(etags) => {
-                for write in batch {
-                    let result = etags
-                        .get(&write.key)
-                        .map(|etag| etag.to_string())
-                        .ok_or_else(|| conflict(&write.key, write.expected.map(|e| e.to_string()).as_deref()));
-                    let _ = write.reply.send(result);
-                }
-            }
-            Err(error) => {
-                for write in batch {
-                    let _ = write.reply.send(Err(error.clone()));
-                }
-            }
+        let outcomes = commit_isolating_rejections(&pool, fence.as_deref(), &batch).await;
+        for (write, outcome) in batch.into_iter().zip(outcomes) {
+            let result = match outcome {
+                Ok(Some(etag)) => Ok(etag.to_string()),
+                Ok(None) => Err(conflict(&write.key, write.expected.map(|e| e.to_string()).as_deref())),
+                Err(error) => Err(error),
+            };
+            let _ = write.reply.send(result);
         }
     }
 }
 
-/// Applies a batch (distinct keys) atomically in one statement — first writes and etag-checked updates as two
-/// data-modifying CTEs — so a batch costs one round trip and one commit. Returns the new etag of every key that
-/// was written.
-async fn commit_batch(pool: &PgPool, batch: &[PendingWrite]) -> Result<HashMap<StateKey, i64>, StorageError> {
+/// What became of one write: its new etag, `None` when its etag check failed, or why it failed.
+type Outcome = Result<Option<i64>, StorageError>;
+
+/// Commits `batch`, one outcome per write in order. When Postgres refuses the batch for a record in it,
+/// nothing was applied: the halves are committed apart, down to single writes, so only refused writes fail.
+async fn commit_isolating_rejections(pool: &PgPool, fence: Option<&Fence>, batch: &[PendingWrite]) -> Vec<Outcome> {
+    match commit_batch(pool, fence, batch).await {
+        Ok(etags) => batch.iter().map(|write| Ok(etags.get(&write.key).copied())).collect(),
+        Err(StorageError::Rejected { reason, .. }) if batch.len() > 1 => {
+            tracing::debug!(writes = batch.len(), %reason, "batch refused; committing its halves apart");
+            let (left, right) = batch.split_at(batch.len() / 2);
+            let mut outcomes = Box::pin(commit_isolating_rejections(pool, fence, left)).await;
+            outcomes.extend(Box::pin(commit_isolating_rejections(pool, fence, right)).await);
+            outcomes
+        }
+        Err(error) => vec![Err(error); batch.len()],
+    }
+}
+
+/// Commits a batch (distinct keys) atomically; behind `fence`, only while the silo's membership row is not
+/// dead. Returns the new etag of every key that was written.
+async fn commit_batch(
+    pool: &PgPool,
+    fence: Option<&Fence>,
+    batch: &[PendingWrite],
+) -> Result<HashMap<StateKey, i64>, StorageError> {
+    let n = batch.len();
+    let Some(fence) = fence else {
+        let mut conn = pool.acquire().await.map_err(storage_error(format_args!("a batch of {n} writes")))?;
+        return apply_batch(&mut conn, batch).await;
+    };
+    let mut tx = pool.begin().await.map_err(storage_error(format_args!("a batch of {n} writes")))?;
+    fence.hold(&mut tx).await?;
+    let etags = apply_batch(&mut tx, batch).await?; // on an error, dropping `tx` rolls it back
+    tx.commit().await.map_err(storage_error(format_args!("a batch of {n} writes")))?;
+    Ok(etags)
+}
+
+/// Applies a batch (distinct keys) in one statement — first writes and etag-checked updates as two
+/// data-modifying CTEs — so a batch costs one round trip. Returns the new etag of every key that was written.
+async fn apply_batch(conn: &mut PgConnection, batch: &[PendingWrite]) -> Result<HashMap<StateKey, i64>, StorageError> {
     if let [write] = batch {
         // Alone: the plain one-row statement plans and runs faster than the batch form.
-        let etag = write_one(pool, &write.key, &write.document, write.expected).await?;
+        let etag = write_one(conn, &write.key, &write.document, write.expected).await?;
         return Ok(etag.map(|etag| (write.key.clone(), etag)).into_iter().collect());
     }
     let n = batch.len();
@@ -173,15 +270,15 @@ async fn commit_batch(pool: &PgPool, batch: &[PendingWrite]) -> Result<HashMap<S
     .bind(names)
     .bind(documents)
     .bind(expected)
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
-    .map_err(unavailable)?;
+    .map_err(storage_error(format_args!("a batch of {n} writes")))?;
     Ok(rows.into_iter().map(|(t, k, n, etag)| (StateKey::new(t, k, n), etag)).collect())
 }
 
 /// One write as one statement: `INSERT … ON CONFLICT DO NOTHING` or `UPDATE … WHERE etag = $expected`.
 async fn write_one(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     key: &StateKey,
     document: &serde_json::Value,
     expected: Option<i64>,
@@ -202,7 +299,7 @@ async fn write_one(
         Some(etag) => query.bind(etag),
         None => query,
     };
-    query.fetch_optional(pool).await.map_err(unavailable)
+    query.fetch_optional(conn).await.map_err(storage_error(key))
 }
 
 fn conflict(key: &StateKey, expected: Option<&str>) -> StorageError {
@@ -228,7 +325,7 @@ impl GrainStateStore for PostgresStateStore {
         .bind(&key.state_name)
         .fetch_optional(&self.pool)
         .await
-        .map_err(unavailable)?;
+        .map_err(storage_error(key))?;
         Ok(row.map(|(document, etag)| StoredState { document, etag: etag.to_string() }))
     }
 
@@ -255,17 +352,24 @@ impl GrainStateStore for PostgresStateStore {
                 Some(_) => Err(conflict(key, expected)),
             },
             Some(expected_etag) => {
-                let deleted = sqlx::query(
+                let delete = sqlx::query(
                     "DELETE FROM grains_state
                      WHERE grain_type = $1 AND grain_key = $2 AND state_name = $3 AND etag = $4",
                 )
                 .bind(&key.grain_type)
                 .bind(&key.grain_key)
                 .bind(&key.state_name)
-                .bind(expected_etag)
-                .execute(&self.pool)
-                .await
-                .map_err(unavailable)?;
+                .bind(expected_etag);
+                let deleted = match self.fence.as_deref() {
+                    None => delete.execute(&self.pool).await.map_err(storage_error(key))?,
+                    Some(fence) => {
+                        let mut tx = self.pool.begin().await.map_err(storage_error(key))?;
+                        fence.hold(&mut tx).await?;
+                        let deleted = delete.execute(&mut *tx).await.map_err(storage_error(key))?;
+                        tx.commit().await.map_err(storage_error(key))?;
+                        deleted
+                    }
+                };
                 if deleted.rows_affected() == 1 { Ok(()) } else { Err(conflict(key, expected)) }
             }
         }
