@@ -338,6 +338,26 @@ impl Decoder for EnvelopeCodec {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn time_a_request_spent_queued_counts_against_its_deadline() {
+        let default = std::time::Duration::from_secs(30);
+        let mut envelope = Envelope::default();
+        envelope.set_deadline(tokio::time::Instant::now() + std::time::Duration::from_secs(5));
+        let fresh = envelope.deadline(default).unwrap();
+        assert!(fresh <= tokio::time::Instant::now() + std::time::Duration::from_secs(5));
+        // The same request read 10 s later (it sat in a frozen silo's socket): its relative timeout alone would
+        // give it 5 s more; its absolute deadline has passed, so it is refused before anything runs.
+        envelope.deadline_unix_ms -= 10_000;
+        assert!(matches!(envelope.deadline(default), Err(CallError::Timeout(_))));
+        // Read 3 s late: 2 s are left, not 5.
+        envelope.deadline_unix_ms += 7_000;
+        let left = envelope.deadline(default).unwrap() - tokio::time::Instant::now();
+        assert!(left <= std::time::Duration::from_secs(2), "{left:?} left");
+        // No absolute deadline (an older caller): the relative timeout, or the default, applies.
+        let relative = Envelope { timeout_ms: 1_000, ..Envelope::default() };
+        assert!(relative.deadline(default).unwrap() <= tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+    }
+
     #[test]
     fn every_key_shape_survives_the_wire() {
         let keys: [GrainKey; 4] = ["alice".into(), GrainKey::Int(-7), GrainKey::Uuid(uuid_from(3)), (9, "eu").into()];

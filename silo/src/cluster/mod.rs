@@ -679,6 +679,45 @@ mod tests {
 
     use super::*;
 
+    fn silo(port: u16) -> SiloAddress {
+        SiloAddress { endpoint: format!("127.0.0.1:{port}"), epoch: 1 }
+    }
+
+    #[test]
+    fn recovery_keeps_one_activation_per_grain_and_evicts_the_rest() {
+        let (a, b, c) = (GrainId::new("G", 1i64), GrainId::new("G", 2i64), GrainId::new("G", 3i64));
+        let on = |port: u16, id: u64| Registration { silo: silo(port), id };
+        // Silo 2 handed over its entries: a on silo 3, c on silo 4 (not reported: activating, or gone).
+        // Silo 3 reports a and b; silo 4 also reports a (a duplicate) and this silo (5) reports b (another).
+        let answers = [
+            (vec![(a.clone(), on(3, 30)), (c.clone(), on(4, 40))], vec![]),
+            (vec![], vec![(a.clone(), on(3, 30)), (b.clone(), on(3, 31))]),
+        ];
+        let from_four: RecoveryAnswer = (vec![], vec![(a.clone(), on(4, 41))]);
+        let (entries, evictions) =
+            settle(answers.iter().chain(std::iter::once(&from_four)), vec![(b.clone(), on(5, 50))]);
+        let entries: HashMap<GrainId, Registration> = entries.into_iter().collect();
+        assert_eq!(entries[&a], on(3, 30), "the handed-over entry names the activation that stays");
+        assert_eq!(entries[&b], on(3, 31), "without an entry, the lowest silo's activation stays");
+        assert_eq!(entries[&c], on(4, 40), "an entry without a report is kept");
+        let mut evictions: Vec<_> = evictions.into_iter().map(|(_, r)| r).collect();
+        evictions.sort_by(|x, y| x.silo.cmp(&y.silo));
+        assert_eq!(evictions, vec![on(4, 41), on(5, 50)]);
+    }
+
+    #[test]
+    fn a_lease_holds_from_its_last_confirmation_and_a_revoked_one_never_again() {
+        let lease = Lease::new(Duration::from_millis(50));
+        assert!(lease.is_valid(), "a starting silo holds one lease");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(!lease.is_valid(), "no confirmation: the lease ran out (as after a freeze)");
+        lease.renew(std::time::Instant::now());
+        assert!(lease.is_valid());
+        lease.revoke();
+        lease.renew(std::time::Instant::now());
+        assert!(!lease.is_valid(), "a revoked lease is not renewed");
+    }
+
     #[test]
     fn the_routing_cache_stays_within_its_capacity() {
         let me = SiloAddress { endpoint: "127.0.0.1:1".into(), epoch: 1 };
