@@ -19,10 +19,11 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::Connected;
+
+use crate::sim::{Io, Listener};
 
 /// How long the loop sleeps after an accept error (out of file descriptors, or memory).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -48,7 +49,7 @@ pub(crate) struct ConnectionInfo {
 
 /// An admitted connection: the TCP stream, its place among `max_connections`, and its timeouts.
 pub(crate) struct AdmittedStream {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     info: ConnectionInfo,
     limits: AdmissionLimits,
     deadline: Pin<Box<Sleep>>,
@@ -125,7 +126,7 @@ impl AsyncWrite for AdmittedStream {
 /// Accepts connections on `listener` within `limits` until `stopped`; the admitted ones come out of the
 /// returned channel, for the HTTP/2 server.
 pub(crate) fn accept_loop(
-    listener: TcpListener,
+    mut listener: Box<dyn Listener>,
     limits: AdmissionLimits,
     mut stopped: watch::Receiver<bool>,
 ) -> mpsc::Receiver<std::io::Result<AdmittedStream>> {
@@ -166,7 +167,6 @@ pub(crate) fn accept_loop(
                 drop(stream);
                 continue;
             };
-            let _ = stream.set_nodelay(true);
             let info = ConnectionInfo { remote, established: Arc::new(AtomicBool::new(false)) };
             let deadline = Box::pin(tokio::time::sleep(limits.handshake_timeout));
             let stream = AdmittedStream { stream, info, limits, deadline, last_read: Instant::now(), _permit: permit };

@@ -89,7 +89,11 @@ impl Connection {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(keep_alive.interval)
             .keep_alive_timeout(keep_alive.timeout);
-        let channel = endpoint.connect().await.map_err(|e| lost(kind, peer, &e.to_string()))?;
+        let channel = match crate::sim::network() {
+            Some(network) => endpoint.connect_with_connector(crate::sim::Connector(network)).await,
+            None => endpoint.connect().await,
+        }
+        .map_err(|e| lost(kind, peer, &e.to_string()))?;
         let mut grpc = tonic::client::Grpc::new(channel)
             .max_decoding_message_size(HARD_FRAME_LIMIT)
             .max_encoding_message_size(HARD_FRAME_LIMIT);

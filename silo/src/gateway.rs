@@ -73,7 +73,7 @@ impl GatewayHandle {
 }
 
 /// Serves the silo's endpoint on `listener` until stopped.
-pub(crate) fn start(silo: Arc<SiloInner>, listener: tokio::net::TcpListener) -> std::io::Result<GatewayHandle> {
+pub(crate) fn start(silo: Arc<SiloInner>, listener: Box<dyn crate::sim::Listener>) -> std::io::Result<GatewayHandle> {
     let local_addr = listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
     let credentials =

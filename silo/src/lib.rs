@@ -40,6 +40,7 @@ pub mod gateway;
 mod metrics;
 mod peer_auth;
 mod silo;
+pub mod sim;
 pub mod wire;
 
 pub use client::{Client, ClientConfig, ConnectError};

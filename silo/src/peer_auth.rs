@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
@@ -91,7 +91,7 @@ pub(crate) struct PeerIdentity {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    crate::sim::unix_ms()
 }
 
 fn proof_text(cluster_id: &str, endpoint: &str, time_ms: u64, nonce: &str) -> String {

@@ -650,7 +650,11 @@ impl SiloBuilder {
 
         let listener = if config.gateway {
             let addr = SocketAddr::new(config.host, config.port);
-            Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| SiloError::Bind { addr, source })?)
+            let bound = match crate::sim::network() {
+                Some(network) => network.bind(addr).await,
+                None => tokio::net::TcpListener::bind(addr).await.map(crate::sim::TcpNetwork::listener),
+            };
+            Some(bound.map_err(|source| SiloError::Bind { addr, source })?)
         } else {
             None
         };

@@ -88,7 +88,7 @@ pub struct Envelope {
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    crate::sim::unix_ms()
 }
 
 impl Envelope {

@@ -31,7 +31,7 @@ use crate::silo::SiloInner;
 
 /// Wall-clock milliseconds since the Unix epoch (the membership table's clock).
 pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    crate::sim::unix_ms() as i64
 }
 
 /// How many votes declare a silo dead, with `active` silos Active in the table (the suspect included): the
@@ -242,7 +242,7 @@ pub(crate) async fn run_agent(silo: Weak<SiloInner>) {
 
 /// Reads the table and installs the view it describes.
 pub(crate) async fn refresh_view(silo: &Arc<SiloInner>) {
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     match silo.cluster.table.read_all().await {
         Ok(snapshot) => {
             let view = ClusterView::from_snapshot(&snapshot);

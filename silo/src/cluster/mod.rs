@@ -105,7 +105,7 @@ pub(crate) trait LocalActivations: Send + Sync {
 /// or slow has stopped on its own before its grains live anywhere else.
 #[derive(Debug)]
 pub(crate) struct Lease {
-    origin: std::time::Instant,
+    origin: Instant,
     until_ms: AtomicU64,
     duration: Duration,
     revoked: std::sync::atomic::AtomicBool,
@@ -115,7 +115,7 @@ impl Lease {
     fn new(duration: Duration) -> Self {
         // A starting silo has not been declared dead by anybody: it holds one lease from the start.
         Self {
-            origin: std::time::Instant::now(),
+            origin: Instant::now(),
             until_ms: AtomicU64::new(duration.as_millis() as u64),
             duration,
             revoked: std::sync::atomic::AtomicBool::new(false),
@@ -128,12 +128,13 @@ impl Lease {
     }
 
     /// Extends the lease from `confirmed_at`: the moment the read that confirmed membership started.
-    pub(crate) fn renew(&self, confirmed_at: std::time::Instant) {
+    pub(crate) fn renew(&self, confirmed_at: Instant) {
         let until = (confirmed_at.saturating_duration_since(self.origin) + self.duration).as_millis() as u64;
         self.until_ms.fetch_max(until, Ordering::AcqRel);
     }
 
-    /// Whether the lease holds now. Reads the real clock (a frozen process must see the time it lost).
+    /// Whether the lease holds now. Reads the clock (a frozen process must see the time it lost; outside a
+    /// simulation, `tokio::time::Instant` is the system's monotonic clock).
     pub(crate) fn is_valid(&self) -> bool {
         !self.revoked.load(Ordering::Acquire)
             && (self.origin.elapsed().as_millis() as u64) < self.until_ms.load(Ordering::Acquire)
@@ -153,10 +154,13 @@ impl Backoff {
         Self { next: Duration::from_millis(5), cap }
     }
 
-    /// Sleeps for the next interval; false (without sleeping) if that would end past `deadline`.
+    /// Sleeps for the next interval; if that would end past `deadline`, sleeps until `deadline` and returns
+    /// false. It always sleeps: a retry loop around it never spins (a simulation found one that did, opening
+    /// connections in a tight loop until its deadline).
     pub(crate) async fn wait(&mut self, deadline: Instant) -> bool {
         let wake = Instant::now() + self.next;
         if wake >= deadline {
+            tokio::time::sleep_until(deadline).await;
             return false;
         }
         tokio::time::sleep_until(wake).await;
@@ -711,10 +715,10 @@ mod tests {
         assert!(lease.is_valid(), "a starting silo holds one lease");
         std::thread::sleep(Duration::from_millis(80));
         assert!(!lease.is_valid(), "no confirmation: the lease ran out (as after a freeze)");
-        lease.renew(std::time::Instant::now());
+        lease.renew(Instant::now());
         assert!(lease.is_valid());
         lease.revoke();
-        lease.renew(std::time::Instant::now());
+        lease.renew(Instant::now());
         assert!(!lease.is_valid(), "a revoked lease is not renewed");
     }
 

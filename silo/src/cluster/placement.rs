@@ -18,8 +18,16 @@ fn random_u64() -> u64 {
     z ^ (z >> 31)
 }
 
-/// Seeds the generator from the clock, so silos do not all pick alike.
+/// Sets the generator's state (a simulation, for repeatable choices).
+pub(crate) fn seed(seed: u64) {
+    SEED.store(seed, Ordering::Relaxed);
+}
+
+/// Seeds the generator from the clock, so silos do not all pick alike (not under a simulator, which seeds it).
 pub(crate) fn seed_from_clock() {
+    if crate::sim::is_simulated() {
+        return;
+    }
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     SEED.fetch_xor(nanos ^ u64::from(std::process::id()), Ordering::Relaxed);
 }

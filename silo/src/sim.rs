@@ -1,0 +1,136 @@
+//! The seam through which a deterministic simulator drives silos: the network, the wall clock, and the seed of
+//! the runtime's randomness.
+//!
+//! A silo reaches the outside world in three ways that a simulation must control: it opens and accepts
+//! connections, it reads the wall clock (membership timestamps, absolute call deadlines, peer proofs), and it
+//! draws random numbers (placement, registration ids). By default these are TCP, the system clock and a seed
+//! taken from the clock. A simulator (for instance one built on `turmoil`, as this project's simulation suite is)
+//! [`install`]s its own once per process, before starting any silo or client; from then on every silo and client
+//! of the process goes through it. Monotonic time needs no seam: the runtime reads it through `tokio::time`,
+//! which a simulator controls already.
+//!
+//! This is process-wide on purpose: a simulation runs a whole cluster in one process, and the seam stays out of
+//! every constructor's signature. Nothing here is used unless [`install`] is called.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use grains::runtime::BoxFuture;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// A byte stream, as a connection is.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// An open listening socket.
+pub trait Listener: Send + 'static {
+    /// The next incoming connection and its peer's address.
+    fn accept(&mut self) -> BoxFuture<'_, std::io::Result<(Box<dyn Io>, SocketAddr)>>;
+    /// The bound address.
+    fn local_addr(&self) -> std::io::Result<SocketAddr>;
+}
+
+/// How a silo and a client reach each other.
+pub trait Network: Send + Sync + 'static {
+    /// Opens a connection to `host:port`.
+    fn connect(&self, host: String, port: u16) -> BoxFuture<'static, std::io::Result<Box<dyn Io>>>;
+    /// Listens on `addr`.
+    fn bind(&self, addr: SocketAddr) -> BoxFuture<'static, std::io::Result<Box<dyn Listener>>>;
+}
+
+/// What a simulator supplies.
+pub struct Seams {
+    /// The network every silo and client of the process uses.
+    pub network: Arc<dyn Network>,
+    /// Wall-clock milliseconds since the Unix epoch.
+    pub wall_clock_ms: fn() -> u64,
+}
+
+impl std::fmt::Debug for Seams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seams").finish_non_exhaustive()
+    }
+}
+
+static SEAMS: OnceLock<Seams> = OnceLock::new();
+
+/// Installs the simulator's seams for the rest of the process. Returns false (changing nothing) if seams were
+/// installed before.
+pub fn install(seams: Seams) -> bool {
+    SEAMS.set(seams).is_ok()
+}
+
+/// Re-seeds the runtime's random choices (placement, registration ids), so that a simulation run with the same
+/// seed makes the same choices.
+pub fn seed_randomness(seed: u64) {
+    crate::cluster::placement::seed(seed);
+}
+
+/// The installed network, if any.
+pub(crate) fn network() -> Option<Arc<dyn Network>> {
+    SEAMS.get().map(|s| s.network.clone())
+}
+
+/// Wall-clock milliseconds since the Unix epoch: the simulator's clock if one is installed.
+pub(crate) fn unix_ms() -> u64 {
+    match SEAMS.get() {
+        Some(seams) => (seams.wall_clock_ms)(),
+        None => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
+/// Whether a simulator drives this process.
+pub(crate) fn is_simulated() -> bool {
+    SEAMS.get().is_some()
+}
+
+/// The system's network: TCP, with Nagle's algorithm off.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct TcpNetwork;
+
+struct TcpListenerIo(tokio::net::TcpListener);
+
+impl Listener for TcpListenerIo {
+    fn accept(&mut self) -> BoxFuture<'_, std::io::Result<(Box<dyn Io>, SocketAddr)>> {
+        Box::pin(async move {
+            let (stream, remote) = self.0.accept().await?;
+            let _ = stream.set_nodelay(true);
+            Ok((Box::new(stream) as Box<dyn Io>, remote))
+        })
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+impl TcpNetwork {
+    /// Wraps a bound TCP listener.
+    pub(crate) fn listener(listener: tokio::net::TcpListener) -> Box<dyn Listener> {
+        Box::new(TcpListenerIo(listener))
+    }
+}
+
+/// Opens connections through the installed [`Network`], for tonic's `connect_with_connector`.
+#[derive(Clone)]
+pub(crate) struct Connector(pub(crate) Arc<dyn Network>);
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<Box<dyn Io>>;
+    type Error = std::io::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, std::io::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let network = self.0.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or("127.0.0.1").to_owned();
+            let port = uri.port_u16().unwrap_or(80);
+            Ok(hyper_util::rt::TokioIo::new(network.connect(host, port).await?))
+        })
+    }
+}
