@@ -40,6 +40,7 @@ pub mod gateway;
 mod metrics;
 mod peer_auth;
 mod silo;
+pub mod tls;
 pub mod wire;
 
 pub use client::{Client, ClientConfig, ConnectError};
@@ -48,3 +49,4 @@ pub use config::{ClusterTimings, FailureDetection, GrainTypeConfig, MembershipKi
 pub use metrics::MetricsSnapshot;
 pub use peer_auth::{ClusterCredentials, ClusterSecret, PROOF_WINDOW};
 pub use silo::{Silo, SiloBuilder, SiloError};
+pub use tls::PemSource;

@@ -83,11 +83,13 @@ pub struct ClusterCredentials {
     pub secret: Option<ClusterSecret>,
 }
 
-/// A member's credentials together with the name it opens streams under (a silo's endpoint).
+/// A member's credentials together with the name it opens streams under (a silo's endpoint), and the TLS
+/// settings its streams use (a silo that serves TLS dials its peers over TLS).
 #[derive(Debug, Clone)]
 pub(crate) struct PeerIdentity {
     pub(crate) credentials: ClusterCredentials,
     pub(crate) endpoint: String,
+    pub(crate) tls: Option<crate::tls::ClientTls>,
 }
 
 fn now_ms() -> u64 {
@@ -222,6 +224,7 @@ mod tests {
         PeerIdentity {
             credentials: ClusterCredentials { cluster_id: "prod".into(), secret: secret.map(ClusterSecret::from) },
             endpoint: "127.0.0.1:30001".into(),
+            tls: None,
         }
     }
 

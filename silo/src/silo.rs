@@ -42,6 +42,9 @@ pub enum SiloError {
     /// The storage provider or membership table could not be reached or prepared.
     #[error("storage: {0}")]
     Storage(#[from] grains_storage::StorageError),
+    /// The TLS settings (`tls_cert`, `tls_key`, `tls_ca`, `tls_client_ca`) cannot be used.
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The silo could not bind its address.
     #[error("cannot bind {addr}: {source}")]
     Bind {
@@ -637,6 +640,8 @@ impl SiloBuilder {
     pub async fn start(self) -> Result<Silo, SiloError> {
         let config = self.config;
         config.check_exposure().map_err(SiloError::Config)?;
+        let server_tls = crate::tls::server_config(&config)?;
+        let peer_tls = crate::tls::peer_config(&config)?;
         let advertised_host = config.advertised_host().map_err(|e| SiloError::Config(e.to_string()))?;
         let pool = match (config.storage, config.membership) {
             (StorageKind::Postgres, _) | (_, MembershipKind::Postgres) => Some(open_pool(&config).await?),
@@ -670,6 +675,7 @@ impl SiloBuilder {
                 secret: config.cluster_secret.clone(),
             },
             endpoint: me.endpoint.clone(),
+            tls: peer_tls,
         };
         let table: Arc<dyn MembershipTable> = match (self.membership, config.membership, &pool) {
             (Some(table), _, _) => table,
@@ -716,9 +722,8 @@ impl SiloBuilder {
         tracing::info!(provider = inner.store.name(), membership = ?inner.config.membership, "storage");
 
         let gateway = match listener {
-            Some(listener) => Some(gateway::start(inner.clone(), listener).map_err(|source| SiloError::Bind {
-                addr: SocketAddr::new(inner.config.host, inner.config.port),
-                source,
+            Some(listener) => Some(gateway::start(inner.clone(), listener, server_tls).map_err(|source| {
+                SiloError::Bind { addr: SocketAddr::new(inner.config.host, inner.config.port), source }
             })?),
             None => None,
         };
