@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use crate::cluster::system::{self, SystemRequest, SystemResponse};
 use crate::connection::{Connection, ConnectionPool, KeepAlive, PeerKind};
+use crate::filter::BearerToken;
 use crate::peer_auth::{ClusterCredentials, PeerIdentity};
 use crate::tls::{ClientTls, PemSource, TlsError};
 use crate::wire::{Envelope, Mode, WireGrainId};
@@ -75,6 +76,9 @@ pub struct ClientConfig {
     pub tls_cert: Option<PemSource>,
     /// The private key of `tls_cert`.
     pub tls_key: Option<PemSource>,
+    /// A token sent once, when each connection to a gateway is set up (as `authorization: Bearer …`), for the
+    /// silo's call filters to check (see [`crate::filter`]). Send it over TLS only: it travels as it is.
+    pub bearer_token: Option<BearerToken>,
 }
 
 impl Default for ClientConfig {
@@ -90,6 +94,7 @@ impl Default for ClientConfig {
             tls_server_name: None,
             tls_cert: None,
             tls_key: None,
+            bearer_token: None,
         }
     }
 }
@@ -175,10 +180,13 @@ impl Client {
             endpoint: format!("client-{}", std::process::id()),
             tls: tls.clone(),
         });
-        let connections =
-            ConnectionPool::new(PeerKind::Gateway, config.connect_timeout, identity).with_tls(tls).with_keep_alive(
-                KeepAlive { interval: config.gateway_liveness_timeout / 2, timeout: config.gateway_liveness_timeout },
-            );
+        let connections = ConnectionPool::new(PeerKind::Gateway, config.connect_timeout, identity)
+            .with_tls(tls)
+            .with_bearer_token(config.bearer_token.clone())
+            .with_keep_alive(KeepAlive {
+                interval: config.gateway_liveness_timeout / 2,
+                timeout: config.gateway_liveness_timeout,
+            });
         let inner = Arc::new_cyclic(|this| ClientInner {
             config,
             gateways: RwLock::new(gateways.clone()),
@@ -298,6 +306,7 @@ impl ClientInner {
             payload,
             call_chain: call.chain.iter().map(WireGrainId::from).collect(),
             mode: Mode::Route as i32,
+            metadata: call.metadata.to_map(),
             ..Default::default()
         };
         let gateways = self.gateways();

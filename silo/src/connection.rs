@@ -22,6 +22,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::codec::Streaming;
 use tonic::transport::Endpoint;
 
+use crate::filter::BearerToken;
 use crate::peer_auth::PeerIdentity;
 use crate::tls::{ClientTls, error_chain};
 use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind};
@@ -84,17 +85,19 @@ impl Connection {
         keep_alive: KeepAlive,
     ) -> Result<Arc<Self>, CallError> {
         let tls = identity.and_then(|i| i.tls.as_ref());
-        Self::open_with(peer, kind, connect_timeout, identity, tls, keep_alive).await
+        Self::open_with(peer, kind, connect_timeout, identity, tls, None, keep_alive).await
     }
 
-    /// [`Connection::open`], speaking TLS with `tls` when given. A server that fails the TLS handshake (it
-    /// does not speak TLS, or its certificate is not trusted) is unreachable: the call fails, it never hangs.
+    /// [`Connection::open`], speaking TLS with `tls` when given, and sending a client's `bearer_token`. A
+    /// server that fails the TLS handshake (it does not speak TLS, or its certificate is not trusted) is
+    /// unreachable: the call fails, it never hangs.
     async fn open_with(
         peer: &str,
         kind: PeerKind,
         connect_timeout: Duration,
         identity: Option<&PeerIdentity>,
         tls: Option<&ClientTls>,
+        bearer_token: Option<&BearerToken>,
         keep_alive: KeepAlive,
     ) -> Result<Arc<Self>, CallError> {
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -117,6 +120,9 @@ impl Connection {
         let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx));
         if let Some(identity) = identity {
             identity.stamp(request.metadata_mut());
+        }
+        if let Some(token) = bearer_token {
+            crate::peer_auth::stamp_bearer_token(token, request.metadata_mut());
         }
         let response = grpc
             .streaming(request, PathAndQuery::from_static(CONNECT_PATH), EnvelopeCodec::new(HARD_FRAME_LIMIT))
@@ -229,6 +235,7 @@ pub(crate) struct ConnectionPool {
     connect_timeout: Duration,
     identity: Option<PeerIdentity>,
     tls: Option<ClientTls>,
+    bearer_token: Option<BearerToken>,
     keep_alive: KeepAlive,
     open: DashMap<String, Arc<Connection>>,
     opening: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
@@ -242,6 +249,7 @@ impl ConnectionPool {
             kind,
             connect_timeout,
             tls: identity.as_ref().and_then(|i| i.tls.clone()),
+            bearer_token: None,
             identity,
             keep_alive: KeepAlive::BETWEEN_SILOS,
             open: DashMap::new(),
@@ -257,6 +265,12 @@ impl ConnectionPool {
     /// The same pool, opening its connections over TLS with `tls` when given.
     pub(crate) fn with_tls(self, tls: Option<ClientTls>) -> Self {
         Self { tls, ..self }
+    }
+
+    /// The same pool, sending `bearer_token` on each connection it opens (a client's, see
+    /// [`crate::ClientConfig::bearer_token`]).
+    pub(crate) fn with_bearer_token(self, bearer_token: Option<BearerToken>) -> Self {
+        Self { bearer_token, ..self }
     }
 
     /// The open connection to `endpoint`, opening one if there is none or the last one died.
@@ -275,6 +289,7 @@ impl ConnectionPool {
             self.connect_timeout,
             self.identity.as_ref(),
             self.tls.as_ref(),
+            self.bearer_token.as_ref(),
             self.keep_alive,
         )
         .await?;

@@ -47,7 +47,8 @@ use tonic::transport::server::TlsConnectInfo;
 
 use crate::admission::{self, AdmissionLimits, ConnectionInfo};
 use crate::cluster::system::SystemRequest;
-use crate::peer_auth::{Caller, ClusterCredentials, PeerVerifier};
+use crate::filter::{CallerIdentity, ClientIdentity};
+use crate::peer_auth::{self, Caller, ClusterCredentials, PeerVerifier};
 use crate::silo::SiloInner;
 use crate::wire::{
     CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind, Mode, SYSTEM_TYPE, frame_limit,
@@ -120,6 +121,12 @@ fn connection_info(extensions: &http::Extensions) -> Option<&ConnectionInfo> {
     extensions
         .get::<ConnectionInfo>()
         .or_else(|| extensions.get::<TlsConnectInfo<ConnectionInfo>>().map(TlsConnectInfo::get_ref))
+}
+
+/// The subject of the certificate the client presented over TLS, if it presented one (`tls_client_ca`).
+fn client_certificate_subject(extensions: &http::Extensions) -> Option<String> {
+    let certificates = extensions.get::<TlsConnectInfo<ConnectionInfo>>()?.peer_certs()?;
+    crate::filter::certificate_subject(certificates.first()?)
 }
 
 /// The HTTP/2 service: routes the one gRPC path to [`serve_connection`].
@@ -203,8 +210,17 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
                 return std::future::ready(Err(Status::unauthenticated(refused.to_string())));
             }
         };
+        // Who the stream's calls are from, as call filters see it: settled once, at set-up.
+        let identity = Arc::new(match &caller {
+            Caller::Peer(endpoint) => CallerIdentity::Member(endpoint.clone()),
+            Caller::Client => CallerIdentity::Client(ClientIdentity::new(
+                client_certificate_subject(request.extensions()),
+                peer_auth::bearer_token(request.metadata()),
+            )),
+        });
         let (tx, rx) = mpsc::unbounded_channel();
-        let serve = serve_connection(self.silo.clone(), caller, request.into_inner(), tx, self.stopped.clone());
+        let connection = request.into_inner();
+        let serve = serve_connection(self.silo.clone(), caller, identity, connection, tx, self.stopped.clone());
         tokio::spawn(serve);
         std::future::ready(Ok(tonic::Response::new(UnboundedReceiverStream::new(rx))))
     }
@@ -217,6 +233,7 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
 async fn serve_connection(
     silo: Arc<SiloInner>,
     caller: Caller,
+    identity: Arc<CallerIdentity>,
     mut inbound: Streaming<Inbound>,
     outbound: mpsc::UnboundedSender<Result<Envelope, Status>>,
     stopped: watch::Receiver<bool>,
@@ -271,11 +288,12 @@ async fn serve_connection(
                 };
                 let silo = silo.clone();
                 let outbound = outbound.clone();
+                let identity = identity.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
                     let correlation_id = envelope.correlation_id;
                     let limit = silo.config.max_payload_bytes;
-                    let result = silo.serve_request(envelope).await.and_then(|reply| {
+                    let result = silo.serve_request(envelope, &identity).await.and_then(|reply| {
                         if reply.len() > limit {
                             Err(CallError::PayloadTooLarge { size: reply.len() as u64, limit: limit as u64 })
                         } else {
