@@ -33,7 +33,7 @@ pub struct CallInfo<'a> {
     pub grain: &'a GrainId,
     /// The method called.
     pub method: &'a str,
-    /// The caller's request metadata.
+    /// The caller's request metadata. Whoever calls chooses it: it proves nothing about who they are.
     pub metadata: &'a RequestMetadata,
 }
 
