@@ -2,7 +2,9 @@
 //!
 //! - [`hello`]: the smallest useful grain, a greeter with a counter in persistent state.
 //! - [`cart`]: a shopping cart with typed errors, persistent state, and a grain-to-grain call.
+//! - [`auth`]: a call filter that admits clients by bearer token.
 
+pub mod auth;
 pub mod cart;
 pub mod hello;
 

@@ -8,7 +8,7 @@ use grains_storage::GrainStateStore;
 use crate::grain::Grain;
 use crate::id::{GrainId, GrainKey};
 use crate::reference::{GrainRef, RefCore};
-use crate::runtime::GrainRuntime;
+use crate::runtime::{GrainRuntime, RequestMetadata};
 
 /// The activation's view of itself and the cluster: its id, a way to call other grains, and lifecycle requests.
 ///
@@ -55,6 +55,12 @@ impl GrainContext {
     /// The storage provider for this grain's persistent state.
     pub fn state_store(&self) -> &Arc<dyn GrainStateStore> {
         &self.inner.store
+    }
+
+    /// The request metadata of the call this grain is serving now (see [`RequestMetadata`]); every call the
+    /// grain makes while serving it carries the same.
+    pub fn request_metadata(&self) -> RequestMetadata {
+        RequestMetadata::current()
     }
 
     /// Asks the runtime to deactivate this grain as soon as the current turn ends.

@@ -100,6 +100,7 @@ pub use grain::{BuildFn, ErasedGrain, Grain, GrainOptions, GrainRegistration, Gr
 pub use grains_macros::grain;
 pub use id::{GrainId, GrainKey};
 pub use reference::{GrainRef, RefCore};
+pub use runtime::RequestMetadata;
 pub use state::PersistentState;
 pub use uuid::Uuid;
 

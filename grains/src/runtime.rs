@@ -8,9 +8,23 @@
 //! A payload starts out [`Payload::Local`]: the typed request, boxed. A runtime that delivers it inside the same
 //! process moves it as it is; one that sends it over the wire encodes it there ([`LocalMessage::encode`]).
 //! Replies come back the same way, so a call between grains on one silo is never serialized.
+//!
+//! # Request metadata
+//!
+//! A caller can attach string key/value pairs to its calls ([`RequestMetadata`], after Orleans'
+//! `RequestContext`): a trace id, a tenant, the user a request is made for. They travel with the call — in the
+//! [`Call`] in-process, in the envelope across the wire — and a grain serving the call reads them with
+//! [`RequestMetadata::current`] (or [`GrainContext::request_metadata`](crate::GrainContext::request_metadata)).
+//! Every call the grain makes while serving it carries them on, so they flow down the whole call chain.
+//!
+//! They live in a task-local, like the call chain, rather than in the `GrainContext`: a context belongs to an
+//! activation, which serves many calls one after another, while metadata belongs to one call; and a grain
+//! author should not have to pass them by hand to each call it makes for them to flow on. As with the call
+//! chain, a task the grain spawns does not inherit them (wrap its work in [`RequestMetadata::scope`]).
 
 use std::any::Any;
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -81,6 +95,77 @@ pub struct Call {
     pub deadline: Instant,
     /// The grains whose turns are waiting on this call (empty for a call from outside any grain).
     pub chain: CallChain,
+    /// The caller's request metadata, which flows on to the calls this one makes.
+    pub metadata: RequestMetadata,
+}
+
+/// String key/value pairs that travel with a call and with every call made while serving it (see the
+/// [module docs](self#request-metadata)). Cheap to clone; empty metadata costs no allocation.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RequestMetadata(Option<Arc<BTreeMap<String, String>>>);
+
+impl RequestMetadata {
+    /// No metadata.
+    pub fn new() -> Self {
+        Self(None)
+    }
+
+    /// Metadata holding `map`'s pairs.
+    pub fn from_map(map: BTreeMap<String, String>) -> Self {
+        if map.is_empty() { Self(None) } else { Self(Some(Arc::new(map))) }
+    }
+
+    /// This metadata with `key` set to `value`.
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        Arc::make_mut(self.0.get_or_insert_with(Default::default)).insert(key.into(), value.into());
+        self
+    }
+
+    /// The value of `key`, if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.as_ref()?.get(key).map(String::as_str)
+    }
+
+    /// Whether no pair is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The pairs, ordered by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().flat_map(|map| map.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
+
+    /// The pairs as a map (for the wire).
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        self.0.as_deref().cloned().unwrap_or_default()
+    }
+
+    /// The metadata calls made now carry: that of the innermost [`scope`](Self::scope), else that of the call
+    /// the running grain turn serves, else none.
+    pub fn current() -> Self {
+        SCOPED_METADATA
+            .try_with(Clone::clone)
+            .or_else(|_| CURRENT_TURN.try_with(|turn| turn.metadata.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Runs `fut` with this metadata on every call it makes (inside a grain turn too, in place of the turn's).
+    pub fn scope<F: Future>(self, fut: F) -> impl Future<Output = F::Output> {
+        SCOPED_METADATA.scope(self, fut)
+    }
+}
+
+impl fmt::Debug for RequestMetadata {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for RequestMetadata {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(pairs: I) -> Self {
+        Self::from_map(pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect())
+    }
 }
 
 /// Something that can carry grain calls: a silo, or an external client connected to one.
@@ -94,21 +179,30 @@ pub trait GrainRuntime: Send + Sync + 'static {
     }
 }
 
-/// The turn the current task is running: who is waiting on it, and which grain runs it.
+/// The turn the current task is running: who is waiting on it, which grain runs it, and the metadata of the
+/// call it serves.
 struct Turn {
     parent: CallChain,
     grain: GrainId,
+    metadata: RequestMetadata,
 }
 
 tokio::task_local! {
     static CURRENT_TURN: Turn;
+    static SCOPED_METADATA: RequestMetadata;
 }
 
-/// Runs `fut` as a turn of `grain` called through `chain`, so calls it makes carry `chain` + `grain`.
+/// Runs `fut` as a turn of `grain` called through `chain` with `metadata`, so calls it makes carry
+/// `chain` + `grain`, and `metadata`.
 ///
 /// The extended chain is only built when the turn actually makes a call.
-pub fn run_in_turn<F: Future>(chain: CallChain, grain: GrainId, fut: F) -> impl Future<Output = F::Output> {
-    CURRENT_TURN.scope(Turn { parent: chain, grain }, fut)
+pub fn run_in_turn<F: Future>(
+    chain: CallChain,
+    grain: GrainId,
+    metadata: RequestMetadata,
+    fut: F,
+) -> impl Future<Output = F::Output> {
+    CURRENT_TURN.scope(Turn { parent: chain, grain, metadata }, fut)
 }
 
 /// The call chain for a call made now: the running turn's chain plus its grain, or empty outside any turn.
@@ -127,4 +221,28 @@ pub fn current_chain() -> CallChain {
 fn empty_chain() -> CallChain {
     static EMPTY: std::sync::OnceLock<CallChain> = std::sync::OnceLock::new();
     EMPTY.get_or_init(|| CallChain::from(Vec::new())).clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn calls_carry_the_innermost_scope_then_the_turns_metadata_then_none() {
+        assert!(RequestMetadata::current().is_empty());
+        let served = RequestMetadata::new().with("trace", "from-caller");
+        let turn = run_in_turn(empty_chain(), GrainId::new("A", "a"), served.clone(), async {
+            assert_eq!(RequestMetadata::current(), served, "a turn's calls carry its call's metadata");
+            let narrowed = RequestMetadata::current().with("step", "2");
+            narrowed
+                .scope(async {
+                    let current = RequestMetadata::current();
+                    assert_eq!((current.get("trace"), current.get("step")), (Some("from-caller"), Some("2")));
+                })
+                .await;
+        });
+        turn.await;
+        assert_eq!(RequestMetadata::new().with("k", "v").iter().collect::<Vec<_>>(), [("k", "v")]);
+        assert!(RequestMetadata::from_map(BTreeMap::new()).is_empty());
+    }
 }

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use grains::runtime::{CallChain, Payload, run_in_turn};
+use grains::runtime::{Call, CallChain, Payload, RequestMetadata, run_in_turn};
 use grains::{CallError, ErasedGrain, GrainContext, GrainError, GrainId, GrainRegistration, StorageError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -33,7 +33,16 @@ pub(crate) struct Invocation {
     pub(crate) payload: Payload,
     pub(crate) deadline: Instant,
     pub(crate) chain: CallChain,
+    pub(crate) metadata: RequestMetadata,
     pub(crate) reply: oneshot::Sender<Result<Payload, CallError>>,
+}
+
+impl Invocation {
+    /// `call` as an invocation answered through `reply`, beside the grain it is for.
+    pub(crate) fn of(call: Call, reply: oneshot::Sender<Result<Payload, CallError>>) -> (GrainId, Invocation) {
+        let Call { target, method, payload, deadline, chain, metadata } = call;
+        (target, Invocation { method, payload, deadline, chain, metadata, reply })
+    }
 }
 
 /// What a mailbox carries.
@@ -330,7 +339,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
                     continue;
                 }
                 let span = tracing::debug_span!("grain.turn", grain = %id, method = %call.method);
-                let turn = run_in_turn(call.chain, id.clone(), grain.handle(&call.method, call.payload));
+                let turn = run_in_turn(call.chain, id.clone(), call.metadata, grain.handle(&call.method, call.payload));
                 let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
                 start.shared.touch(silo.now_ms());
                 match outcome {

@@ -16,6 +16,7 @@ use clap::Parser;
 use crate::config::{FailureDetection, MembershipKind, SiloConfig, StorageKind};
 use crate::peer_auth::ClusterSecret;
 use crate::silo::Silo;
+use crate::tls::PemSource;
 
 fn duration_arg(text: &str) -> Result<Duration, String> {
     grains::duration::parse_duration(text).map_err(str::to_owned)
@@ -105,6 +106,21 @@ pub struct SiloArgs {
     /// the cluster's system calls).
     #[arg(long, env = "GRAINS_INSECURE")]
     pub insecure: bool,
+    /// The certificate chain to serve TLS with: a PEM file, or PEM text.
+    #[arg(long, env = "GRAINS_TLS_CERT")]
+    pub tls_cert: Option<String>,
+    /// The private key of `--tls-cert`: a PEM file, or PEM text.
+    #[arg(long, env = "GRAINS_TLS_KEY", hide_env_values = true)]
+    pub tls_key: Option<String>,
+    /// The cluster CA peer silos' certificates must chain to (default: the system's roots).
+    #[arg(long, env = "GRAINS_TLS_CA")]
+    pub tls_ca: Option<String>,
+    /// Ask clients for a certificate chaining to this CA (optional for them; call filters see its subject).
+    #[arg(long, env = "GRAINS_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<String>,
+    /// The name peer silos' certificates are checked against (default: each peer's advertised IP address).
+    #[arg(long, env = "GRAINS_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax (e.g. `info`, `grains_silo=debug`).
     #[arg(long, env = "GRAINS_LOG", default_value = "info")]
     pub log: String,
@@ -165,6 +181,19 @@ impl SiloArgs {
         }
         if self.insecure {
             config.insecure = true;
+        }
+        for (flag, key) in [
+            (&self.tls_cert, &mut config.tls_cert),
+            (&self.tls_key, &mut config.tls_key),
+            (&self.tls_ca, &mut config.tls_ca),
+            (&self.tls_client_ca, &mut config.tls_client_ca),
+        ] {
+            if let Some(source) = flag {
+                *key = Some(PemSource::new(source.clone()));
+            }
+        }
+        if let Some(name) = &self.tls_server_name {
+            config.tls_server_name = Some(name.clone());
         }
         Ok(config)
     }

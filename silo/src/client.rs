@@ -23,7 +23,9 @@ use tokio::time::Instant;
 
 use crate::cluster::system::{self, SystemRequest, SystemResponse};
 use crate::connection::{Connection, ConnectionPool, KeepAlive, PeerKind};
+use crate::filter::BearerToken;
 use crate::peer_auth::{ClusterCredentials, PeerIdentity};
+use crate::tls::{ClientTls, PemSource, TlsError};
 use crate::wire::{Envelope, Mode, WireGrainId};
 
 /// Why a client could not connect.
@@ -40,6 +42,9 @@ pub enum ConnectError {
         /// What went wrong.
         reason: String,
     },
+    /// The TLS settings cannot be used (an unreadable or malformed CA, certificate or key).
+    #[error("TLS settings: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// Client settings.
@@ -61,6 +66,19 @@ pub struct ClientConfig {
     /// flight fail as unavailable) and new calls avoid it until it answers again. The ping goes out after half
     /// this long without a frame from the gateway.
     pub gateway_liveness_timeout: Duration,
+    /// For `https://` gateways: the CA their certificates must chain to. `None`: the system's roots.
+    pub tls_ca: Option<PemSource>,
+    /// For `https://` gateways: the name their certificates are checked against. `None`: the host dialled —
+    /// the one in the address given, then the addresses the cluster lists (IP addresses).
+    pub tls_server_name: Option<String>,
+    /// For `https://` gateways that ask for one (`tls_client_ca`): the client's certificate chain, and
+    /// `tls_key` its key. The gateway's call filters see its subject.
+    pub tls_cert: Option<PemSource>,
+    /// The private key of `tls_cert`.
+    pub tls_key: Option<PemSource>,
+    /// A token sent once, when each connection to a gateway is set up (as `authorization: Bearer …`), for the
+    /// silo's call filters to check (see [`crate::filter`]). Send it over TLS only: it travels as it is.
+    pub bearer_token: Option<BearerToken>,
 }
 
 impl Default for ClientConfig {
@@ -72,6 +90,11 @@ impl Default for ClientConfig {
             gateway_refresh_interval: Duration::from_secs(5),
             member: None,
             gateway_liveness_timeout: Duration::from_secs(1),
+            tls_ca: None,
+            tls_server_name: None,
+            tls_cert: None,
+            tls_key: None,
+            bearer_token: None,
         }
     }
 }
@@ -117,7 +140,8 @@ fn normalize(url: &str) -> Result<String, ConnectError> {
 
 impl Client {
     /// Connects to the gateway at `url` (e.g. `http://127.0.0.1:30000`) with default settings; other gateways of
-    /// the cluster are learned from it.
+    /// the cluster are learned from it. An `https://` address connects over TLS (to every gateway), verifying
+    /// the gateway against the system's roots or [`ClientConfig::tls_ca`].
     pub async fn connect(url: impl AsRef<str>) -> Result<Client, ConnectError> {
         Self::connect_cluster([url.as_ref()], ClientConfig::default()).await
     }
@@ -132,16 +156,34 @@ impl Client {
         urls: impl IntoIterator<Item = S>,
         config: ClientConfig,
     ) -> Result<Client, ConnectError> {
-        let gateways = urls.into_iter().map(|u| normalize(u.as_ref())).collect::<Result<Vec<_>, _>>()?;
+        let urls: Vec<String> = urls.into_iter().map(|u| u.as_ref().to_owned()).collect();
+        let gateways = urls.iter().map(|u| normalize(u)).collect::<Result<Vec<_>, _>>()?;
         if gateways.is_empty() {
             return Err(ConnectError::InvalidAddress(String::new()));
         }
-        let identity = config
-            .member
-            .clone()
-            .map(|credentials| PeerIdentity { credentials, endpoint: format!("client-{}", std::process::id()) });
-        let connections =
-            ConnectionPool::new(PeerKind::Gateway, config.connect_timeout, identity).with_keep_alive(KeepAlive {
+        // The cluster lists its gateways as bare `host:port`: one scheme applies to all of them.
+        let secure = urls.iter().filter(|u| u.starts_with("https://")).count();
+        if secure != 0 && secure != urls.len() {
+            return Err(ConnectError::InvalidAddress(format!("{}: mixes http and https", urls.join(", "))));
+        }
+        let tls = match secure {
+            0 => None,
+            _ => Some(ClientTls::for_client(
+                config.tls_ca.as_ref(),
+                config.tls_server_name.as_deref(),
+                config.tls_cert.as_ref(),
+                config.tls_key.as_ref(),
+            )?),
+        };
+        let identity = config.member.clone().map(|credentials| PeerIdentity {
+            credentials,
+            endpoint: format!("client-{}", std::process::id()),
+            tls: tls.clone(),
+        });
+        let connections = ConnectionPool::new(PeerKind::Gateway, config.connect_timeout, identity)
+            .with_tls(tls)
+            .with_bearer_token(config.bearer_token.clone())
+            .with_keep_alive(KeepAlive {
                 interval: config.gateway_liveness_timeout / 2,
                 timeout: config.gateway_liveness_timeout,
             });
@@ -264,6 +306,7 @@ impl ClientInner {
             payload,
             call_chain: call.chain.iter().map(WireGrainId::from).collect(),
             mode: Mode::Route as i32,
+            metadata: call.metadata.to_map(),
             ..Default::default()
         };
         let gateways = self.gateways();

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::peer_auth::ClusterSecret;
+use crate::tls::PemSource;
 
 /// Which grain-state storage provider a silo uses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -224,6 +225,24 @@ pub struct SiloConfig {
     /// Listen on a non-loopback address without a `cluster_secret`, letting whoever reaches the port run the
     /// cluster's system calls (membership, directory). Off by default: such a silo refuses to start.
     pub insecure: bool,
+    /// The certificate chain the silo serves TLS with (PEM, inline or the path of a file). With `tls_key`, the
+    /// port speaks TLS only, and the silo dials its peers over TLS too (see the `tls` module).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PemSource>,
+    /// The private key of `tls_cert` (PEM, inline or a path; printed as a path, or masked when inline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PemSource>,
+    /// The cluster CA: peer silos' certificates must chain to it (default: the system's roots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PemSource>,
+    /// Ask clients for a certificate chaining to this CA. Optional for the client; its subject is the caller
+    /// identity call filters see.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PemSource>,
+    /// The name peer silos' certificates are checked against (default: the host of the endpoint each one
+    /// advertises, an IP address).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
     /// Per-grain-type overrides, keyed by grain type name: `[grain.Cart] idle_timeout = "1m"`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub grain: BTreeMap<String, GrainTypeConfig>,
@@ -262,6 +281,11 @@ impl Default for SiloConfig {
             database_start_timeout: Duration::from_secs(120),
             cluster_secret: None,
             insecure: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            tls_client_ca: None,
+            tls_server_name: None,
             grain: BTreeMap::new(),
         }
     }
@@ -278,6 +302,7 @@ impl SiloConfig {
         let mut shown = self.clone();
         shown.database_url = shown.database_url.as_deref().map(mask_password);
         shown.cluster_secret = shown.cluster_secret.map(|_| ClusterSecret::new("***"));
+        shown.tls_key = shown.tls_key.as_ref().map(PemSource::masked);
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }
 
@@ -424,6 +449,18 @@ mod tests {
         let printed = config.to_toml();
         assert!(printed.contains("cluster_secret = \"***\""), "{printed}");
         assert!(!printed.contains("hunter2"));
+    }
+
+    #[test]
+    fn an_inline_tls_key_is_masked_when_printed_and_a_path_is_shown() {
+        let inline = SiloConfig {
+            tls_cert: Some("/etc/grains/silo.pem".into()),
+            tls_key: Some("-----BEGIN PRIVATE KEY-----\nsecret\n-----END PRIVATE KEY-----\n".into()),
+            ..SiloConfig::default()
+        };
+        let printed = inline.to_toml();
+        assert!(printed.contains("tls_key = \"(inline PEM)\"") && !printed.contains("secret"), "{printed}");
+        assert!(printed.contains("tls_cert = \"/etc/grains/silo.pem\""), "{printed}");
     }
 
     #[test]

@@ -22,7 +22,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::codec::Streaming;
 use tonic::transport::Endpoint;
 
+use crate::filter::BearerToken;
 use crate::peer_auth::PeerIdentity;
+use crate::tls::{ClientTls, error_chain};
 use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind};
 
 /// Who is at the other end, which decides the error a lost call gets.
@@ -73,8 +75,8 @@ impl Connection {
     }
 
     /// Opens a stream to `peer` (`host:port`), proving membership of the cluster with `identity` when given
-    /// (a silo's connections to its peers), pinging it as `keep_alive` says. A peer that refuses the proof answers
-    /// [`CallError::PermissionDenied`].
+    /// (a silo's connections to its peers, over TLS when the identity carries TLS settings), pinging it as
+    /// `keep_alive` says. A peer that refuses the proof answers [`CallError::PermissionDenied`].
     pub(crate) async fn open(
         peer: &str,
         kind: PeerKind,
@@ -82,18 +84,38 @@ impl Connection {
         identity: Option<&PeerIdentity>,
         keep_alive: KeepAlive,
     ) -> Result<Arc<Self>, CallError> {
-        let url = if peer.contains("://") { peer.to_owned() } else { format!("http://{peer}") };
-        let endpoint = Endpoint::from_shared(url)
+        let tls = identity.and_then(|i| i.tls.as_ref());
+        Self::open_with(peer, kind, connect_timeout, identity, tls, None, keep_alive).await
+    }
+
+    /// [`Connection::open`], speaking TLS with `tls` when given, and sending a client's `bearer_token`. A
+    /// server that fails the TLS handshake (it does not speak TLS, or its certificate is not trusted) is
+    /// unreachable: the call fails, it never hangs.
+    async fn open_with(
+        peer: &str,
+        kind: PeerKind,
+        connect_timeout: Duration,
+        identity: Option<&PeerIdentity>,
+        tls: Option<&ClientTls>,
+        bearer_token: Option<&BearerToken>,
+        keep_alive: KeepAlive,
+    ) -> Result<Arc<Self>, CallError> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = if peer.contains("://") { peer.to_owned() } else { format!("{scheme}://{peer}") };
+        let mut endpoint = Endpoint::from_shared(url)
             .map_err(|_| CallError::Protocol(format!("invalid address {peer}")))?
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(keep_alive.interval)
             .keep_alive_timeout(keep_alive.timeout);
+        if let Some(tls) = tls {
+            endpoint = tls.apply(endpoint).map_err(|e| lost(kind, peer, &error_chain(&e)))?;
+        }
         let channel = match crate::sim::network() {
             Some(network) => endpoint.connect_with_connector(crate::sim::Connector(network)).await,
             None => endpoint.connect().await,
         }
-        .map_err(|e| lost(kind, peer, &e.to_string()))?;
+        .map_err(|e| lost(kind, peer, &error_chain(&e)))?;
         let mut grpc = tonic::client::Grpc::new(channel)
             .max_decoding_message_size(HARD_FRAME_LIMIT)
             .max_encoding_message_size(HARD_FRAME_LIMIT);
@@ -102,6 +124,9 @@ impl Connection {
         let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx));
         if let Some(identity) = identity {
             identity.stamp(request.metadata_mut());
+        }
+        if let Some(token) = bearer_token {
+            crate::peer_auth::stamp_bearer_token(token, request.metadata_mut());
         }
         let response = grpc
             .streaming(request, PathAndQuery::from_static(CONNECT_PATH), EnvelopeCodec::new(HARD_FRAME_LIMIT))
@@ -213,17 +238,22 @@ pub(crate) struct ConnectionPool {
     kind: PeerKind,
     connect_timeout: Duration,
     identity: Option<PeerIdentity>,
+    tls: Option<ClientTls>,
+    bearer_token: Option<BearerToken>,
     keep_alive: KeepAlive,
     open: DashMap<String, Arc<Connection>>,
     opening: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl ConnectionPool {
-    /// An empty pool of connections to peers of `kind`, each opened with `identity`'s membership proof if given.
+    /// An empty pool of connections to peers of `kind`, each opened with `identity`'s membership proof (and
+    /// TLS settings) if given.
     pub(crate) fn new(kind: PeerKind, connect_timeout: Duration, identity: Option<PeerIdentity>) -> Self {
         Self {
             kind,
             connect_timeout,
+            tls: identity.as_ref().and_then(|i| i.tls.clone()),
+            bearer_token: None,
             identity,
             keep_alive: KeepAlive::BETWEEN_SILOS,
             open: DashMap::new(),
@@ -236,6 +266,17 @@ impl ConnectionPool {
         Self { keep_alive, ..self }
     }
 
+    /// The same pool, opening its connections over TLS with `tls` when given.
+    pub(crate) fn with_tls(self, tls: Option<ClientTls>) -> Self {
+        Self { tls, ..self }
+    }
+
+    /// The same pool, sending `bearer_token` on each connection it opens (a client's, see
+    /// [`crate::ClientConfig::bearer_token`]).
+    pub(crate) fn with_bearer_token(self, bearer_token: Option<BearerToken>) -> Self {
+        Self { bearer_token, ..self }
+    }
+
     /// The open connection to `endpoint`, opening one if there is none or the last one died.
     pub(crate) async fn get(&self, endpoint: &str) -> Result<Arc<Connection>, CallError> {
         if let Some(conn) = self.open.get(endpoint).filter(|c| c.is_alive()) {
@@ -246,8 +287,16 @@ impl ConnectionPool {
         if let Some(conn) = self.open.get(endpoint).filter(|c| c.is_alive()) {
             return Ok(conn.clone());
         }
-        let conn = Connection::open(endpoint, self.kind, self.connect_timeout, self.identity.as_ref(), self.keep_alive)
-            .await?;
+        let conn = Connection::open_with(
+            endpoint,
+            self.kind,
+            self.connect_timeout,
+            self.identity.as_ref(),
+            self.tls.as_ref(),
+            self.bearer_token.as_ref(),
+            self.keep_alive,
+        )
+        .await?;
         self.open.insert(endpoint.to_owned(), conn.clone());
         Ok(conn)
     }

@@ -22,6 +22,9 @@
 //! suits the embedded default and loopback development clusters; on any other address the silo refuses to
 //! start unless `insecure` (`--insecure`, `GRAINS_INSECURE`) is set.
 //!
+//! With a certificate (`tls_cert`, `tls_key`) the port speaks TLS only; the handshake runs under the accept
+//! loop's limits, and a client that does not speak TLS is closed at it (see the `tls` module).
+//!
 //! The same port answers `GET /metrics` (HTTP/1.1 or HTTP/2) with the silo's counters in the Prometheus text
 //! format, for scraping.
 
@@ -39,10 +42,13 @@ use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::Streaming;
+use tonic::transport::ServerTlsConfig;
+use tonic::transport::server::TlsConnectInfo;
 
 use crate::admission::{self, AdmissionLimits, ConnectionInfo};
 use crate::cluster::system::SystemRequest;
-use crate::peer_auth::{Caller, ClusterCredentials, PeerVerifier};
+use crate::filter::{CallerIdentity, ClientIdentity};
+use crate::peer_auth::{self, Caller, ClusterCredentials, PeerVerifier};
 use crate::silo::SiloInner;
 use crate::wire::{
     CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind, Mode, SYSTEM_TYPE, frame_limit,
@@ -72,8 +78,12 @@ impl GatewayHandle {
     }
 }
 
-/// Serves the silo's endpoint on `listener` until stopped.
-pub(crate) fn start(silo: Arc<SiloInner>, listener: Box<dyn crate::sim::Listener>) -> std::io::Result<GatewayHandle> {
+/// Serves the silo's endpoint on `listener` until stopped, over TLS when `tls` is given.
+pub(crate) fn start(
+    silo: Arc<SiloInner>,
+    listener: Box<dyn crate::sim::Listener>,
+    tls: Option<ServerTlsConfig>,
+) -> std::io::Result<GatewayHandle> {
     let local_addr = listener.local_addr()?;
     let (stop, stopped) = watch::channel(false);
     let credentials =
@@ -86,11 +96,14 @@ pub(crate) fn start(silo: Arc<SiloInner>, listener: Box<dyn crate::sim::Listener
         idle_timeout: service.silo.config.connection_idle_timeout,
     };
     let incoming = ReceiverStream::new(admission::accept_loop(listener, limits, stopped.clone()));
+    let mut server = tonic::transport::Server::builder().accept_http1(true);
+    if let Some(tls) = tls {
+        // Handshakes run concurrently, each bounded by the handshake timeout; one that fails (a plaintext
+        // client, an untrusted client certificate) closes only its own connection.
+        server = server.tls_config(tls).map_err(|e| std::io::Error::other(crate::tls::error_chain(&e)))?;
+    }
     let task = tokio::spawn(async move {
-        let served = tonic::transport::Server::builder()
-            .accept_http1(true)
-            .serve_with_incoming_shutdown(service, incoming, wait_for_stop(stopped))
-            .await;
+        let served = server.serve_with_incoming_shutdown(service, incoming, wait_for_stop(stopped)).await;
         if let Err(e) = served {
             tracing::error!(error = %e, "gateway stopped with an error");
         }
@@ -101,6 +114,19 @@ pub(crate) fn start(silo: Arc<SiloInner>, listener: Box<dyn crate::sim::Listener
 
 async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// What the accept loop knows about the connection a request came on, over TLS or not.
+fn connection_info(extensions: &http::Extensions) -> Option<&ConnectionInfo> {
+    extensions
+        .get::<ConnectionInfo>()
+        .or_else(|| extensions.get::<TlsConnectInfo<ConnectionInfo>>().map(TlsConnectInfo::get_ref))
+}
+
+/// The subject of the certificate the client presented over TLS, if it presented one (`tls_client_ca`).
+fn client_certificate_subject(extensions: &http::Extensions) -> Option<String> {
+    let certificates = extensions.get::<TlsConnectInfo<ConnectionInfo>>()?.peer_certs()?;
+    crate::filter::certificate_subject(certificates.first()?)
 }
 
 /// The HTTP/2 service: routes the one gRPC path to [`serve_connection`].
@@ -126,7 +152,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if let Some(connection) = request.extensions().get::<ConnectionInfo>() {
+        if let Some(connection) = connection_info(request.extensions()) {
             connection.established.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         if request.uri().path() == METRICS_PATH {
@@ -179,13 +205,22 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
         let caller = match self.verifier.verify(request.metadata()) {
             Ok(caller) => caller,
             Err(refused) => {
-                let remote = request.extensions().get::<ConnectionInfo>().map(|c| c.remote);
+                let remote = connection_info(request.extensions()).map(|c| c.remote);
                 tracing::warn!(?remote, %refused, "peer connection refused");
                 return std::future::ready(Err(Status::unauthenticated(refused.to_string())));
             }
         };
+        // Who the stream's calls are from, as call filters see it: settled once, at set-up.
+        let identity = Arc::new(match &caller {
+            Caller::Peer(endpoint) => CallerIdentity::Member(endpoint.clone()),
+            Caller::Client => CallerIdentity::Client(ClientIdentity::new(
+                client_certificate_subject(request.extensions()),
+                peer_auth::bearer_token(request.metadata()),
+            )),
+        });
         let (tx, rx) = mpsc::unbounded_channel();
-        let serve = serve_connection(self.silo.clone(), caller, request.into_inner(), tx, self.stopped.clone());
+        let connection = request.into_inner();
+        let serve = serve_connection(self.silo.clone(), caller, identity, connection, tx, self.stopped.clone());
         tokio::spawn(serve);
         std::future::ready(Ok(tonic::Response::new(UnboundedReceiverStream::new(rx))))
     }
@@ -198,6 +233,7 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
 async fn serve_connection(
     silo: Arc<SiloInner>,
     caller: Caller,
+    identity: Arc<CallerIdentity>,
     mut inbound: Streaming<Inbound>,
     outbound: mpsc::UnboundedSender<Result<Envelope, Status>>,
     stopped: watch::Receiver<bool>,
@@ -252,11 +288,12 @@ async fn serve_connection(
                 };
                 let silo = silo.clone();
                 let outbound = outbound.clone();
+                let identity = identity.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
                     let correlation_id = envelope.correlation_id;
                     let limit = silo.config.max_payload_bytes;
-                    let result = silo.serve_request(envelope).await.and_then(|reply| {
+                    let result = silo.serve_request(envelope, &identity).await.and_then(|reply| {
                         if reply.len() > limit {
                             Err(CallError::PayloadTooLarge { size: reply.len() as u64, limit: limit as u64 })
                         } else {

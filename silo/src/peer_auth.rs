@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
+use crate::filter::BearerToken;
+
 /// How far a peer's timestamp may be from the receiver's clock (either way) for its proof to count.
 pub const PROOF_WINDOW: Duration = Duration::from_secs(120);
 
@@ -41,6 +43,26 @@ const TIME_HEADER: &str = "grains-peer-time";
 const NONCE_HEADER: &str = "grains-peer-nonce";
 /// Metadata key: the proof, hex HMAC-SHA256.
 const PROOF_HEADER: &str = "grains-peer-proof";
+
+/// Metadata key: a client's bearer token, as `Bearer <token>` (see `crate::filter`).
+const AUTHORIZATION_HEADER: &str = "authorization";
+
+/// Adds a client's bearer token to a stream's request metadata.
+pub(crate) fn stamp_bearer_token(token: &BearerToken, metadata: &mut MetadataMap) {
+    match MetadataValue::try_from(format!("Bearer {}", token.as_str())) {
+        Ok(value) => {
+            metadata.insert(AUTHORIZATION_HEADER, value);
+        }
+        Err(_) => tracing::warn!("the bearer token cannot be sent as metadata (it is not visible ASCII); not sent"),
+    }
+}
+
+/// The bearer token in a stream's request metadata, if any.
+pub(crate) fn bearer_token(metadata: &MetadataMap) -> Option<BearerToken> {
+    let value = metadata.get(AUTHORIZATION_HEADER)?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?;
+    Some(BearerToken::new(token))
+}
 
 /// The secret shared by a cluster's silos. Never printed: `Debug` and the printed configuration show `***`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,11 +105,13 @@ pub struct ClusterCredentials {
     pub secret: Option<ClusterSecret>,
 }
 
-/// A member's credentials together with the name it opens streams under (a silo's endpoint).
+/// A member's credentials together with the name it opens streams under (a silo's endpoint), and the TLS
+/// settings its streams use (a silo that serves TLS dials its peers over TLS).
 #[derive(Debug, Clone)]
 pub(crate) struct PeerIdentity {
     pub(crate) credentials: ClusterCredentials,
     pub(crate) endpoint: String,
+    pub(crate) tls: Option<crate::tls::ClientTls>,
 }
 
 fn now_ms() -> u64 {
@@ -222,6 +246,7 @@ mod tests {
         PeerIdentity {
             credentials: ClusterCredentials { cluster_id: "prod".into(), secret: secret.map(ClusterSecret::from) },
             endpoint: "127.0.0.1:30001".into(),
+            tls: None,
         }
     }
 
@@ -282,6 +307,14 @@ mod tests {
         let mut metadata = MetadataMap::new();
         identity(None).stamp(&mut metadata);
         assert_eq!(verifier(None).verify(&metadata), Ok(Caller::Peer("127.0.0.1:30001".into())));
+    }
+
+    #[test]
+    fn a_bearer_token_survives_the_stream_metadata() {
+        let mut metadata = MetadataMap::new();
+        assert_eq!(bearer_token(&metadata), None);
+        stamp_bearer_token(&BearerToken::new("t0ken"), &mut metadata);
+        assert_eq!(bearer_token(&metadata), Some(BearerToken::new("t0ken")));
     }
 
     #[test]

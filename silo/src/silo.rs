@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload};
+use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload, RequestMetadata};
 use grains::{CallError, Grain, GrainId, GrainKey, GrainRef, GrainRegistration, Placement, RefCore};
 use grains_storage::postgres::{self, PostgresMembershipTable, PostgresOptions};
 use grains_storage::{
@@ -28,6 +28,7 @@ use crate::activation::{self, ActivationHandle, ActivationShared, ActivationStar
 use crate::cluster::system::{Refusal, SystemRequest, SystemResponse};
 use crate::cluster::{Backoff, Cluster, ClusterView, LocalActivations, Registration, membership};
 use crate::config::{MembershipKind, SiloConfig, StorageKind};
+use crate::filter::{CallFilter, CallFilters, CallInfo, CallerIdentity};
 use crate::gateway::{self, GatewayHandle};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::peer_auth::{ClusterCredentials, PeerIdentity};
@@ -42,6 +43,9 @@ pub enum SiloError {
     /// The storage provider or membership table could not be reached or prepared.
     #[error("storage: {0}")]
     Storage(#[from] grains_storage::StorageError),
+    /// The TLS settings (`tls_cert`, `tls_key`, `tls_ca`, `tls_client_ca`) cannot be used.
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// The silo could not bind its address.
     #[error("cannot bind {addr}: {source}")]
     Bind {
@@ -73,6 +77,7 @@ pub(crate) struct SiloInner {
     shutting_down: AtomicBool,
     stopped: watch::Sender<bool>,
     pub(crate) metrics: Metrics,
+    filters: CallFilters,
     this: Weak<SiloInner>,
 }
 
@@ -333,6 +338,7 @@ impl SiloInner {
                 call_chain: invocation.chain.iter().map(WireGrainId::from).collect(),
                 mode: mode as i32,
                 registration: registration.id,
+                metadata: invocation.metadata.to_map(),
                 ..Default::default()
             };
             match conn.call(envelope, deadline).await {
@@ -362,8 +368,17 @@ impl SiloInner {
         }
     }
 
-    /// Serves a request that arrived on the silo's endpoint (from a client or a peer).
-    pub(crate) async fn serve_request(self: Arc<Self>, envelope: Envelope) -> Result<Bytes, CallError> {
+    /// Runs the call filters on a call entering the silo from `caller`.
+    fn filter(&self, caller: &CallerIdentity, call: &Call) -> Result<(), CallError> {
+        self.filters.check(&CallInfo { caller, grain: &call.target, method: &call.method, metadata: &call.metadata })
+    }
+
+    /// Serves a request that arrived on the silo's endpoint from `caller` (a client, or a peer).
+    pub(crate) async fn serve_request(
+        self: Arc<Self>,
+        envelope: Envelope,
+        caller: &CallerIdentity,
+    ) -> Result<Bytes, CallError> {
         let target =
             envelope.target.as_ref().ok_or_else(|| CallError::Protocol("request without a target".to_owned()))?;
         if target.grain_type == crate::wire::SYSTEM_TYPE {
@@ -392,13 +407,18 @@ impl SiloInner {
             payload: Payload::Encoded(envelope.payload),
             deadline,
             chain: chain.into(),
+            metadata: RequestMetadata::from_map(envelope.metadata),
         };
         self.check(&call)?;
+        let mode = Mode::try_from(envelope.mode).unwrap_or(Mode::Route);
+        // A call enters the cluster routed; one delivered here by a peer was filtered where it entered.
+        if mode == Mode::Route && !self.filters.is_empty() {
+            self.filter(caller, &call)?;
+        }
         let (reply, waiter) = oneshot::channel();
-        let deadline = call.deadline;
-        let id = call.target;
-        let invocation = Invocation { method: call.method, payload: call.payload, deadline, chain: call.chain, reply };
-        match Mode::try_from(envelope.mode).unwrap_or(Mode::Route) {
+        let (id, invocation) = Invocation::of(call, reply);
+        let deadline = invocation.deadline;
+        match mode {
             Mode::Route => {
                 if let Err(invocation) = self.try_local(&id, invocation) {
                     tokio::spawn(self.clone().route(id, invocation));
@@ -577,10 +597,17 @@ impl GrainRuntime for SiloInner {
             self.metrics.call_errors.fetch_add(1, Ordering::Relaxed);
             return Box::pin(std::future::ready(Err(error)));
         }
+        if !self.filters.is_empty() {
+            // A call from a grain's turn names its caller last in its chain.
+            let caller = call.chain.last().map_or(CallerIdentity::Local, |grain| CallerIdentity::Grain(grain.clone()));
+            if let Err(error) = self.filter(&caller, &call) {
+                self.metrics.call_errors.fetch_add(1, Ordering::Relaxed);
+                return Box::pin(std::future::ready(Err(error)));
+            }
+        }
         let (reply, waiter) = oneshot::channel();
-        let deadline = call.deadline;
-        let id = call.target;
-        let invocation = Invocation { method: call.method, payload: call.payload, deadline, chain: call.chain, reply };
+        let (id, invocation) = Invocation::of(call, reply);
+        let deadline = invocation.deadline;
         if let Err(invocation) = self.try_local(&id, invocation) {
             tokio::spawn(self.arc().route(id, invocation));
         }
@@ -610,9 +637,30 @@ pub struct SiloBuilder {
     config: SiloConfig,
     store: Option<Arc<dyn GrainStateStore>>,
     membership: Option<Arc<dyn MembershipTable>>,
+    filters: CallFilters,
 }
 
 impl SiloBuilder {
+    /// Adds an incoming call filter: it sees every call entering this silo — from clients, from its grains,
+    /// from its process — and may refuse it (see [`crate::filter`]). Filters run in the order added.
+    pub fn incoming_filter(
+        mut self,
+        filter: impl Fn(&CallInfo<'_>) -> Result<(), CallError> + Send + Sync + 'static,
+    ) -> Self {
+        self.filters.incoming.push(Arc::new(filter) as CallFilter);
+        self
+    }
+
+    /// Adds an outgoing call filter: it sees every call a grain on this silo makes, before the incoming
+    /// filters, and may refuse it (see [`crate::filter`]).
+    pub fn outgoing_filter(
+        mut self,
+        filter: impl Fn(&CallInfo<'_>) -> Result<(), CallError> + Send + Sync + 'static,
+    ) -> Self {
+        self.filters.outgoing.push(Arc::new(filter) as CallFilter);
+        self
+    }
+
     /// Uses `config` instead of the defaults.
     pub fn config(mut self, config: SiloConfig) -> Self {
         self.config = config;
@@ -637,6 +685,8 @@ impl SiloBuilder {
     pub async fn start(self) -> Result<Silo, SiloError> {
         let config = self.config;
         config.check_exposure().map_err(SiloError::Config)?;
+        let server_tls = crate::tls::server_config(&config)?;
+        let peer_tls = crate::tls::peer_config(&config)?;
         let advertised_host = config.advertised_host().map_err(|e| SiloError::Config(e.to_string()))?;
         let pool = match (config.storage, config.membership) {
             (StorageKind::Postgres, _) | (_, MembershipKind::Postgres) => Some(open_pool(&config).await?),
@@ -674,6 +724,7 @@ impl SiloBuilder {
                 secret: config.cluster_secret.clone(),
             },
             endpoint: me.endpoint.clone(),
+            tls: peer_tls,
         };
         let table: Arc<dyn MembershipTable> = match (self.membership, config.membership, &pool) {
             (Some(table), _, _) => table,
@@ -710,6 +761,7 @@ impl SiloBuilder {
             shutting_down: AtomicBool::new(false),
             stopped: watch::Sender::new(false),
             metrics: Metrics::default(),
+            filters: self.filters,
             this: this.clone(),
         });
         let host: Weak<dyn LocalActivations> = Arc::downgrade(&inner) as Weak<dyn LocalActivations>;
@@ -720,9 +772,8 @@ impl SiloBuilder {
         tracing::info!(provider = inner.store.name(), membership = ?inner.config.membership, "storage");
 
         let gateway = match listener {
-            Some(listener) => Some(gateway::start(inner.clone(), listener).map_err(|source| SiloError::Bind {
-                addr: SocketAddr::new(inner.config.host, inner.config.port),
-                source,
+            Some(listener) => Some(gateway::start(inner.clone(), listener, server_tls).map_err(|source| {
+                SiloError::Bind { addr: SocketAddr::new(inner.config.host, inner.config.port), source }
             })?),
             None => None,
         };
@@ -768,7 +819,7 @@ async fn collect_idle(silo: Weak<SiloInner>) {
 impl Silo {
     /// A builder with the default configuration (in-memory storage and membership, port 30000).
     pub fn builder() -> SiloBuilder {
-        SiloBuilder { config: SiloConfig::default(), store: None, membership: None }
+        SiloBuilder { config: SiloConfig::default(), store: None, membership: None, filters: CallFilters::default() }
     }
 
     /// A typed reference to grain `key` of type `G`, calling through this silo.

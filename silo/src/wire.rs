@@ -84,6 +84,9 @@ pub struct Envelope {
     /// them). The earlier of the two deadlines applies.
     #[prost(uint64, tag = "11")]
     pub deadline_unix_ms: u64,
+    /// The caller's request metadata (requests): string pairs that flow on to the calls this one makes.
+    #[prost(btree_map = "string, string", tag = "12")]
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// Wall-clock milliseconds since the Unix epoch.
@@ -250,6 +253,10 @@ impl Envelope {
 
 /// A frame as read from a stream: an envelope, or what went wrong with it.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "almost every frame is an envelope, moved once from the decoder to its handler: boxing it would cost an allocation per frame"
+)]
 pub enum Inbound {
     /// A well-formed envelope.
     Envelope(Envelope),

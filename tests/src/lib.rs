@@ -12,6 +12,7 @@ use grains_silo::{Silo, SiloConfig};
 use grains_storage::GrainStateStore;
 
 pub mod pg;
+pub mod tls;
 
 /// Activation and deactivation counts per grain key, recorded by the test grains' hooks.
 #[derive(Debug, Default)]

@@ -69,6 +69,7 @@ fn encoded_call(grain_type: &'static str, method: &'static str, payload: Vec<u8>
         payload: Payload::Encoded(payload.into()),
         deadline: tokio::time::Instant::now() + Duration::from_secs(5),
         chain: Vec::new().into(),
+        metadata: Default::default(),
     }
 }
 

@@ -224,6 +224,7 @@ async fn a_call_whose_deadline_passed_in_the_queue_is_dropped_before_its_turn() 
         payload: Payload::Encoded(grains::codec::encode(&()).unwrap().into()),
         deadline: tokio::time::Instant::now() + Duration::from_millis(100),
         chain: Vec::new().into(),
+        metadata: Default::default(),
     });
     running.await.unwrap().unwrap();
     assert_eq!(busy.get().await.unwrap(), 1, "the expired increment ran");

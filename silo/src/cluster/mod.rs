@@ -725,7 +725,7 @@ mod tests {
     #[test]
     fn the_routing_cache_stays_within_its_capacity() {
         let me = SiloAddress { endpoint: "127.0.0.1:1".into(), epoch: 1 };
-        let identity = PeerIdentity { credentials: Default::default(), endpoint: me.endpoint.clone() };
+        let identity = PeerIdentity { credentials: Default::default(), endpoint: me.endpoint.clone(), tls: None };
         let table = Arc::new(MemoryMembershipTable::new());
         let cluster = Cluster::new(me.clone(), ClusterTimings::fast(), table, identity);
         for i in 0..10_000i64 {
