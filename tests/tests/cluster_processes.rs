@@ -954,3 +954,20 @@ async fn three_silos_joined_through_a_seed_form_a_cluster_a_client_spreads_over_
         assert!(matches!(result, Ok(Ok(1))), "call {i} after the gateway left: {result:?}");
     }
 }
+
+/// The sampler can fail: two silos of different clusters each host a grain of the same id, which is what a
+/// duplicate activation looks like from outside, and the sampler reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_duplicate_sampler_reports_a_grain_active_on_two_silos() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let (first, second) = (start_dev_silo(None), start_dev_silo(None));
+    for silo in [&first, &second] {
+        let alone = Client::connect_cluster([silo.url()], client_config()).await.unwrap();
+        alone.grain::<Counter>("twice").increment().await.unwrap().unwrap();
+    }
+    let sampler = DuplicateSampler::start(connect(&[&first], client_config()).await, &[&first, &second]);
+    tokio::time::sleep(SAMPLE_EVERY * 10).await;
+    let sampled = sampler.stop().await;
+    let twice = GrainId::new("Counter", "twice");
+    assert!(sampled.duplicates.iter().any(|(grain, silos, _)| *grain == twice && silos.len() == 2), "{sampled:?}");
+}
