@@ -11,8 +11,29 @@ use grains::prelude::*;
 use grains_silo::{Silo, SiloConfig};
 use grains_storage::GrainStateStore;
 
+pub mod netns;
 pub mod pg;
+pub mod process;
+pub mod raw_stream;
 pub mod tls;
+
+/// How much slower than an idle machine this one may be: `GRAINS_TEST_TIME_FACTOR` (default 1). Waits for
+/// something to happen scale with it ([`scaled`]), so a busy machine makes a test slower, not red.
+pub fn time_factor() -> f64 {
+    static FACTOR: LazyLock<f64> = LazyLock::new(|| {
+        std::env::var("GRAINS_TEST_TIME_FACTOR")
+            .ok()
+            .and_then(|f| f.parse().ok())
+            .filter(|f: &f64| *f >= 1.0)
+            .unwrap_or(1.0)
+    });
+    *FACTOR
+}
+
+/// `limit` stretched by [`time_factor`]: the longest a test waits for an outcome.
+pub fn scaled(limit: Duration) -> Duration {
+    limit.mul_f64(time_factor())
+}
 
 /// Activation and deactivation counts per grain key, recorded by the test grains' hooks.
 #[derive(Debug, Default)]

@@ -3,16 +3,14 @@
 
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes};
+use bytes::Bytes;
 use grains::runtime::{Call, Payload};
 use grains::{CallError, GrainId};
-use grains_silo::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, Inbound, Kind, WireGrainId};
+use grains_silo::wire::{Envelope, Kind, WireGrainId};
 use grains_silo::{Client, Silo, SiloConfig};
+use grains_tests::raw_stream::RawEnvelopeStream;
 use grains_tests::{Counter, Peer, start_silo};
 use prost::Message;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder, Streaming};
 
 async fn silo_with_gateway(max_payload_bytes: usize) -> (Silo, String) {
     let config = SiloConfig { port: 0, max_payload_bytes, ..grains_tests::test_config() };
@@ -147,71 +145,6 @@ async fn a_turn_still_running_past_the_grace_period_is_stopped_and_its_caller_an
     assert!(stopping.elapsed() < Duration::from_millis(2_500), "the turn did not run to its end");
 }
 
-/// A codec that sends raw bytes as frames, to put malformed and oversized frames on the wire.
-#[derive(Clone, Copy)]
-struct RawCodec;
-
-struct RawEncoder;
-
-impl Encoder for RawEncoder {
-    type Item = Bytes;
-    type Error = tonic::Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-struct InboundDecoder(EnvelopeCodec);
-
-impl Decoder for InboundDecoder {
-    type Item = Inbound;
-    type Error = tonic::Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Inbound>, tonic::Status> {
-        self.0.decode(src)
-    }
-}
-
-impl Codec for RawCodec {
-    type Encode = Bytes;
-    type Decode = Inbound;
-    type Encoder = RawEncoder;
-    type Decoder = InboundDecoder;
-
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-
-    fn decoder(&mut self) -> InboundDecoder {
-        InboundDecoder(EnvelopeCodec::new(usize::MAX / 2))
-    }
-}
-
-async fn raw_stream(url: &str) -> (mpsc::UnboundedSender<Bytes>, Streaming<Inbound>) {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap().connect().await.unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let response = grpc
-        .streaming(
-            tonic::Request::new(UnboundedReceiverStream::new(rx)),
-            http::uri::PathAndQuery::from_static(CONNECT_PATH),
-            RawCodec,
-        )
-        .await
-        .unwrap();
-    (tx, response.into_inner())
-}
-
-async fn next_response(stream: &mut Streaming<Inbound>) -> Envelope {
-    match tokio::time::timeout(Duration::from_secs(5), stream.message()).await {
-        Ok(Ok(Some(Inbound::Envelope(envelope)))) => envelope,
-        other => panic!("expected a response envelope, got {other:?}"),
-    }
-}
-
 fn request(correlation_id: u64, method: &str, payload: Vec<u8>) -> Bytes {
     Envelope {
         correlation_id,
@@ -229,33 +162,33 @@ fn request(correlation_id: u64, method: &str, payload: Vec<u8>) -> Bytes {
 #[tokio::test]
 async fn malformed_and_oversized_frames_get_typed_replies_and_the_stream_keeps_working() {
     let (silo, url) = silo_with_gateway(1024).await;
-    let (tx, mut responses) = raw_stream(&url).await;
+    let mut stream = RawEnvelopeStream::open(&url).await;
 
     // A truncated envelope: field 1 (correlation id 41) is readable, the rest is cut off mid-field.
     let mut broken = request(41, "name", grains::codec::encode(&()).unwrap()).to_vec();
     broken.truncate(broken.len() - 1);
-    tx.send(broken.into()).unwrap();
-    let reply = next_response(&mut responses).await;
+    stream.send_frame(broken.into());
+    let reply = stream.next_reply().await;
     assert_eq!(reply.correlation_id, 41);
     let error = reply.error.expect("an error reply").to_call_error();
     assert!(matches!(error, CallError::Protocol(ref m) if m.contains("malformed")), "got {error:?}");
 
     // A frame over the silo's 1 KiB limit.
-    tx.send(request(42, "echo", grains::codec::encode(&(vec![1u8; 8192],)).unwrap())).unwrap();
-    let reply = next_response(&mut responses).await;
+    stream.send_frame(request(42, "echo", grains::codec::encode(&(vec![1u8; 8192],)).unwrap()));
+    let reply = stream.next_reply().await;
     assert_eq!(reply.correlation_id, 42);
     let error = reply.error.expect("an error reply").to_call_error();
     assert!(matches!(error, CallError::PayloadTooLarge { limit: 1024, .. }), "got {error:?}");
 
     // Garbage with no readable correlation id.
-    tx.send(Bytes::from_static(&[0xff, 0xff, 0xff])).unwrap();
-    let reply = next_response(&mut responses).await;
+    stream.send_frame(Bytes::from_static(&[0xff, 0xff, 0xff]));
+    let reply = stream.next_reply().await;
     assert_eq!(reply.correlation_id, 0);
     assert!(reply.error.is_some(), "{reply:?}");
 
     // The same stream still carries a good call.
-    tx.send(request(43, "echo", grains::codec::encode(&(vec![1u8; 10],)).unwrap())).unwrap();
-    let reply = next_response(&mut responses).await;
+    stream.send_frame(request(43, "echo", grains::codec::encode(&(vec![1u8; 10],)).unwrap()));
+    let reply = stream.next_reply().await;
     assert_eq!(reply.correlation_id, 43);
     assert!(reply.error.is_none(), "{:?}", reply.error);
     let n: usize = grains::codec::decode(&reply.payload).unwrap();

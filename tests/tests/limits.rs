@@ -1,9 +1,7 @@
 //! Limits on hostile input: each is a `SiloConfig` key, and going past it gets a typed error (or a closed
 //! stream) without disturbing anything else.
 
-use std::io::{BufRead, BufReader};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -12,58 +10,9 @@ use grains::CallError;
 use grains_silo::wire::CONNECT_PATH;
 use grains_silo::{Client, Silo, SiloConfig};
 use grains_tests::Counter;
+use grains_tests::process::SiloLauncher;
 use http_body::Body as _;
 use tokio::sync::mpsc;
-
-/// A silo process (so that its memory can be measured alone), killed when dropped.
-struct SiloProcess {
-    child: Child,
-    addr: String,
-}
-
-impl SiloProcess {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_grains-test-silo"))
-            .args(["--port", "0", "--log", "warn"])
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the test silo binary starts");
-        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let addr = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(addr) = line.strip_prefix("gateway listening on ") {
-                        break addr.to_owned();
-                    }
-                }
-                _ => panic!("the silo exited before listening"),
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        SiloProcess { child, addr }
-    }
-
-    /// Resident memory, in MiB, from /proc.
-    fn rss_mib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/<pid>/status");
-        kib / 1024
-    }
-}
-
-impl Drop for SiloProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A request body fed by the test, chunk by chunk: lets a test write a gRPC frame header that announces a
 /// huge frame and then trickle its bytes, as an attacker would.
@@ -113,7 +62,8 @@ async fn open_raw_body(addr: &str) -> (mpsc::Sender<Bytes>, tokio::task::JoinHan
 async fn announced_giant_frames_are_refused_at_the_header_not_buffered() {
     const STREAMS: usize = 50;
     const SENT_PER_STREAM: usize = 8 << 20;
-    let silo = SiloProcess::start(&[]);
+    // A process of its own, so that its memory is measured alone.
+    let silo = SiloLauncher::new(env!("CARGO_BIN_EXE_grains-test-silo")).args(["--port", "0", "--log", "warn"]).start();
     let before = silo.rss_mib();
     let mut streams = Vec::new();
     for _ in 0..STREAMS {

@@ -7,14 +7,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use grains::{CallError, GrainId, Placement};
 use grains_silo::cluster::Registration;
-use grains_silo::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, Inbound, Kind, Mode, WireGrainId};
+use grains_silo::wire::{Envelope, Mode, WireGrainId};
 use grains_silo::{Client, Silo, SiloConfig};
 use grains_storage::{MembershipEntry, MembershipTable, MemoryMembershipTable, SiloAddress, SiloStatus};
+use grains_tests::raw_stream::RawEnvelopeStream;
 use grains_tests::{Counter, LIFECYCLE};
 use serde::Serialize;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::codec::Streaming;
 
 /// The silo's system requests as an outsider would write them: same names, same shapes, same encoding.
 #[derive(Debug, Clone, Serialize)]
@@ -47,59 +45,6 @@ enum TableOp {
     Heartbeat { silo: SiloAddress, at_ms: i64 },
 }
 
-/// A raw envelope stream to `addr`, opened like any client's (no membership proof).
-struct RawStream {
-    tx: mpsc::UnboundedSender<Envelope>,
-    responses: Streaming<Inbound>,
-    next_id: u64,
-}
-
-impl RawStream {
-    async fn open(addr: std::net::SocketAddr) -> RawStream {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.unwrap();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let response = grpc
-            .streaming(
-                tonic::Request::new(UnboundedReceiverStream::new(rx)),
-                http::uri::PathAndQuery::from_static(CONNECT_PATH),
-                EnvelopeCodec::new(64 << 20),
-            )
-            .await
-            .unwrap();
-        RawStream { tx, responses: response.into_inner(), next_id: 1 }
-    }
-
-    async fn call(&mut self, mut envelope: Envelope) -> Result<Bytes, CallError> {
-        envelope.correlation_id = self.next_id;
-        envelope.kind = Kind::Request as i32;
-        envelope.timeout_ms = 5_000;
-        self.next_id += 1;
-        self.tx.send(envelope).unwrap();
-        let reply = match tokio::time::timeout(Duration::from_secs(10), self.responses.message()).await {
-            Ok(Ok(Some(Inbound::Envelope(reply)))) => reply,
-            other => panic!("expected a response, got {other:?}"),
-        };
-        assert_eq!(reply.correlation_id, self.next_id - 1);
-        match reply.error {
-            Some(error) => Err(error.to_call_error()),
-            None => Ok(reply.payload),
-        }
-    }
-
-    async fn system(&mut self, request: &SystemRequest) -> Result<Bytes, CallError> {
-        let envelope = Envelope {
-            target: Some(WireGrainId::from(&GrainId::new("$system", "system"))),
-            method: "system".into(),
-            payload: grains::codec::encode_named(request).unwrap().into(),
-            ..Default::default()
-        };
-        self.call(envelope).await
-    }
-}
-
 async fn silo_listening(table: Arc<MemoryMembershipTable>) -> Silo {
     let config = SiloConfig { port: 0, gateway: true, ..grains_tests::test_config() };
     Silo::builder().config(config).membership_table(table).start().await.unwrap()
@@ -123,7 +68,7 @@ async fn system_calls_from_a_client_connection_are_refused_and_change_nothing() 
     let rows_before = table.read_all().await.unwrap();
     let directory_before = silo.metrics().directory_entries;
 
-    let mut outsider = RawStream::open(silo.gateway_addr().unwrap()).await;
+    let mut outsider = RawEnvelopeStream::open(&format!("http://{}", silo.gateway_addr().unwrap())).await;
     let fake = SiloAddress { endpoint: "127.0.0.1:1".into(), epoch: 1 };
     let view = silo.cluster_view();
     let view = ViewStamp { version: view.version, ring_id: view.ring_id };

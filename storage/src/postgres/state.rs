@@ -70,9 +70,15 @@ struct Fence {
 
 impl Fence {
     /// Share-locks the silo's membership row in `tx` if it is not dead, until `tx` ends; `Fenced` otherwise.
+    ///
+    /// The transaction also gets an idle timeout: a writer frozen between this lock and its commit (SIGSTOP, a
+    /// VM pause) would otherwise hold the lock for as long as it is frozen, and the peers' dead declaration —
+    /// an UPDATE of this row, holding the table's version row meanwhile — would wait on it, stopping every
+    /// membership change in the cluster. After 3 s idle, Postgres ends the frozen writer's session: its batch
+    /// is not committed (its callers see an unavailable store) and the declaration goes through.
     async fn hold(&self, tx: &mut PgConnection) -> Result<(), StorageError> {
         let alive = sqlx::query(
-            "SELECT 1 FROM grains_membership
+            "SELECT set_config('idle_in_transaction_session_timeout', '3s', true) FROM grains_membership
              WHERE cluster_id = $1 AND endpoint = $2 AND epoch = $3 AND status <> 'dead'
              FOR SHARE",
         )
