@@ -110,6 +110,8 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
         let docs = m.func.attrs.iter().filter(|a| a.path().is_ident("doc"));
         quote! {
             #(#docs)*
+            // As many arguments as the grain method the author wrote; a lint on that is theirs to answer there.
+            #[allow(clippy::too_many_arguments)]
             pub async fn #name(&self, #(#args: #tys),*)
                 -> ::grains::__private::Result<#out, ::grains::__private::CallError>
             {

@@ -11,6 +11,10 @@
 //!   externally tagged form.
 //!
 //! Calls between grains on the same silo are never encoded: the typed request moves through the mailbox.
+//!
+//! Decoding recurses once per level of nesting, on whatever thread decodes (a silo's runtime workers have 2 MiB
+//! stacks), so a value nested deeper than [`MAX_DEPTH`] is refused: without a bound, a few kilobytes of
+//! nested arrays sent to a method with a recursive argument type overflow the stack and abort the process.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -25,9 +29,15 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
     rmp_serde::to_vec(value).map_err(|e| CodecError(format!("encode: {e}")))
 }
 
+/// A decoded value nested this deep (arrays, maps and enum variants inside each other) is refused: serde_json's
+/// limit.
+pub const MAX_DEPTH: usize = 128;
+
 /// Decodes a `T` from `bytes` in the payload codec.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    rmp_serde::from_slice(bytes).map_err(|e| CodecError(format!("decode: {e}")))
+    let mut deserializer = rmp_serde::Deserializer::from_read_ref(bytes);
+    deserializer.set_max_depth(MAX_DEPTH);
+    T::deserialize(&mut deserializer).map_err(|e| CodecError(format!("decode: {e}")))
 }
 
 /// Encodes `value` with struct fields as named map entries (used for error details, read by other languages).
@@ -74,6 +84,7 @@ fn encode_value<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecE
 
 fn decode_value<T: DeserializeOwned>(input: &mut &[u8]) -> Result<T, CodecError> {
     let mut deserializer = rmp_serde::Deserializer::new(input);
+    deserializer.set_max_depth(MAX_DEPTH);
     T::deserialize(&mut deserializer).map_err(|e| CodecError(format!("decode: {e}")))
 }
 
@@ -119,6 +130,22 @@ mod tests {
         assert_eq!(ValueCodec::<String>::new().decode(&mut input).unwrap(), "apple");
         assert_eq!(ValueCodec::<u32>::new().decode(&mut input).unwrap(), 2);
         assert!(read_args(&mut [0x92u8].as_slice(), 3).is_err());
+    }
+
+    #[test]
+    fn nesting_past_max_depth_is_a_codec_error() {
+        fn nested(levels: usize) -> Vec<u8> {
+            let mut bytes = vec![0x91; levels - 1]; // one-element arrays, each inside the last
+            bytes.push(0x90);
+            bytes
+        }
+        #[derive(Debug, serde::Serialize, serde::Deserialize)]
+        struct Nest(#[allow(dead_code)] Vec<Nest>);
+        assert!(decode::<Nest>(&nested(MAX_DEPTH - 1)).is_ok(), "{} levels decode", MAX_DEPTH - 1);
+        let error = decode::<Nest>(&nested(MAX_DEPTH)).unwrap_err();
+        assert!(error.0.contains("depth"), "{error}");
+        let mut input = &nested(100_000)[..];
+        assert!(ValueCodec::<Nest>::new().decode(&mut input).is_err(), "an argument nests no deeper");
     }
 
     #[test]

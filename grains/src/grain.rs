@@ -176,6 +176,10 @@ impl<G: Grain> ErasedGrain for G {
 /// Builds an activation of one grain type: state loaded, `on_activate` not yet run.
 pub type BuildFn = fn(GrainContext) -> BoxFuture<'static, Result<Box<dyn ErasedGrain>, GrainError>>;
 
+/// Decodes the encoded arguments of a call to one grain type into its typed request, boxed as a local payload
+/// (an unknown method is [`CallError::UnknownMethod`], undecodable arguments [`CallError::Codec`]).
+pub type DecodeRequestFn = fn(&str, &[u8]) -> Result<Box<dyn LocalMessage>, CallError>;
+
 /// A grain type linked into the binary; `#[grain]` submits one per type to the inventory.
 #[derive(Debug)]
 pub struct GrainRegistration {
@@ -187,12 +191,30 @@ pub struct GrainRegistration {
     pub methods: &'static [&'static str],
     /// Builds an activation (state loaded, `on_activate` not yet run).
     pub build: BuildFn,
+    /// Decodes a call's encoded arguments without an activation: a silo checks a call from the wire with it
+    /// before it activates anything, and hands the activation the typed request.
+    pub decode_request: DecodeRequestFn,
 }
 
 impl GrainRegistration {
     /// The registration of `G`.
     pub const fn of<G: Grain>() -> Self {
-        Self { type_name: G::TYPE_NAME, options: G::OPTIONS, methods: G::METHODS, build: build_erased::<G> }
+        Self {
+            type_name: G::TYPE_NAME,
+            options: G::OPTIONS,
+            methods: G::METHODS,
+            build: build_erased::<G>,
+            decode_request: decode_erased::<G>,
+        }
+    }
+
+    /// The payload of a call to `method` made local: an encoded payload is decoded into the typed request (so
+    /// undecodable arguments fail here, not in an activation), a local one passes through.
+    pub fn decode_payload(&self, method: &str, payload: Payload) -> Result<Payload, CallError> {
+        match payload {
+            Payload::Encoded(body) => (self.decode_request)(method, &body).map(Payload::Local),
+            local @ Payload::Local(_) => Ok(local),
+        }
     }
 
     /// Every grain type linked into this binary.
@@ -206,6 +228,10 @@ fn build_erased<G: Grain>(ctx: GrainContext) -> BoxFuture<'static, Result<Box<dy
         let grain = G::build(&ctx).await?;
         Ok(Box::new(grain) as Box<dyn ErasedGrain>)
     })
+}
+
+fn decode_erased<G: Grain>(method: &str, body: &[u8]) -> Result<Box<dyn LocalMessage>, CallError> {
+    Ok(Box::new(G::decode_request(method, body)?))
 }
 
 inventory::collect!(GrainRegistration);

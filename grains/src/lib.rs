@@ -96,7 +96,9 @@ mod state;
 
 pub use context::GrainContext;
 pub use error::{CallError, GrainError, StateError, StorageError};
-pub use grain::{BuildFn, ErasedGrain, Grain, GrainOptions, GrainRegistration, GrainType, Placement, WireMessage};
+pub use grain::{
+    BuildFn, DecodeRequestFn, ErasedGrain, Grain, GrainOptions, GrainRegistration, GrainType, Placement, WireMessage,
+};
 pub use grains_macros::grain;
 pub use id::{GrainId, GrainKey};
 pub use reference::{GrainRef, RefCore};

@@ -151,8 +151,9 @@ impl SiloInner {
         self.table.remove_if(id, |_, h| h.activation_id == activation_id);
     }
 
-    /// Refuses calls the silo cannot take, before any routing.
-    fn check(&self, call: &Call) -> Result<(), CallError> {
+    /// Refuses calls the silo cannot take, before any routing, and decodes an encoded call's arguments: a call
+    /// to an unknown method or with undecodable arguments never costs an activation (or its storage read).
+    fn check(&self, call: &mut Call) -> Result<(), CallError> {
         if self.is_shutting_down() {
             return Err(CallError::ShuttingDown);
         }
@@ -170,12 +171,8 @@ impl SiloInner {
         let Some(&(registration, _)) = self.types.get(call.target.grain_type()) else {
             return Err(CallError::UnknownGrainType(call.target.grain_type().to_owned()));
         };
-        if matches!(call.payload, Payload::Encoded(_)) && !registration.methods.contains(&&*call.method) {
-            return Err(CallError::UnknownMethod {
-                grain_type: call.target.grain_type().to_owned(),
-                method: call.method.to_string(),
-            });
-        }
+        let payload = std::mem::replace(&mut call.payload, Payload::Encoded(Bytes::new()));
+        call.payload = registration.decode_payload(&call.method, payload)?;
         Ok(())
     }
 
@@ -401,7 +398,7 @@ impl SiloInner {
             .collect::<Result<Vec<_>, _>>()?;
         // A client-chosen deadline is capped: a call never holds resources past `max_call_timeout`.
         let deadline = envelope.deadline(self.config.call_timeout)?.min(Instant::now() + self.config.max_call_timeout);
-        let call = Call {
+        let mut call = Call {
             target: id,
             method: envelope.method.into(),
             payload: Payload::Encoded(envelope.payload),
@@ -409,7 +406,7 @@ impl SiloInner {
             chain: chain.into(),
             metadata: RequestMetadata::from_map(envelope.metadata),
         };
-        self.check(&call)?;
+        self.check(&mut call)?;
         let mode = Mode::try_from(envelope.mode).unwrap_or(Mode::Route);
         // A call enters the cluster routed; one delivered here by a peer was filtered where it entered.
         if mode == Mode::Route && !self.filters.is_empty() {
@@ -592,8 +589,9 @@ impl LocalActivations for SiloInner {
 }
 
 impl GrainRuntime for SiloInner {
-    fn invoke(&self, call: Call) -> BoxFuture<'static, Result<Payload, CallError>> {
-        if let Err(error) = self.check(&call) {
+    fn invoke(&self, mut call: Call) -> BoxFuture<'static, Result<Payload, CallError>> {
+        let encoded = matches!(call.payload, Payload::Encoded(_));
+        if let Err(error) = self.check(&mut call) {
             self.metrics.call_errors.fetch_add(1, Ordering::Relaxed);
             return Box::pin(std::future::ready(Err(error)));
         }
@@ -611,7 +609,11 @@ impl GrainRuntime for SiloInner {
         if let Err(invocation) = self.try_local(&id, invocation) {
             tokio::spawn(self.arc().route(id, invocation));
         }
-        Box::pin(wait_reply(waiter, deadline))
+        if !encoded {
+            return Box::pin(wait_reply(waiter, deadline));
+        }
+        // Its arguments were decoded on arrival; an encoded call is still answered with an encoded reply.
+        Box::pin(async move { Ok(Payload::Encoded(wait_reply(waiter, deadline).await?.into_bytes()?)) })
     }
 
     fn default_timeout(&self) -> Duration {
