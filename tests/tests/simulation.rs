@@ -399,12 +399,27 @@ fn run(seed: u64) -> Result<Ledger, String> {
                 config
                     .grain
                     .insert("SimCounter".into(), GrainTypeConfig { idle_timeout: Some(Duration::from_millis(800)) });
-                let silo = Silo::builder()
-                    .config(config)
-                    .membership_table(Arc::new(CutTable { inner: table, silo: name.clone(), cuts: cuts.clone() }))
-                    .state_store(Arc::new(CutStore { inner: store, silo: name, cuts }))
-                    .start()
-                    .await?;
+                // As a supervisor would: a silo that cannot start (its database is cut off) tries again.
+                let silo = loop {
+                    let started = Silo::builder()
+                        .config(config.clone())
+                        .membership_table(Arc::new(CutTable {
+                            inner: table.clone(),
+                            silo: name.clone(),
+                            cuts: cuts.clone(),
+                        }))
+                        .state_store(Arc::new(CutStore {
+                            inner: store.clone(),
+                            silo: name.clone(),
+                            cuts: cuts.clone(),
+                        }))
+                        .start()
+                        .await;
+                    match started {
+                        Ok(silo) => break silo,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    }
+                };
                 // Callers in the silo's own process (an application hosted with it): they keep calling through
                 // this silo whatever the cluster thinks of it — what a zombie silo would serve.
                 for w in 0..LOCAL_WORKERS {
