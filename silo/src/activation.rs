@@ -24,8 +24,29 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::cluster::Registration;
-use crate::silo::SiloInner;
+use crate::activation_table::ActivationTable;
+use crate::cluster::{Cluster, Registration};
+use crate::metrics::Metrics;
+
+/// What an activation needs from the silo that hosts it: the one way from this module to the rest.
+pub(crate) trait ActivationHost: Send + Sync + 'static {
+    /// The cluster: the directory the activation registers with, and the membership lease it holds.
+    fn cluster(&self) -> &Arc<Cluster>;
+    /// The table the activation removes itself from when it ends.
+    fn activations(&self) -> &ActivationTable;
+    /// The context a grain of `id` runs with (its calls, its state store).
+    fn context(&self, id: GrainId) -> GrainContext;
+    /// The silo's counters.
+    fn metrics(&self) -> &Metrics;
+    /// The coarse clock idleness is judged by (milliseconds since the silo started).
+    fn now_ms(&self) -> u64;
+    /// How long registration with the directory may take.
+    fn call_timeout(&self) -> Duration;
+    /// The routing cache's capacity (a losing duplicate remembers the winner).
+    fn cache_capacity(&self) -> usize;
+    /// Hands a call queued at a departed activation to the grain's next activation.
+    fn redeliver(&self, id: GrainId, invocation: Invocation);
+}
 
 /// A call waiting in a mailbox.
 pub(crate) struct Invocation {
@@ -214,8 +235,8 @@ pub(crate) struct ActivationHandle {
 }
 
 /// Everything the activation task starts with.
-pub(crate) struct ActivationStart {
-    pub(crate) silo: Arc<SiloInner>,
+pub(crate) struct ActivationStart<H> {
+    pub(crate) host: Arc<H>,
     pub(crate) id: GrainId,
     pub(crate) activation_id: u64,
     pub(crate) grain_type: &'static GrainRegistration,
@@ -235,7 +256,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Builds the grain and runs `on_activate`; a panic in either counts as a failure.
-async fn activate(start: &ActivationStart, ctx: &GrainContext) -> Result<Box<dyn ErasedGrain>, CallError> {
+async fn activate<H>(start: &ActivationStart<H>, ctx: &GrainContext) -> Result<Box<dyn ErasedGrain>, CallError> {
     let build = async {
         let mut grain = (start.grain_type.build)(ctx.clone()).await?;
         grain.on_activate(ctx).await?;
@@ -256,20 +277,20 @@ async fn activate(start: &ActivationStart, ctx: &GrainContext) -> Result<Box<dyn
 
 /// Confirms with the grain's directory owner that this activation is the grain's one activation (first
 /// writer wins). A loser hands its queued calls to the winner before it has run a turn or loaded any state.
-async fn confirm_registration(start: &mut ActivationStart) -> bool {
-    let silo = &start.silo;
-    let deadline = tokio::time::Instant::now() + silo.config.call_timeout;
-    let outcome = silo.cluster.register(&start.id, &start.registration, deadline).await;
+async fn confirm_registration<H: ActivationHost>(start: &mut ActivationStart<H>) -> bool {
+    let host = &start.host;
+    let deadline = tokio::time::Instant::now() + host.call_timeout();
+    let outcome = host.cluster().register(&start.id, &start.registration, deadline).await;
     let error = match outcome {
         Ok(winner) if winner == start.registration => return true,
         Ok(winner) => {
             tracing::debug!(grain = %start.id, winner = %winner.silo, "lost the registration race; forwarding");
-            silo.remove_activation(&start.id, start.activation_id);
+            host.activations().remove(&start.id, start.activation_id);
             start.mailbox.close();
-            silo.cluster.remember(start.id.clone(), winner, silo.config.directory_cache_size);
+            host.cluster().remember(start.id.clone(), winner, host.cache_capacity());
             while let Some(mail) = start.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
-                    silo.redeliver(start.id.clone(), call);
+                    host.redeliver(start.id.clone(), call);
                 }
             }
             return false;
@@ -277,7 +298,7 @@ async fn confirm_registration(start: &mut ActivationStart) -> bool {
         Err(error) => error,
     };
     tracing::warn!(grain = %start.id, %error, "activation not registered");
-    silo.remove_activation(&start.id, start.activation_id);
+    host.activations().remove(&start.id, start.activation_id);
     start.mailbox.close();
     while let Some(mail) = start.mailbox.try_recv() {
         if let Mail::Call(call) = mail {
@@ -288,23 +309,23 @@ async fn confirm_registration(start: &mut ActivationStart) -> bool {
 }
 
 /// The life of one activation, from build to the hand-back of its last queued calls.
-pub(crate) async fn run(mut start: ActivationStart) {
-    let silo = start.silo.clone();
+pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
+    let host = start.host.clone();
     let id = start.id.clone();
     // The rare, large futures are boxed so the task stays small while it idles on its mailbox.
     if !Box::pin(confirm_registration(&mut start)).await {
         return;
     }
     start.shared.confirmed.store(true, Ordering::Release);
-    let ctx = GrainContext::new(id.clone(), silo.runtime(), silo.store.clone());
+    let ctx = host.context(id.clone());
 
     let mut grain = match Box::pin(activate(&start, &ctx)).await {
         Ok(grain) => grain,
         Err(error) => {
             tracing::warn!(grain = %id, %error, "activation failed");
-            silo.metrics.activation_failures.fetch_add(1, Ordering::Relaxed);
-            silo.activation_ended(&id, &start.registration).await;
-            silo.remove_activation(&id, start.activation_id);
+            host.metrics().activation_failures.fetch_add(1, Ordering::Relaxed);
+            host.cluster().unregister(id.clone(), start.registration.clone()).await;
+            host.activations().remove(&id, start.activation_id);
             start.mailbox.close();
             while let Some(mail) = start.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
@@ -314,7 +335,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
             return;
         }
     };
-    silo.metrics.activations.fetch_add(1, Ordering::Relaxed);
+    host.metrics().activations.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(grain = %id, activation = start.activation_id, "activated");
 
     let mut panicked = false;
@@ -325,8 +346,8 @@ pub(crate) async fn run(mut start: ActivationStart) {
                 if call.reply.is_closed() {
                     continue; // the caller gave up (its deadline passed): do not run a call nobody waits for
                 }
-                if start.shared.is_evicted() || !Box::pin(hold_lease(&silo, call.deadline)).await {
-                    if start.shared.is_evicted() || silo.is_stopped() {
+                if start.shared.is_evicted() || !Box::pin(hold_lease(host.cluster(), call.deadline)).await {
+                    if start.shared.is_evicted() || host.cluster().is_stopped() {
                         unrun = Some(call); // handed on below, with the rest of the mailbox
                         break;
                     }
@@ -341,7 +362,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
                 let span = tracing::debug_span!("grain.turn", grain = %id, method = %call.method);
                 let turn = run_in_turn(call.chain, id.clone(), call.metadata, grain.handle(&call.method, call.payload));
                 let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
-                start.shared.touch(silo.now_ms());
+                start.shared.touch(host.now_ms());
                 match outcome {
                     Ok(result) => {
                         let _ = call.reply.send(result);
@@ -363,7 +384,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
                 }
             }
             Mail::Deactivate { force } => {
-                if force || start.shared.is_idle(silo.now_ms()) {
+                if force || start.shared.is_idle(host.now_ms()) {
                     break;
                 }
             }
@@ -372,7 +393,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
 
     // A grain that panicked may hold broken state, and a duplicate's state is not the grain's: they are
     // dropped without their on_deactivate hook.
-    let evicted = start.shared.is_evicted() || silo.is_stopped();
+    let evicted = start.shared.is_evicted() || host.cluster().is_stopped();
     if !panicked && !evicted {
         match Box::pin(AssertUnwindSafe(grain.on_deactivate(&ctx)).catch_unwind()).await {
             Ok(Ok(())) => {}
@@ -381,17 +402,17 @@ pub(crate) async fn run(mut start: ActivationStart) {
         }
     }
     drop(grain);
-    silo.activation_ended(&id, &start.registration).await;
-    silo.remove_activation(&id, start.activation_id);
+    host.cluster().unregister(id.clone(), start.registration.clone()).await;
+    host.activations().remove(&id, start.activation_id);
     start.mailbox.close();
-    silo.metrics.deactivations.fetch_add(1, Ordering::Relaxed);
+    host.metrics().deactivations.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(grain = %id, activation = start.activation_id, evicted, "deactivated");
     if let Some(call) = unrun {
-        silo.redeliver(id.clone(), call);
+        host.redeliver(id.clone(), call);
     }
     while let Some(mail) = start.mailbox.try_recv() {
         if let Mail::Call(call) = mail {
-            silo.redeliver(id.clone(), call);
+            host.redeliver(id.clone(), call);
         }
     }
 }
@@ -399,12 +420,12 @@ pub(crate) async fn run(mut start: ActivationStart) {
 /// Waits until the silo holds its membership lease (at once, normally), at most until `deadline`. A silo
 /// that lost its lease — frozen, or cut off from the membership table — runs no turn until it has confirmed
 /// that it is still a member; if it was declared dead meanwhile, it stops and this returns false.
-async fn hold_lease(silo: &SiloInner, deadline: Instant) -> bool {
-    while !silo.cluster.lease.is_valid() {
-        if silo.is_stopped() || Instant::now() >= deadline {
+async fn hold_lease(cluster: &Cluster, deadline: Instant) -> bool {
+    while !cluster.lease.is_valid() {
+        if cluster.is_stopped() || Instant::now() >= deadline {
             return false;
         }
-        silo.cluster.refresh_now.notify_one();
+        cluster.refresh_now.notify_one();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     true

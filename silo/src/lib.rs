@@ -29,7 +29,9 @@
 //! The activation table, mailboxes and idle collector are internal.
 
 mod activation;
+mod activation_table;
 mod admission;
+mod builder;
 pub mod cli;
 mod client;
 pub mod cluster;
@@ -40,16 +42,19 @@ pub mod filter;
 pub mod gateway;
 mod metrics;
 mod peer_auth;
+mod routing;
+mod serve;
 mod silo;
 pub mod sim;
 pub mod tls;
 pub mod wire;
 
+pub use builder::{SiloBuilder, SiloError};
 pub use client::{Client, ClientConfig, ConnectError};
 pub use cluster::ClusterView;
 pub use config::{ClusterTimings, FailureDetection, GrainTypeConfig, MembershipKind, SiloConfig, StorageKind};
 pub use filter::{BearerToken, CallInfo, CallerIdentity, ClientIdentity};
 pub use metrics::MetricsSnapshot;
 pub use peer_auth::{ClusterCredentials, ClusterSecret, PROOF_WINDOW};
-pub use silo::{Silo, SiloBuilder, SiloError};
+pub use silo::Silo;
 pub use tls::PemSource;

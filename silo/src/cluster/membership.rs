@@ -27,7 +27,6 @@ use grains_storage::{
 use super::system::{self, SystemResponse};
 use super::{Cluster, ClusterView};
 use crate::config::ClusterTimings;
-use crate::silo::SiloInner;
 
 /// Wall-clock milliseconds since the Unix epoch (the membership table's clock).
 pub(crate) fn now_ms() -> i64 {
@@ -196,8 +195,8 @@ pub(crate) async fn suspect(
 
 /// The membership agent of one silo: table refresh, heartbeats, probes. Ends when the silo is dropped or
 /// stops.
-pub(crate) async fn run_agent(silo: Weak<SiloInner>) {
-    let Some(timings) = silo.upgrade().map(|s| s.cluster.timings) else { return };
+pub(crate) async fn run_agent(cluster: Weak<Cluster>) {
+    let Some(timings) = cluster.upgrade().map(|c| c.timings) else { return };
     let mut refresh = tokio::time::interval(timings.table_refresh_interval);
     let mut probe = tokio::time::interval(timings.probe_interval);
     let mut heartbeat = tokio::time::interval(timings.heartbeat_interval);
@@ -206,51 +205,48 @@ pub(crate) async fn run_agent(silo: Weak<SiloInner>) {
     }
     let mut misses: HashMap<SiloAddress, u32> = HashMap::new();
     loop {
-        let notified = match silo.upgrade() {
-            Some(s) => s.cluster.clone(),
-            None => return,
-        };
+        let Some(notified) = cluster.upgrade() else { return };
         let wake = notified.refresh_now.notified();
         tokio::select! {
             _ = refresh.tick() => {}
             () = wake => {}
             _ = heartbeat.tick() => {
-                let Some(silo) = silo.upgrade() else { return };
-                if silo.is_stopped() { return; }
-                if let Err(error) = silo.cluster.table.heartbeat(&silo.cluster.me, now_ms()).await {
+                let Some(cluster) = cluster.upgrade() else { return };
+                if cluster.is_stopped() { return; }
+                if let Err(error) = cluster.table.heartbeat(&cluster.me, now_ms()).await {
                     tracing::warn!(%error, "heartbeat not written");
                 }
                 continue;
             }
             _ = probe.tick() => {
-                let Some(silo) = silo.upgrade() else { return };
-                if silo.is_stopped() { return; }
-                if probe_round(&silo.cluster, &mut misses).await {
-                    silo.cluster.broadcast_membership_changed();
-                    refresh_view(&silo).await;
+                let Some(cluster) = cluster.upgrade() else { return };
+                if cluster.is_stopped() { return; }
+                if probe_round(&cluster, &mut misses).await {
+                    cluster.broadcast_membership_changed();
+                    refresh_view(&cluster).await;
                 }
                 continue;
             }
         }
-        let Some(silo) = silo.upgrade() else { return };
-        if silo.is_stopped() {
+        let Some(cluster) = cluster.upgrade() else { return };
+        if cluster.is_stopped() {
             return;
         }
-        refresh_view(&silo).await;
+        refresh_view(&cluster).await;
     }
 }
 
 /// Reads the table and installs the view it describes.
-pub(crate) async fn refresh_view(silo: &Arc<SiloInner>) {
+pub(crate) async fn refresh_view(cluster: &Arc<Cluster>) {
     let started = tokio::time::Instant::now();
-    match silo.cluster.table.read_all().await {
+    match cluster.table.read_all().await {
         Ok(snapshot) => {
             let view = ClusterView::from_snapshot(&snapshot);
             // The read confirms this silo is still a member as of when it started: the lease runs from there.
-            if view.status(&silo.cluster.me).is_some_and(|s| s != SiloStatus::Dead) {
-                silo.cluster.lease.renew(started);
+            if view.status(&cluster.me).is_some_and(|s| s != SiloStatus::Dead) {
+                cluster.lease.renew(started);
             }
-            silo.apply_view(view)
+            cluster.apply_view(view)
         }
         Err(error) => tracing::warn!(%error, "membership table not readable"),
     }

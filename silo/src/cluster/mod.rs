@@ -21,7 +21,7 @@ pub(crate) mod system;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -97,6 +97,8 @@ pub(crate) trait LocalActivations: Send + Sync {
     fn activations_where(&self, keep: &dyn Fn(&GrainId) -> bool) -> Vec<(GrainId, Registration)>;
     /// Stops the activation of `grain` registered as `registration`, a duplicate, before its next turn.
     fn evict(&self, grain: &GrainId, registration: &Registration);
+    /// Stops every activation before its next turn (this silo was declared dead).
+    fn evict_all(&self);
 }
 
 /// This silo's membership lease: it may serve calls and write state only while its last confirmation that it
@@ -189,16 +191,21 @@ pub(crate) struct Cluster {
     fenced: Mutex<HashMap<SiloAddress, Instant>>,
     /// Silos that announced they are stopping: no new activations go there.
     draining: DashMap<SiloAddress, ()>,
-    host: OnceLock<Weak<dyn LocalActivations>>,
+    /// This silo's activations.
+    activations: Arc<dyn LocalActivations>,
+    /// Set once this silo serves no more: declared dead by the cluster, or shut down.
+    stopped: watch::Sender<bool>,
 }
 
 impl Cluster {
-    /// The cluster machinery of silo `me`, which proves its membership to peers with `identity`.
+    /// The cluster machinery of silo `me`, which proves its membership to peers with `identity` and hosts
+    /// `activations`.
     pub(crate) fn new(
         me: SiloAddress,
         timings: ClusterTimings,
         table: Arc<dyn MembershipTable>,
         identity: PeerIdentity,
+        activations: Arc<dyn LocalActivations>,
     ) -> Self {
         placement::seed_from_clock();
         // Until the table is read, the silo sees itself alone (version 0): routing waits for the first real view,
@@ -219,17 +226,32 @@ impl Cluster {
             lease: Lease::new(timings.lease),
             fenced: Mutex::new(HashMap::new()),
             draining: DashMap::new(),
-            host: OnceLock::new(),
+            activations,
+            stopped: watch::Sender::new(false),
         }
     }
 
-    /// Gives the cluster the silo's activations (once, at start).
-    pub(crate) fn set_host(&self, host: Weak<dyn LocalActivations>) {
-        let _ = self.host.set(host);
+    /// Whether this silo has stopped serving (declared dead, or shut down).
+    pub(crate) fn is_stopped(&self) -> bool {
+        *self.stopped.borrow()
     }
 
-    fn host(&self) -> Option<Arc<dyn LocalActivations>> {
-        self.host.get().and_then(Weak::upgrade)
+    /// Resolves once this silo has stopped serving.
+    pub(crate) fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopped = self.stopped.subscribe();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Stops serving for good: the lease ends, and the silo's activations leave before their next turn when
+    /// `evict` (declared dead: their grains may live elsewhere by now).
+    pub(crate) fn stop(&self, evict: bool) {
+        self.lease.revoke();
+        self.stopped.send_replace(true);
+        if evict {
+            self.activations.evict_all();
+        }
     }
 
     /// The current view.
@@ -272,8 +294,16 @@ impl Cluster {
     }
 
     /// Adopts a newer membership view: forget dead silos, fence the newly dead until their leases have run
-    /// out, and take over (recover) the directory ranges this silo gains.
+    /// out, and take over (recover) the directory ranges this silo gains. A view that declares this silo dead
+    /// stops it instead.
     pub(crate) fn apply_view(self: &Arc<Self>, view: ClusterView) {
+        if view.status(&self.me) == Some(SiloStatus::Dead) {
+            if !self.is_stopped() {
+                tracing::error!(silo = %self.me, "this silo was declared dead by the cluster; it stops serving");
+                self.stop(true);
+            }
+            return;
+        }
         let view = Arc::new(view);
         let old = {
             let mut old = None;
@@ -391,7 +421,7 @@ impl Cluster {
                 continue;
             }
             let mine = |grain: &GrainId| view.ring.owner(grain) == Some(&self.me);
-            let local = self.host().map(|h| h.activations_where(&mine)).unwrap_or_default();
+            let local = self.activations.activations_where(&mine);
             let (entries, evictions) = settle(answers.values(), local);
             let count = entries.len();
             if !self.directory.complete_recovery(view.ring_id, entries) {
@@ -409,9 +439,7 @@ impl Cluster {
     fn evict(self: &Arc<Self>, grain: GrainId, registration: Registration) {
         tracing::warn!(%grain, silo = %registration.silo, "duplicate activation found; evicting it");
         if registration.silo == self.me {
-            if let Some(host) = self.host() {
-                host.evict(&grain, &registration);
-            }
+            self.activations.evict(&grain, &registration);
             return;
         }
         let cluster = self.clone();
@@ -439,7 +467,7 @@ impl Cluster {
         };
         let ring = self.directory.view().ring.clone();
         let theirs = |grain: &GrainId| ring.owner(grain) == Some(requester);
-        let activations = self.host().map(|h| h.activations_where(&theirs)).unwrap_or_default();
+        let activations = self.activations.activations_where(&theirs);
         SystemResponse::Recovered { entries: handed, activations }
     }
 
@@ -727,7 +755,8 @@ mod tests {
         let me = SiloAddress { endpoint: "127.0.0.1:1".into(), epoch: 1 };
         let identity = PeerIdentity { credentials: Default::default(), endpoint: me.endpoint.clone(), tls: None };
         let table = Arc::new(MemoryMembershipTable::new());
-        let cluster = Cluster::new(me.clone(), ClusterTimings::fast(), table, identity);
+        let activations = Arc::new(crate::activation_table::ActivationTable::default());
+        let cluster = Cluster::new(me.clone(), ClusterTimings::fast(), table, identity, activations);
         for i in 0..10_000i64 {
             cluster.remember(GrainId::new("G", i), Registration { silo: me.clone(), id: 1 }, 1_000);
             assert!(cluster.cache.len() <= 1_000, "{} entries at {i}", cluster.cache.len());

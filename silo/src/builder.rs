@@ -1,0 +1,202 @@
+//! Starting a silo: the builder, and the wiring of its parts (storage, membership table, cluster, activation
+//! table, endpoint, background tasks).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use grains::{CallError, GrainRegistration};
+use grains_storage::postgres::{self, PostgresMembershipTable, PostgresOptions};
+use grains_storage::{GrainStateStore, MembershipTable, MemoryMembershipTable, MemoryStateStore, SiloAddress};
+
+use crate::activation_table::ActivationTable;
+use crate::cluster::{Cluster, LocalActivations, membership};
+use crate::config::{MembershipKind, SiloConfig, StorageKind};
+use crate::filter::{CallFilter, CallFilters, CallInfo};
+use crate::gateway;
+use crate::peer_auth::{ClusterCredentials, PeerIdentity};
+use crate::silo::{HostedTypes, Silo, SiloInner, collect_idle};
+
+/// Why a silo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SiloError {
+    /// The configuration is incomplete or inconsistent.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The storage provider or membership table could not be reached or prepared.
+    #[error("storage: {0}")]
+    Storage(#[from] grains_storage::StorageError),
+    /// The TLS settings (`tls_cert`, `tls_key`, `tls_ca`, `tls_client_ca`) cannot be used.
+    #[error("tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    /// The silo could not bind its address.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Configures and starts a [`Silo`].
+pub struct SiloBuilder {
+    config: SiloConfig,
+    store: Option<Arc<dyn GrainStateStore>>,
+    membership: Option<Arc<dyn MembershipTable>>,
+    filters: CallFilters,
+}
+
+impl Silo {
+    /// A builder with the default configuration (in-memory storage and membership, port 30000).
+    pub fn builder() -> SiloBuilder {
+        SiloBuilder { config: SiloConfig::default(), store: None, membership: None, filters: CallFilters::default() }
+    }
+}
+
+impl SiloBuilder {
+    /// Adds an incoming call filter: it sees every call entering this silo — from clients, from its grains,
+    /// from its process — and may refuse it (see [`crate::filter`]). Filters run in the order added.
+    pub fn incoming_filter(
+        mut self,
+        filter: impl Fn(&CallInfo<'_>) -> Result<(), CallError> + Send + Sync + 'static,
+    ) -> Self {
+        self.filters.incoming.push(Arc::new(filter) as CallFilter);
+        self
+    }
+
+    /// Adds an outgoing call filter: it sees every call a grain on this silo makes, before the incoming
+    /// filters, and may refuse it (see [`crate::filter`]).
+    pub fn outgoing_filter(
+        mut self,
+        filter: impl Fn(&CallInfo<'_>) -> Result<(), CallError> + Send + Sync + 'static,
+    ) -> Self {
+        self.filters.outgoing.push(Arc::new(filter) as CallFilter);
+        self
+    }
+
+    /// Uses `config` instead of the defaults.
+    pub fn config(mut self, config: SiloConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Uses `store` for grain state instead of the provider named in the config.
+    pub fn state_store(mut self, store: Arc<dyn GrainStateStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Uses `table` as the membership table instead of the one named in the config (e.g. one in-memory table
+    /// shared by several silos in one process).
+    pub fn membership_table(mut self, table: Arc<dyn MembershipTable>) -> Self {
+        self.membership = Some(table);
+        self
+    }
+
+    /// Starts the silo: binds its endpoint, joins the cluster, starts the idle collector and the membership
+    /// agent.
+    pub async fn start(self) -> Result<Silo, SiloError> {
+        let config = self.config;
+        config.check_exposure().map_err(SiloError::Config)?;
+        let server_tls = crate::tls::server_config(&config)?;
+        let peer_tls = crate::tls::peer_config(&config)?;
+        let advertised_host = config.advertised_host().map_err(|e| SiloError::Config(e.to_string()))?;
+        let pool = match (config.storage, config.membership) {
+            (StorageKind::Postgres, _) | (_, MembershipKind::Postgres) => Some(open_pool(&config).await?),
+            _ => None,
+        };
+        // State and membership in one Postgres: state writes are fenced by this silo's membership row.
+        let fenced = self.membership.is_none() && config.membership == MembershipKind::Postgres;
+        let types = GrainRegistration::all()
+            .map(|r| (r.type_name, (r, config.idle_timeout_for(r.type_name, r.options.idle_timeout))))
+            .collect::<HostedTypes>();
+
+        let listener = if config.gateway {
+            let addr = SocketAddr::new(config.host, config.port);
+            let bound = match crate::sim::network() {
+                Some(network) => network.bind(addr).await,
+                None => tokio::net::TcpListener::bind(addr).await.map(crate::sim::TcpNetwork::listener),
+            };
+            Some(bound.map_err(|source| SiloError::Bind { addr, source })?)
+        } else {
+            None
+        };
+        let endpoint = match &listener {
+            Some(l) => {
+                let bound = l
+                    .local_addr()
+                    .map_err(|source| SiloError::Bind { addr: SocketAddr::new(config.host, config.port), source })?;
+                SocketAddr::new(advertised_host, bound.port()).to_string()
+            }
+            None => format!("in-process-{}", std::process::id()),
+        };
+        let me = SiloAddress { endpoint, epoch: membership::now_ms() };
+        let identity = PeerIdentity {
+            credentials: ClusterCredentials {
+                cluster_id: config.cluster_id.clone(),
+                secret: config.cluster_secret.clone(),
+            },
+            endpoint: me.endpoint.clone(),
+            tls: peer_tls,
+        };
+        let table_of_members: Arc<dyn MembershipTable> = match (self.membership, config.membership, &pool) {
+            (Some(table), _, _) => table,
+            (None, MembershipKind::Memory, _) if config.seed.is_some() => {
+                Arc::new(crate::cluster::seed::SeedMembershipTable::new(
+                    config.seed.clone().unwrap_or_default(),
+                    identity.clone(),
+                ))
+            }
+            (None, MembershipKind::Postgres, Some(pool)) => {
+                Arc::new(PostgresMembershipTable::new(pool.clone(), config.cluster_id.clone()))
+            }
+            (None, _, _) => Arc::new(MemoryMembershipTable::new()),
+        };
+        let store: Arc<dyn GrainStateStore> = match (self.store, config.storage, &pool) {
+            (Some(store), _, _) => store,
+            (None, StorageKind::Postgres, Some(pool)) if fenced => {
+                Arc::new(postgres::PostgresStateStore::fenced(pool.clone(), config.cluster_id.clone(), me.clone()))
+            }
+            (None, StorageKind::Postgres, Some(pool)) => Arc::new(postgres::PostgresStateStore::new(pool.clone())),
+            (None, _, _) => Arc::new(MemoryStateStore::new()),
+        };
+        let table = Arc::new(ActivationTable::default());
+        let activations = table.clone() as Arc<dyn LocalActivations>;
+        let timings = config.failure_detection.timings();
+        let cluster = Arc::new(Cluster::new(me.clone(), timings, table_of_members, identity, activations));
+        let store: Arc<dyn GrainStateStore> = Arc::new(crate::fencing::FencedStore::new(store, cluster.clone()));
+        let inner = SiloInner::new(config, types, table, store, cluster, self.filters);
+        let mut names: Vec<_> = inner.types.keys().copied().collect();
+        names.sort_unstable();
+        tracing::info!(silo = %inner.config.name, address = %inner.me(), cluster = %inner.config.cluster_id, grain_types = ?names, "silo starting");
+        tracing::info!(provider = inner.store.name(), membership = ?inner.config.membership, "storage");
+
+        let gateway = match listener {
+            Some(listener) => Some(gateway::start(inner.clone(), listener, server_tls).map_err(|source| {
+                SiloError::Bind { addr: SocketAddr::new(inner.config.host, inner.config.port), source }
+            })?),
+            None => None,
+        };
+        let gateway_address = gateway.as_ref().map(|_| inner.me().endpoint.clone());
+        membership::join(&inner.cluster, &inner.config.name, gateway_address).await?;
+        membership::refresh_view(&inner.cluster).await;
+        inner.cluster.broadcast_membership_changed();
+        let tasks = vec![
+            tokio::spawn(collect_idle(Arc::downgrade(&inner))),
+            tokio::spawn(membership::run_agent(Arc::downgrade(&inner.cluster))),
+        ];
+        Ok(Silo { inner, tasks, gateway })
+    }
+}
+
+/// Opens the Postgres pool the configuration names: connect with retries, then migrate.
+async fn open_pool(config: &SiloConfig) -> Result<postgres::PgPool, SiloError> {
+    let url = config.database_url.as_deref().ok_or_else(|| {
+        SiloError::Config("postgres storage or membership needs database_url (or GRAINS_DATABASE_URL)".into())
+    })?;
+    let options =
+        PostgresOptions { pool_size: config.database_pool_size, acquire_timeout: config.database_acquire_timeout };
+    let pool = postgres::connect_with_retry(url, &options, config.database_start_timeout).await?;
+    postgres::migrate(&pool).await?;
+    Ok(pool)
+}

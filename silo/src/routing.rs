@@ -1,0 +1,192 @@
+//! Routing: how a call finds its grain's one activation.
+//!
+//! Every call, from a grain, a client or a peer, goes one way: if the grain has an activation here, the call
+//! goes into its mailbox (no lookup, no encoding). Otherwise [`SiloInner::route`] asks the cluster where the
+//! grain lives — the routing cache, else the grain's directory owner, which places the grain if it lives
+//! nowhere — and either activates it here or sends the call to the silo that holds it. A call that meets a
+//! moving grain ("not here", "shutting down", an unreachable owner) is routed again, within its deadline.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use grains::runtime::Payload;
+use grains::{CallError, GrainId};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::activation::{self, ActivationHandle, ActivationShared, ActivationStart, Invocation};
+use crate::cluster::{Backoff, Registration};
+use crate::silo::SiloInner;
+use crate::wire::{Envelope, Mode, WireGrainId};
+
+/// How many "not here" answers a call follows before it gives up (bounded forwarding).
+const MAX_NOT_HERE: usize = 8;
+
+/// Waits for the reply of a call queued at an activation, at most until `deadline`.
+pub(crate) fn wait_reply(
+    waiter: oneshot::Receiver<Result<Payload, CallError>>,
+    deadline: Instant,
+) -> impl std::future::Future<Output = Result<Payload, CallError>> {
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    async move {
+        match tokio::time::timeout_at(deadline, waiter).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CallError::Unavailable("the activation ended without replying".to_owned())),
+            Err(_) => Err(CallError::Timeout(timeout)),
+        }
+    }
+}
+
+impl SiloInner {
+    /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back.
+    pub(crate) fn try_local(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
+        self.table.send(id, invocation)?;
+        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Delivers the call here, activating the grain if it has no activation here.
+    pub(crate) fn deliver_here(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
+        self.table.send_or_activate(id, invocation, || self.spawn_activation(id))?;
+        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Starts the activation task of `id`; the table inserts the returned handle.
+    ///
+    /// Every activation registers under a fresh id, never one an earlier activation used: the late unregister
+    /// of an activation that just ended must not remove the entry of the one that follows it.
+    fn spawn_activation(&self, id: &GrainId) -> ActivationHandle {
+        let registration = Registration { silo: self.me().clone(), id: crate::cluster::placement::registration_id() };
+        let (grain_type, idle_timeout) = match self.types.get(id.grain_type()) {
+            Some(&entry) => entry,
+            None => unreachable!("calls are checked for their grain type first"),
+        };
+        let mailbox = Arc::new(activation::Mailbox::with_limit(self.config.max_mailbox_length));
+        let activation_id = self.table.next_activation_id();
+        let shared = Arc::new(ActivationShared::new(self.now_ms(), idle_timeout));
+        let task = tokio::spawn(activation::run(ActivationStart {
+            host: self.arc(),
+            id: id.clone(),
+            activation_id,
+            grain_type,
+            registration: registration.clone(),
+            mailbox: mailbox.clone(),
+            shared: shared.clone(),
+        }));
+        ActivationHandle { activation_id, mailbox, shared, registration, task: task.abort_handle() }
+    }
+
+    /// Finds where `id` lives and delivers the call there; answers the caller through `invocation.reply`.
+    pub(crate) async fn route(self: Arc<Self>, id: GrainId, invocation: Invocation) {
+        let mut invocation = invocation;
+        let mut backoff = Backoff::new(Duration::from_millis(500));
+        let mut not_here = 0;
+        let deadline = invocation.deadline;
+        let fail = |invocation: Invocation, error: CallError| {
+            let _ = invocation.reply.send(Err(error));
+        };
+        loop {
+            if self.is_shutting_down() {
+                return fail(invocation, CallError::ShuttingDown);
+            }
+            if Instant::now() >= deadline {
+                return fail(invocation, CallError::Timeout(Duration::ZERO));
+            }
+            invocation = match self.try_local(&id, invocation) {
+                Ok(()) => return,
+                Err(back) => back,
+            };
+            if self.cluster.view().version == 0 {
+                // Still joining: the first membership view is moments away; placing now could duplicate.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            let cached = self.cluster.cache.get(&id).map(|r| r.clone());
+            let (registration, mode) = match cached {
+                Some(registration) => (registration, Mode::Cached),
+                None => match self.cluster.locate(&id, self.placement(&id), deadline).await {
+                    Ok(registration) => {
+                        // Local activations are found through the table; only remote locations are cached.
+                        if &registration.silo != self.me() {
+                            self.cluster.remember(id.clone(), registration.clone(), self.config.directory_cache_size);
+                        }
+                        (registration, Mode::Placed)
+                    }
+                    Err(CallError::SiloUnavailable(reason)) => {
+                        // The directory owner is unreachable (it may be dying): nothing was placed by this
+                        // attempt that a retry could duplicate, so wait for membership to catch up.
+                        tracing::debug!(grain = %id, %reason, "directory owner unreachable; retrying");
+                        backoff.wait(deadline).await;
+                        continue;
+                    }
+                    Err(error) => return fail(invocation, error),
+                },
+            };
+            if &registration.silo == self.me() {
+                if mode == Mode::Cached {
+                    self.cluster.cache.remove(&id); // cached here, but no activation: ask the directory
+                    continue;
+                }
+                invocation = match self.deliver_here(&id, invocation) {
+                    Ok(()) => return,
+                    Err(back) => back,
+                };
+                continue;
+            }
+            // Remote: encode once; a later local delivery takes the encoded form as well.
+            let payload = match std::mem::replace(&mut invocation.payload, Payload::Encoded(Bytes::new())).into_bytes()
+            {
+                Ok(bytes) => bytes,
+                Err(e) => return fail(invocation, e.into()),
+            };
+            invocation.payload = Payload::Encoded(payload.clone());
+            let conn = match self.cluster.peer(&registration.silo).await {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // Nothing was sent: safe to try again once membership or the directory has moved on.
+                    tracing::debug!(grain = %id, silo = %registration.silo, %error, "peer unreachable; retrying");
+                    self.cluster.cache.remove(&id);
+                    backoff.wait(deadline).await;
+                    continue;
+                }
+            };
+            let envelope = Envelope {
+                target: Some(WireGrainId::from(&id)),
+                method: invocation.method.to_string(),
+                payload,
+                call_chain: invocation.chain.iter().map(WireGrainId::from).collect(),
+                mode: mode as i32,
+                registration: registration.id,
+                metadata: invocation.metadata.to_map(),
+                ..Default::default()
+            };
+            match conn.call(envelope, deadline).await {
+                Ok(bytes) => {
+                    let _ = invocation.reply.send(Ok(Payload::Encoded(bytes)));
+                    return;
+                }
+                Err(CallError::NotHere(reason)) => {
+                    self.cluster.cache.remove(&id);
+                    not_here += 1;
+                    if not_here >= MAX_NOT_HERE {
+                        return fail(invocation, CallError::NotHere(reason));
+                    }
+                }
+                Err(CallError::ShuttingDown) => {
+                    // Refused before running: the grain is moving; route again shortly.
+                    self.cluster.cache.remove(&id);
+                    backoff.wait(deadline).await;
+                }
+                Err(error) => {
+                    if matches!(error, CallError::SiloUnavailable(_)) {
+                        self.cluster.cache.remove(&id);
+                    }
+                    return fail(invocation, error);
+                }
+            }
+        }
+    }
+}

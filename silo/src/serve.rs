@@ -1,0 +1,155 @@
+//! Serving the silo's endpoint: requests from clients and peers, and the server side of system calls.
+//!
+//! A grain call arriving on a connection is checked (type, method, arguments decoded, deadline capped),
+//! filtered where it enters the cluster, and handed to routing in the mode its sender chose: routed afresh,
+//! to a cached location, or to a placement the directory just made. A system call (directory, membership,
+//! recovery) is answered here; the gateway serves system calls only to authenticated peers.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use grains::CallError;
+use grains::runtime::{Call, Payload, RequestMetadata};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::activation::Invocation;
+use crate::cluster::LocalActivations;
+use crate::cluster::system::{Refusal, SystemRequest, SystemResponse};
+use crate::filter::{CallInfo, CallerIdentity};
+use crate::routing::wait_reply;
+use crate::silo::SiloInner;
+use crate::wire::{Envelope, Mode};
+
+impl SiloInner {
+    /// Runs the call filters on a call entering the silo from `caller`.
+    pub(crate) fn filter(&self, caller: &CallerIdentity, call: &Call) -> Result<(), CallError> {
+        self.filters.check(&CallInfo { caller, grain: &call.target, method: &call.method, metadata: &call.metadata })
+    }
+
+    /// Serves a request that arrived on the silo's endpoint from `caller` (a client, or a peer).
+    pub(crate) async fn serve_request(
+        self: Arc<Self>,
+        envelope: Envelope,
+        caller: &CallerIdentity,
+    ) -> Result<Bytes, CallError> {
+        let target =
+            envelope.target.as_ref().ok_or_else(|| CallError::Protocol("request without a target".to_owned()))?;
+        if target.grain_type == crate::wire::SYSTEM_TYPE {
+            let request: SystemRequest = grains::codec::decode_named(&envelope.payload)?;
+            let response = self.serve_system(request).await?;
+            return Ok(Bytes::from(grains::codec::encode_named(&response)?));
+        }
+        if self.is_shutting_down() {
+            // Refused before running: the caller may safely send it elsewhere.
+            return Err(CallError::ShuttingDown);
+        }
+        let registration = self
+            .grain_type(&target.grain_type)
+            .ok_or_else(|| CallError::UnknownGrainType(target.grain_type.clone()))?;
+        let id = target.to_grain_id(Some(registration.type_name))?;
+        let chain = envelope
+            .call_chain
+            .iter()
+            .map(|id| id.to_grain_id(self.grain_type(&id.grain_type).map(|r| r.type_name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        // A client-chosen deadline is capped: a call never holds resources past `max_call_timeout`.
+        let deadline = envelope.deadline(self.config.call_timeout)?.min(Instant::now() + self.config.max_call_timeout);
+        let mut call = Call {
+            target: id,
+            method: envelope.method.into(),
+            payload: Payload::Encoded(envelope.payload),
+            deadline,
+            chain: chain.into(),
+            metadata: RequestMetadata::from_map(envelope.metadata),
+        };
+        self.check(&mut call)?;
+        let mode = Mode::try_from(envelope.mode).unwrap_or(Mode::Route);
+        // A call enters the cluster routed; one delivered here by a peer was filtered where it entered.
+        if mode == Mode::Route && !self.filters.is_empty() {
+            self.filter(caller, &call)?;
+        }
+        let (reply, waiter) = oneshot::channel();
+        let (id, invocation) = Invocation::of(call, reply);
+        let deadline = invocation.deadline;
+        match mode {
+            Mode::Route => {
+                if let Err(invocation) = self.try_local(&id, invocation) {
+                    tokio::spawn(self.clone().route(id, invocation));
+                }
+            }
+            Mode::Cached => {
+                if self.try_local(&id, invocation).is_err() {
+                    return Err(CallError::NotHere(format!("{id} is not active on {}", self.me())));
+                }
+            }
+            Mode::Placed => {
+                if self.deliver_here(&id, invocation).is_err() {
+                    return Err(CallError::Unavailable(format!("{id}: activation kept closing under the call")));
+                }
+            }
+        }
+        let reply = wait_reply(waiter, deadline).await?;
+        Ok(reply.into_bytes()?)
+    }
+
+    /// Answers a system request.
+    async fn serve_system(&self, request: SystemRequest) -> Result<SystemResponse, CallError> {
+        Ok(match request {
+            SystemRequest::Ping => {
+                SystemResponse::Pong { silo: self.me().clone(), activations: self.table.len() as u64 }
+            }
+            SystemRequest::Gateways => SystemResponse::Gateways(self.cluster.view().gateways()),
+            SystemRequest::LookupOrPlace { grain, caller, placement, view } => {
+                match self.cluster.local_lookup_or_place(&grain, &caller, placement, Some(&view)) {
+                    Ok(registration) => SystemResponse::Placed(registration),
+                    Err(refusal) => self.refused(refusal),
+                }
+            }
+            SystemRequest::Register { entries, view } => SystemResponse::Registered(
+                entries
+                    .into_iter()
+                    .map(|(grain, registration)| {
+                        let decided = self.cluster.local_register(&grain, registration, Some(&view));
+                        if decided == Err(Refusal::Behind) {
+                            self.cluster.refresh_now.notify_one();
+                        }
+                        decided
+                    })
+                    .collect(),
+            ),
+            SystemRequest::Unregister { grain, registration } => {
+                self.cluster.directory.unregister(&grain, &registration);
+                SystemResponse::Done
+            }
+            SystemRequest::Recover { requester, view } => self.cluster.answer_recover(&requester, &view),
+            SystemRequest::Evict { grain, registration } => {
+                self.table.evict(&grain, &registration);
+                SystemResponse::Done
+            }
+            SystemRequest::Draining { silo } => {
+                self.cluster.mark_draining(silo);
+                SystemResponse::Done
+            }
+            SystemRequest::MembershipChanged => {
+                self.cluster.refresh_now.notify_one();
+                SystemResponse::Done
+            }
+            SystemRequest::Activations => SystemResponse::Activations(self.table.confirmed()),
+            SystemRequest::Table(op) => {
+                let answer = crate::cluster::seed::serve(self.cluster.table.as_ref(), op)
+                    .await
+                    .map_err(|e| CallError::Unavailable(e.to_string()))?;
+                SystemResponse::Table(answer)
+            }
+        })
+    }
+
+    /// A partition's refusal, as an answer; a partition behind its caller re-reads membership at once.
+    fn refused(&self, refusal: Refusal) -> SystemResponse {
+        if refusal == Refusal::Behind {
+            self.cluster.refresh_now.notify_one();
+        }
+        SystemResponse::Refused(refusal)
+    }
+}
