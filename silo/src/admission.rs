@@ -138,6 +138,7 @@ pub(crate) fn accept_loop(
         let mut last_error_log: Option<Instant> = None;
         loop {
             let accepted = tokio::select! {
+                biased; // no random branch order: a simulated run repeats exactly
                 accepted = listener.accept() => accepted,
                 _ = stopped.wait_for(|stop| *stop) => return,
             };

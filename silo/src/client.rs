@@ -116,7 +116,7 @@ struct ClientInner {
     gateways: RwLock<Vec<String>>,
     connections: ConnectionPool,
     /// Gateways that stopped answering; each has one probe waiting for it to answer again.
-    avoided: dashmap::DashMap<String, ()>,
+    avoided: crate::activation_table::FastDashMap<String, ()>,
     next: AtomicUsize,
     this: Weak<ClientInner>,
 }
@@ -191,7 +191,7 @@ impl Client {
             config,
             gateways: RwLock::new(gateways.clone()),
             connections,
-            avoided: dashmap::DashMap::new(),
+            avoided: Default::default(),
             next: AtomicUsize::new(0),
             this: this.clone(),
         });

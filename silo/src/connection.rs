@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use grains::CallError;
 use http::uri::PathAndQuery;
 use tokio::sync::{mpsc, oneshot};
@@ -22,6 +21,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::codec::Streaming;
 use tonic::transport::Endpoint;
 
+use crate::activation_table::FastDashMap;
 use crate::filter::BearerToken;
 use crate::peer_auth::PeerIdentity;
 use crate::tls::{ClientTls, error_chain};
@@ -56,7 +56,7 @@ pub(crate) struct Connection {
     peer: String,
     kind: PeerKind,
     outbound: mpsc::UnboundedSender<Envelope>,
-    pending: DashMap<u64, oneshot::Sender<Result<Bytes, CallError>>>,
+    pending: FastDashMap<u64, oneshot::Sender<Result<Bytes, CallError>>>,
     next_id: AtomicU64,
     alive: AtomicBool,
     reader: std::sync::OnceLock<AbortHandle>,
@@ -141,7 +141,7 @@ impl Connection {
             peer: peer.to_owned(),
             kind,
             outbound,
-            pending: DashMap::new(),
+            pending: FastDashMap::default(),
             next_id: AtomicU64::new(1),
             alive: AtomicBool::new(true),
             reader: std::sync::OnceLock::new(),
@@ -241,8 +241,8 @@ pub(crate) struct ConnectionPool {
     tls: Option<ClientTls>,
     bearer_token: Option<BearerToken>,
     keep_alive: KeepAlive,
-    open: DashMap<String, Arc<Connection>>,
-    opening: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
+    open: FastDashMap<String, Arc<Connection>>,
+    opening: FastDashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl ConnectionPool {
@@ -256,8 +256,8 @@ impl ConnectionPool {
             bearer_token: None,
             identity,
             keep_alive: KeepAlive::BETWEEN_SILOS,
-            open: DashMap::new(),
-            opening: DashMap::new(),
+            open: FastDashMap::default(),
+            opening: FastDashMap::default(),
         }
     }
 

@@ -253,6 +253,7 @@ async fn serve_connection(
             }
         } else {
             tokio::select! {
+                biased; // no random branch order: a simulated run repeats exactly
                 next = inbound.message() => next,
                 () = &mut stop => {
                     draining = true;

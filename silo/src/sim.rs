@@ -63,8 +63,44 @@ pub fn install(seams: Seams) -> bool {
 
 /// Re-seeds the runtime's random choices (placement, registration ids), so that a simulation run with the same
 /// seed makes the same choices.
+///
+/// The seed holds for the calling thread (a simulation runs on one thread; seeds may run side by side on
+/// several): its placement choices, registration ids, and the seeds of the silo's hash maps, whose iteration
+/// orders would otherwise differ from run to run.
 pub fn seed_randomness(seed: u64) {
+    THREAD_SEED.with(|s| s.set(Some(seed)));
+    HASH_SEEDS.with(|s| s.set(0));
     crate::cluster::placement::seed(seed);
+}
+
+thread_local! {
+    static THREAD_SEED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+    /// How many hash seeds this thread has handed out since it was seeded.
+    static HASH_SEEDS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The seed a simulation gave this thread, if any.
+pub(crate) fn thread_seed() -> Option<u64> {
+    THREAD_SEED.with(std::cell::Cell::get)
+}
+
+/// The seed of a new hash map: drawn from the simulation's seed on a seeded thread (the same sequence in every
+/// run of that seed), else random.
+pub(crate) fn hash_seed() -> u64 {
+    match thread_seed() {
+        Some(seed) => {
+            let n = HASH_SEEDS.with(|c| {
+                let n = c.get();
+                c.set(n + 1);
+                n
+            });
+            seed.rotate_left(17) ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        }
+        None => {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new().build_hasher().finish()
+        }
+    }
 }
 
 /// The installed network, if any.
@@ -78,11 +114,6 @@ pub(crate) fn unix_ms() -> u64 {
         Some(seams) => (seams.wall_clock_ms)(),
         None => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
     }
-}
-
-/// Whether a simulator drives this process.
-pub(crate) fn is_simulated() -> bool {
-    SEAMS.get().is_some()
 }
 
 /// The system's network: TCP, with Nagle's algorithm off.

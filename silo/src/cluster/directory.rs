@@ -23,7 +23,7 @@
 
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use dashmap::DashMap;
+use crate::activation_table::FastDashMap;
 use dashmap::mapref::entry::Entry;
 use grains::GrainId;
 use grains_storage::SiloAddress;
@@ -47,7 +47,7 @@ pub(crate) enum Liveness {
 #[derive(Debug)]
 pub(crate) struct DirectoryPartition {
     me: SiloAddress,
-    entries: DashMap<GrainId, Registration>,
+    entries: FastDashMap<GrainId, Registration>,
     ownership: RwLock<Ownership>,
 }
 
@@ -70,7 +70,7 @@ impl DirectoryPartition {
     pub(crate) fn new(me: SiloAddress) -> Self {
         Self {
             me,
-            entries: DashMap::new(),
+            entries: FastDashMap::default(),
             ownership: RwLock::new(Ownership {
                 view: Arc::new(ClusterView::default()),
                 recovered: HashRing::default(),

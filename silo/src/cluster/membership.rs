@@ -208,6 +208,7 @@ pub(crate) async fn run_agent(cluster: Weak<Cluster>) {
         let Some(notified) = cluster.upgrade() else { return };
         let wake = notified.refresh_now.notified();
         tokio::select! {
+            biased; // no random branch order: a simulated run repeats exactly
             _ = refresh.tick() => {}
             () = wake => {}
             _ = heartbeat.tick() => {

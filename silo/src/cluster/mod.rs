@@ -19,17 +19,17 @@ pub mod ring;
 pub(crate) mod seed;
 pub(crate) mod system;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use grains::{CallError, GrainId, Placement};
 use grains_storage::{MembershipEntry, MembershipSnapshot, MembershipTable, SiloAddress, SiloStatus};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
+use crate::activation_table::{FastDashMap, FastHashMap};
 use crate::config::ClusterTimings;
 use crate::connection::{Connection, ConnectionPool, PeerKind};
 use crate::peer_auth::PeerIdentity;
@@ -178,9 +178,9 @@ pub(crate) struct Cluster {
     pub(crate) table: Arc<dyn MembershipTable>,
     view: watch::Sender<Arc<ClusterView>>,
     pub(crate) directory: DirectoryPartition,
-    pub(crate) cache: DashMap<GrainId, Registration>,
+    pub(crate) cache: FastDashMap<GrainId, Registration>,
     evictions: AtomicU32,
-    pub(crate) loads: DashMap<SiloAddress, u64>,
+    pub(crate) loads: FastDashMap<SiloAddress, u64>,
     peers: ConnectionPool,
     /// Connections for probes only, so that a probe never queues behind a flood of calls on a peer stream
     /// (head-of-line blocking there made loaded silos suspect each other).
@@ -188,9 +188,9 @@ pub(crate) struct Cluster {
     pub(crate) refresh_now: Notify,
     pub(crate) lease: Lease,
     /// Silos declared dead that may still serve until the instant given (their lease, seen from here).
-    fenced: Mutex<HashMap<SiloAddress, Instant>>,
+    fenced: Mutex<FastHashMap<SiloAddress, Instant>>,
     /// Silos that announced they are stopping: no new activations go there.
-    draining: DashMap<SiloAddress, ()>,
+    draining: FastDashMap<SiloAddress, ()>,
     /// This silo's activations.
     activations: Arc<dyn LocalActivations>,
     /// Set once this silo serves no more: declared dead by the cluster, or shut down.
@@ -207,7 +207,6 @@ impl Cluster {
         identity: PeerIdentity,
         activations: Arc<dyn LocalActivations>,
     ) -> Self {
-        placement::seed_from_clock();
         // Until the table is read, the silo sees itself alone (version 0): routing waits for the first real view,
         // and its directory partition owns nothing yet.
         let alone = ClusterView::of_active(0, vec![me.clone()]);
@@ -217,15 +216,15 @@ impl Cluster {
             timings,
             table,
             view: watch::Sender::new(Arc::new(alone)),
-            cache: DashMap::new(),
+            cache: FastDashMap::default(),
             evictions: AtomicU32::new(0),
-            loads: DashMap::new(),
+            loads: FastDashMap::default(),
             peers: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout, Some(identity.clone())),
             probes: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout, Some(identity)),
             refresh_now: Notify::new(),
             lease: Lease::new(timings.lease),
-            fenced: Mutex::new(HashMap::new()),
-            draining: DashMap::new(),
+            fenced: Mutex::new(FastHashMap::default()),
+            draining: FastDashMap::default(),
             activations,
             stopped: watch::Sender::new(false),
         }
@@ -375,7 +374,7 @@ impl Cluster {
     async fn recover(self: Arc<Self>, view: Arc<ClusterView>) {
         let started = Instant::now();
         let stamp = view.stamp();
-        let mut answers: HashMap<SiloAddress, RecoveryAnswer> = HashMap::new();
+        let mut answers: FastHashMap<SiloAddress, RecoveryAnswer> = FastHashMap::default();
         let mut backoff = Backoff::new(Duration::from_millis(200));
         loop {
             // Statuses move on without changing the ring (a stopping silo ends Dead): ask who is alive now.
@@ -678,8 +677,8 @@ enum DirectoryAsk<'a> {
 /// (it is the ground truth); of several activations of one grain, the one the previous owner's entry names
 /// wins, else the lowest silo; the others are returned to be evicted.
 fn settle<'a>(answers: impl Iterator<Item = &'a RecoveryAnswer>, local: Placements) -> (Placements, Placements) {
-    let mut entries: HashMap<GrainId, Registration> = HashMap::new();
-    let mut activations: HashMap<GrainId, Vec<Registration>> = HashMap::new();
+    let mut entries: FastHashMap<GrainId, Registration> = FastHashMap::default();
+    let mut activations: FastHashMap<GrainId, Vec<Registration>> = FastHashMap::default();
     for (handed, reported) in answers {
         for (grain, registration) in handed {
             entries.insert(grain.clone(), registration.clone());
@@ -728,7 +727,7 @@ mod tests {
         let from_four: RecoveryAnswer = (vec![], vec![(a.clone(), on(4, 41))]);
         let (entries, evictions) =
             settle(answers.iter().chain(std::iter::once(&from_four)), vec![(b.clone(), on(5, 50))]);
-        let entries: HashMap<GrainId, Registration> = entries.into_iter().collect();
+        let entries: std::collections::HashMap<GrainId, Registration> = entries.into_iter().collect();
         assert_eq!(entries[&a], on(3, 30), "the handed-over entry names the activation that stays");
         assert_eq!(entries[&b], on(3, 31), "without an entry, the lowest silo's activation stays");
         assert_eq!(entries[&c], on(4, 40), "an entry without a report is kept");
