@@ -536,18 +536,40 @@ async fn connect(silos: &[&SiloProcess], config: ClientConfig) -> Client {
     Client::connect_cluster(&urls, config).await.unwrap()
 }
 
+/// A cluster of `n` silos under the load on `keys` keys, watched by a duplicate sampler: where the tests below
+/// start (one at a time: each holds the turn while it runs).
+struct UnderLoad {
+    turn: tokio::sync::MutexGuard<'static, ()>,
+    db: TestDatabase,
+    silos: Vec<SiloProcess>,
+    table: PostgresMembershipTable,
+    client: Client,
+    sampler: DuplicateSampler,
+    load: Load,
+    /// How long one pass over the keys took while warming up.
+    pass: Duration,
+}
+
+impl UnderLoad {
+    async fn start(cluster: &str, n: usize, keys: usize) -> Self {
+        let turn = ONE_AT_A_TIME.lock().await;
+        let db = TestDatabase::create().await;
+        let (silos, table) = start_cluster(&db, cluster, n, "fast").await;
+        let all: Vec<&SiloProcess> = silos.iter().collect();
+        let client = connect(&all, client_config()).await;
+        let sampler = DuplicateSampler::start(connect(&all, client_config()).await, &all);
+        let load = Load::start_on(&client, (0..keys).map(|key| format!("k-{key}")).collect());
+        let pass = load.warm_up().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Self { turn, db, silos, table, client, sampler, load, pass }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_one_of_three_silos_under_load_loses_no_acknowledged_write() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let db = TestDatabase::create().await;
     let cluster = "kill9";
-    let (mut silos, table) = start_cluster(&db, cluster, 3, "fast").await;
-    let all: Vec<&SiloProcess> = silos.iter().collect();
-    let client = connect(&all, client_config()).await;
-    let sampler = DuplicateSampler::start(connect(&all, client_config()).await, &all);
-    let load = Load::start(&client);
-    let pass = load.warm_up().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let UnderLoad { turn: _turn, db, mut silos, table, client, sampler, load, pass } =
+        UnderLoad::start(cluster, 3, KEYS).await;
 
     let victim = silos.remove(1);
     let victim_port = victim.port();
@@ -603,15 +625,8 @@ async fn killing_one_of_three_silos_under_load_loses_no_acknowledged_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_graceful_stop_under_load_shows_callers_no_errors() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let db = TestDatabase::create().await;
-    let (mut silos, table) = start_cluster(&db, "graceful", 3, "fast").await;
-    let all: Vec<&SiloProcess> = silos.iter().collect();
-    let client = connect(&all, client_config()).await;
-    let sampler = DuplicateSampler::start(connect(&all, client_config()).await, &all);
-    let load = Load::start(&client);
-    let pass = load.warm_up().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let UnderLoad { turn: _turn, db, mut silos, table, client: _client, sampler, load, pass } =
+        UnderLoad::start("graceful", 3, KEYS).await;
 
     let mut stopping = silos.remove(2);
     sampler.forget(&stopping);
@@ -642,15 +657,8 @@ async fn a_graceful_stop_under_load_shows_callers_no_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_frozen_silo_declared_dead_under_load_stops_itself_when_it_wakes_and_loses_nothing() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let db = TestDatabase::create().await;
-    let (mut silos, table) = start_cluster(&db, "zombie", 3, "fast").await;
-    let all: Vec<&SiloProcess> = silos.iter().collect();
-    let client = connect(&all, client_config()).await;
-    let sampler = DuplicateSampler::start(connect(&all, client_config()).await, &all);
-    let load = Load::start(&client);
-    let pass = load.warm_up().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let UnderLoad { turn: _turn, db, mut silos, table, client, sampler, load, pass } =
+        UnderLoad::start("zombie", 3, KEYS).await;
 
     let mut frozen = silos.remove(0);
     sampler.forget(&frozen);
@@ -691,16 +699,9 @@ async fn a_frozen_silo_declared_dead_under_load_stops_itself_when_it_wakes_and_l
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_silo_joining_two_under_load_causes_no_duplicate_and_loses_nothing() {
     const JOIN_KEYS: usize = 2000;
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let db = TestDatabase::create().await;
     let cluster = "join";
-    let (mut silos, table) = start_cluster(&db, cluster, 2, "fast").await;
-    let two: Vec<&SiloProcess> = silos.iter().collect();
-    let client = connect(&two, client_config()).await;
-    let sampler = DuplicateSampler::start(connect(&two, client_config()).await, &two);
-    let load = Load::start_on(&client, (0..JOIN_KEYS).map(|key| format!("k-{key}")).collect());
-    let pass = load.warm_up().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let UnderLoad { turn: _turn, db, mut silos, table, client, sampler, load, pass } =
+        UnderLoad::start(cluster, 2, JOIN_KEYS).await;
 
     let joining_at = load.now_ms();
     let join_from = Instant::now();
