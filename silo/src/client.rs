@@ -52,7 +52,11 @@ pub enum ConnectError {
 pub struct ClientConfig {
     /// The deadline of calls that do not set their own.
     pub call_timeout: Duration,
-    /// The largest request payload the client sends, in bytes (larger ones fail locally).
+    /// The largest request payload the client sends, and the largest reply payload it reads, in bytes
+    /// (default 4 MiB). A larger request fails locally with [`CallError::PayloadTooLarge`]. A reply whose gRPC
+    /// frame header announces more than this plus 64 KiB ([`crate::wire::ENVELOPE_OVERHEAD`]) fails its call with
+    /// [`CallError::PayloadTooLarge`] at the header: none of it is buffered, it is skipped as it arrives, and
+    /// the connection carries on — a broken or hostile gateway cannot make the client buffer a huge frame.
     pub max_payload_bytes: usize,
     /// How long to wait for a connection to a gateway.
     pub connect_timeout: Duration,
@@ -183,6 +187,7 @@ impl Client {
         let connections = ConnectionPool::new(PeerKind::Gateway, config.connect_timeout, identity)
             .with_tls(tls)
             .with_bearer_token(config.bearer_token.clone())
+            .with_max_reply_payload(config.max_payload_bytes)
             .with_keep_alive(KeepAlive {
                 interval: config.gateway_liveness_timeout / 2,
                 timeout: config.gateway_liveness_timeout,
