@@ -5,8 +5,12 @@
 //!
 //! - **`max_connections`**: past it a new connection is closed at once (logged once per burst), so that open
 //!   connections cannot exhaust the process's file descriptors.
-//! - **accept errors** (`EMFILE` when descriptors do run out, and the like) make the loop sleep briefly instead
-//!   of spinning on a listener that stays readable.
+//! - **running out of file descriptors** (`EMFILE`, `ENFILE`): the loop keeps one descriptor in reserve; when
+//!   an accept fails for want of descriptors it closes the reserve, accepts the waiting connection with the
+//!   freed descriptor and closes it at once (logged once per burst), then takes the reserve back. Connections
+//!   past the descriptor limit are thus closed, not left in the listen backlog until a descriptor frees up,
+//!   and the loop never spins on a listener that stays readable. Other accept errors, or a reserve that cannot
+//!   be taken back, make the loop sleep briefly.
 //! - **`handshake_timeout`**: a connection must open its first request (an envelope stream, or `GET /metrics`)
 //!   within it; **`connection_idle_timeout`**: after that, a connection that sends nothing for that long is
 //!   closed. Both end the connection by failing its next read, which HTTP/2 turns into a closed connection.
@@ -22,14 +26,73 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::Connected;
+use tracing::Instrument as _;
 
 use crate::sim::{Io, Listener};
 
-/// How long the loop sleeps after an accept error (out of file descriptors, or memory).
+/// How long the loop sleeps after an accept error it cannot handle otherwise (out of memory, or out of file
+/// descriptors with no reserve to give up).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// How often a refusal is logged at most while refusals continue.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Whether an accept failed because the process (`EMFILE`) or the system (`ENFILE`) is out of file descriptors.
+fn out_of_descriptors(error: &std::io::Error) -> bool {
+    // The same numbers on Linux, the BSDs and macOS.
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    cfg!(unix) && matches!(error.raw_os_error(), Some(ENFILE | EMFILE))
+}
+
+/// One file descriptor held back, so that a loop out of descriptors can still accept a waiting connection in
+/// order to close it. Not used under a simulator (whose listener never runs out).
+struct Reserve(Option<std::fs::File>);
+
+impl Reserve {
+    fn new() -> Self {
+        Reserve(Self::open())
+    }
+
+    fn open() -> Option<std::fs::File> {
+        if !cfg!(unix) || crate::sim::is_simulated() {
+            return None;
+        }
+        std::fs::File::open("/dev/null").ok()
+    }
+
+    /// Closes the reserve descriptor, if held. Whether one was freed.
+    fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+
+    /// Takes the reserve descriptor back if it is not held. Whether it is held now.
+    fn restore(&mut self) -> bool {
+        if self.0.is_none() {
+            self.0 = Self::open();
+        }
+        self.0.is_some()
+    }
+}
+
+/// Logs a kind of refusal at most once per [`REFUSAL_LOG_INTERVAL`], with how many went unlogged before.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    /// Counts one refusal; `log` is called, with the count since the last log, when one is due.
+    fn refused(&mut self, log: impl FnOnce(u64)) {
+        self.unlogged += 1;
+        if self.last.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL) {
+            log(self.unlogged);
+            self.last = Some(Instant::now());
+            self.unlogged = 0;
+        }
+    }
+}
 
 /// The bounds the loop applies.
 #[derive(Debug, Clone, Copy)]
@@ -131,11 +194,18 @@ pub(crate) fn accept_loop(
     mut stopped: watch::Receiver<bool>,
 ) -> mpsc::Receiver<std::io::Result<AdmittedStream>> {
     let (admitted, incoming) = mpsc::channel(64);
-    tokio::spawn(async move {
+    let span = match listener.local_addr() {
+        Ok(local) => tracing::info_span!("gateway.accept", %local),
+        Err(_) => tracing::info_span!("gateway.accept"),
+    };
+    let accepting = async move {
         let slots = Arc::new(Semaphore::new(limits.max_connections));
-        let mut last_refusal_log: Option<Instant> = None;
-        let mut refused_since_log = 0u64;
-        let mut last_error_log: Option<Instant> = None;
+        let mut over_limit = RefusalLog::default();
+        let mut out_of_fds = RefusalLog::default();
+        let mut failures = RefusalLog::default();
+        let mut reserve = Reserve::new();
+        // The reserve descriptor was given up to accept a connection past the descriptor limit and close it.
+        let mut shedding = false;
         loop {
             let accepted = tokio::select! {
                 biased; // no random branch order: a simulated run repeats exactly
@@ -144,27 +214,46 @@ pub(crate) fn accept_loop(
             };
             let (stream, remote) = match accepted {
                 Ok(accepted) => accepted,
+                Err(error) if !shedding && out_of_descriptors(&error) && reserve.release() => {
+                    // Accept again at once, with the descriptor just freed, and close what comes.
+                    shedding = true;
+                    continue;
+                }
                 Err(error) => {
-                    if last_error_log.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL) {
-                        tracing::warn!(%error, "accepting connections failed; pausing (out of file descriptors?)");
-                        last_error_log = Some(Instant::now());
-                    }
+                    failures.refused(|failed| {
+                        tracing::warn!(%error, failed, "accepting connections failed; pausing");
+                    });
+                    shedding = false;
+                    reserve.restore();
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             };
+            // Held again as soon as descriptors allow (after shedding, or after a pause that could not take it).
+            let reserved = reserve.restore();
+            if std::mem::take(&mut shedding) && !reserved {
+                // Still out of descriptors: this connection would only wait for one. Closing it frees the
+                // descriptor the reserve takes back.
+                drop(stream);
+                reserve.restore();
+                out_of_fds.refused(|refused| {
+                    tracing::warn!(
+                        refused,
+                        %remote,
+                        "out of file descriptors; closing new connections until some close"
+                    );
+                });
+                continue;
+            }
             let Ok(permit) = slots.clone().try_acquire_owned() else {
-                refused_since_log += 1;
-                if last_refusal_log.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL) {
+                over_limit.refused(|refused| {
                     tracing::warn!(
                         max_connections = limits.max_connections,
-                        refused = refused_since_log,
+                        refused,
                         %remote,
                         "connection limit reached; refusing connections"
                     );
-                    last_refusal_log = Some(Instant::now());
-                    refused_since_log = 0;
-                }
+                });
                 drop(stream);
                 continue;
             };
@@ -175,6 +264,7 @@ pub(crate) fn accept_loop(
                 return; // the server stopped
             }
         }
-    });
+    };
+    tokio::spawn(accepting.instrument(span));
     incoming
 }

@@ -50,13 +50,17 @@ pub enum ConnectError {
 /// Client settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
-    /// The deadline of calls that do not set their own.
+    /// The deadline of calls that do not set their own (default 30s).
     pub call_timeout: Duration,
-    /// The largest request payload the client sends, in bytes (larger ones fail locally).
+    /// The largest request payload the client sends, and the largest reply payload it reads, in bytes
+    /// (default 4 MiB). A larger request fails locally with [`CallError::PayloadTooLarge`]. A reply whose gRPC
+    /// frame header announces more than this plus 64 KiB ([`crate::wire::ENVELOPE_OVERHEAD`]) fails its call with
+    /// [`CallError::PayloadTooLarge`] at the header: none of it is buffered, it is skipped as it arrives, and
+    /// the connection carries on — a broken or hostile gateway cannot make the client buffer a huge frame.
     pub max_payload_bytes: usize,
-    /// How long to wait for a connection to a gateway.
+    /// How long to wait for a connection to a gateway (default 5s).
     pub connect_timeout: Duration,
-    /// How often to refresh the gateway list from the cluster.
+    /// How often to refresh the gateway list from the cluster (default 5s).
     pub gateway_refresh_interval: Duration,
     /// Connect as a member of the cluster, proving it with the cluster's id and secret, for the diagnostics
     /// only members may ask for ([`Client::active_grains`]). `None`: an ordinary client (grain calls and the
@@ -64,7 +68,7 @@ pub struct ClientConfig {
     pub member: Option<ClusterCredentials>,
     /// How long a gateway may leave a keep-alive ping unanswered before its connection is closed (its calls in
     /// flight fail as unavailable) and new calls avoid it until it answers again. The ping goes out after half
-    /// this long without a frame from the gateway.
+    /// this long without a frame from the gateway (default 1s).
     pub gateway_liveness_timeout: Duration,
     /// For `https://` gateways: the CA their certificates must chain to. `None`: the system's roots.
     pub tls_ca: Option<PemSource>,
@@ -183,6 +187,7 @@ impl Client {
         let connections = ConnectionPool::new(PeerKind::Gateway, config.connect_timeout, identity)
             .with_tls(tls)
             .with_bearer_token(config.bearer_token.clone())
+            .with_max_reply_payload(config.max_payload_bytes)
             .with_keep_alive(KeepAlive {
                 interval: config.gateway_liveness_timeout / 2,
                 timeout: config.gateway_liveness_timeout,

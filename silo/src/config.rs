@@ -170,15 +170,16 @@ pub struct SiloConfig {
     pub seed: Option<String>,
     /// Failure-detection timings.
     pub failure_detection: FailureDetection,
-    /// How many remote grain locations the routing cache keeps.
+    /// How many remote grain locations the routing cache keeps (default 100 000); past it half of the entries
+    /// are dropped (one half of the grain-hash space, alternating), to be asked of the directory again.
     pub directory_cache_size: usize,
-    /// Idle time before an activation is passivated, for grain types that do not set their own.
+    /// Idle time before an activation is passivated, for grain types that do not set their own (default 15m).
     #[serde(with = "duration_text")]
     pub default_idle_timeout: Duration,
-    /// How often the idle collector looks for activations to passivate.
+    /// How often the idle collector looks for activations to passivate (default 1m).
     #[serde(with = "duration_text")]
     pub collection_interval: Duration,
-    /// The deadline of calls that do not set their own.
+    /// The deadline of calls that do not set their own (default 30s).
     #[serde(with = "duration_text")]
     pub call_timeout: Duration,
     /// The largest request or reply payload accepted, in bytes (default 4 MiB). A larger one is answered
@@ -192,13 +193,15 @@ pub struct SiloConfig {
     #[serde(with = "duration_text")]
     pub max_call_timeout: Duration,
     /// The most connections the silo keeps open at once (default 10 000); past it a new connection is closed
-    /// at once (and logged once a minute at most).
+    /// at once (and logged once a minute at most). Keep it below the process's file-descriptor limit
+    /// (`ulimit -n`, often 1024) so that this limit is the one that refuses connections; a connection that
+    /// finds the descriptors exhausted first is closed at once as well, and the clients connected carry on.
     pub max_connections: usize,
     /// How long a new connection may take to open its first request (default 10s) before it is closed.
     #[serde(with = "duration_text")]
     pub handshake_timeout: Duration,
     /// How long a connection may send nothing before it is closed (default 10m, above `max_call_timeout`;
-    /// the Grains client pings every 10 s while it has a stream open).
+    /// the Grains client pings after half its `gateway_liveness_timeout` of silence, silos every 10 s).
     #[serde(with = "duration_text")]
     pub connection_idle_timeout: Duration,
     /// The most calls a client connection may have in flight (default 10 000); past it a call is answered
@@ -209,12 +212,14 @@ pub struct SiloConfig {
     /// The Postgres URL, for `storage = "postgres"` (printed with its password masked).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
-    /// Maximum Postgres connections.
+    /// Maximum Postgres connections (default 16); past it storage operations wait for one, up to
+    /// `database_acquire_timeout`.
     pub database_pool_size: u32,
-    /// How long storage operations wait for a Postgres connection before failing as unavailable.
+    /// How long storage operations wait for a Postgres connection before failing as unavailable (default 3s).
     #[serde(with = "duration_text")]
     pub database_acquire_timeout: Duration,
-    /// How long the silo keeps retrying (with backoff) to reach Postgres at start-up before giving up.
+    /// How long the silo keeps retrying (with backoff) to reach Postgres at start-up before giving up
+    /// (default 2m).
     #[serde(with = "duration_text")]
     pub database_start_timeout: Duration,
     /// The secret the cluster's silos prove membership with when they connect to each other (see the

@@ -6,26 +6,42 @@
 //! responses arrive. When the stream ends (or the peer is declared dead and the connection closed), every
 //! waiting call fails at once with the connection's "lost" error: delivery is at most once, so a call in flight
 //! on a lost connection has an unknown outcome and is never re-sent.
+//!
+//! Replies are read through a cap on frame size ([`ReplyFrames`]), checked on each gRPC frame's 5-byte header
+//! before any of the frame is buffered: a peer cannot make a caller buffer more than its payload limit (plus
+//! [`ENVELOPE_OVERHEAD`]) by announcing a huge frame. An oversized reply fails its own call with
+//! [`CallError::PayloadTooLarge`] and is skipped unread; the stream goes on.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use grains::CallError;
+use grains::runtime::BoxFuture;
 use http::uri::PathAndQuery;
+use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::codec::Streaming;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::activation_table::FastDashMap;
 use crate::filter::BearerToken;
 use crate::peer_auth::PeerIdentity;
 use crate::tls::{ClientTls, error_chain};
-use crate::wire::{CONNECT_PATH, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind};
+use crate::wire::{
+    CONNECT_PATH, ENVELOPE_OVERHEAD, Envelope, EnvelopeCodec, HARD_FRAME_LIMIT, Inbound, Kind, frame_limit,
+};
+
+/// The largest reply payload read where no payload limit is configured (between silos): replies up to
+/// [`HARD_FRAME_LIMIT`] bytes a frame.
+pub(crate) const UNCONFIGURED_REPLY_PAYLOAD: usize = HARD_FRAME_LIMIT - ENVELOPE_OVERHEAD;
 
 /// Who is at the other end, which decides the error a lost call gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +65,15 @@ impl KeepAlive {
     /// Between silos, where membership probes judge liveness.
     pub(crate) const BETWEEN_SILOS: KeepAlive =
         KeepAlive { interval: Duration::from_secs(10), timeout: Duration::from_secs(10) };
+}
+
+/// How one stream runs: its keep-alive pings, and the largest reply payload it reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StreamSettings {
+    pub(crate) keep_alive: KeepAlive,
+    /// Replies in frames larger than this plus [`ENVELOPE_OVERHEAD`] fail their call with
+    /// [`CallError::PayloadTooLarge`], unbuffered.
+    pub(crate) max_reply_payload: usize,
 }
 
 /// One open stream and the calls waiting on it.
@@ -85,12 +110,13 @@ impl Connection {
         keep_alive: KeepAlive,
     ) -> Result<Arc<Self>, CallError> {
         let tls = identity.and_then(|i| i.tls.as_ref());
-        Self::open_with(peer, kind, connect_timeout, identity, tls, None, keep_alive).await
+        let settings = StreamSettings { keep_alive, max_reply_payload: UNCONFIGURED_REPLY_PAYLOAD };
+        Self::open_with(peer, kind, connect_timeout, identity, tls, None, settings).await
     }
 
-    /// [`Connection::open`], speaking TLS with `tls` when given, and sending a client's `bearer_token`. A
-    /// server that fails the TLS handshake (it does not speak TLS, or its certificate is not trusted) is
-    /// unreachable: the call fails, it never hangs.
+    /// [`Connection::open`], speaking TLS with `tls` when given, sending a client's `bearer_token`, and
+    /// reading replies within `settings.max_reply_payload`. A server that fails the TLS handshake (it does not
+    /// speak TLS, or its certificate is not trusted) is unreachable: the call fails, it never hangs.
     async fn open_with(
         peer: &str,
         kind: PeerKind,
@@ -98,8 +124,9 @@ impl Connection {
         identity: Option<&PeerIdentity>,
         tls: Option<&ClientTls>,
         bearer_token: Option<&BearerToken>,
-        keep_alive: KeepAlive,
+        settings: StreamSettings,
     ) -> Result<Arc<Self>, CallError> {
+        let keep_alive = settings.keep_alive;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let url = if peer.contains("://") { peer.to_owned() } else { format!("{scheme}://{peer}") };
         let mut endpoint = Endpoint::from_shared(url)
@@ -116,8 +143,12 @@ impl Connection {
             None => endpoint.connect().await,
         }
         .map_err(|e| lost(kind, peer, &error_chain(&e)))?;
-        let mut grpc = tonic::client::Grpc::new(channel)
-            .max_decoding_message_size(HARD_FRAME_LIMIT)
+        // The cap on reply frames sits below tonic, which reserves a frame's announced size before reading it;
+        // tonic's own limit is the same, as a second guard.
+        let max_reply_payload = settings.max_reply_payload;
+        let limit = frame_limit(max_reply_payload);
+        let mut grpc = tonic::client::Grpc::new(CappedChannel { channel, max_reply_payload })
+            .max_decoding_message_size(limit)
             .max_encoding_message_size(HARD_FRAME_LIMIT);
         grpc.ready().await.map_err(|e| lost(kind, peer, &e.to_string()))?;
         let (outbound, rx) = mpsc::unbounded_channel();
@@ -129,7 +160,7 @@ impl Connection {
             crate::peer_auth::stamp_bearer_token(token, request.metadata_mut());
         }
         let response = grpc
-            .streaming(request, PathAndQuery::from_static(CONNECT_PATH), EnvelopeCodec::new(HARD_FRAME_LIMIT))
+            .streaming(request, PathAndQuery::from_static(CONNECT_PATH), EnvelopeCodec::new(limit))
             .await
             .map_err(|status| match status.code() {
                 tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
@@ -146,7 +177,7 @@ impl Connection {
             alive: AtomicBool::new(true),
             reader: std::sync::OnceLock::new(),
         });
-        let reader = tokio::spawn(read_responses(conn.clone(), response.into_inner()));
+        let reader = tokio::spawn(read_responses(conn.clone(), response.into_inner(), max_reply_payload));
         let _ = conn.reader.set(reader.abort_handle());
         Ok(conn)
     }
@@ -184,6 +215,14 @@ impl Connection {
         }
     }
 
+    /// Fails the call waiting under `correlation_id`, if one is.
+    fn fail(&self, correlation_id: u64, error: CallError) {
+        if let Some((_, waiter)) = self.pending.remove(&correlation_id) {
+            tracing::debug!(peer = %self.peer, correlation_id, %error, "reply refused");
+            let _ = waiter.send(Err(error));
+        }
+    }
+
     /// Closes the connection: every call waiting on it fails now.
     pub(crate) fn close(&self) {
         self.alive.store(false, Ordering::SeqCst);
@@ -202,12 +241,21 @@ fn lost(kind: PeerKind, peer: &str, what: &str) -> CallError {
 }
 
 /// Resolves pending calls as their responses arrive; fails them all when the stream ends.
-async fn read_responses(conn: Arc<Connection>, mut inbound: Streaming<Inbound>) {
+async fn read_responses(conn: Arc<Connection>, mut inbound: Streaming<Inbound>, max_reply_payload: usize) {
     loop {
         let envelope = match inbound.message().await {
             Ok(Some(Inbound::Envelope(envelope))) => envelope,
-            Ok(Some(other)) => {
-                tracing::warn!(peer = %conn.peer, frame = ?other, "undecodable frame from peer");
+            Ok(Some(Inbound::TooLarge { correlation_id, size })) => {
+                let limit = max_reply_payload as u64;
+                conn.fail(correlation_id, CallError::PayloadTooLarge { size: size as u64, limit });
+                continue;
+            }
+            Ok(Some(Inbound::Malformed { correlation_id, reason })) => {
+                tracing::warn!(peer = %conn.peer, correlation_id, %reason, "undecodable reply from peer");
+                conn.fail(
+                    correlation_id,
+                    CallError::Protocol(format!("undecodable reply from {}: {reason}", conn.peer)),
+                );
                 continue;
             }
             Ok(None) => break,
@@ -241,6 +289,7 @@ pub(crate) struct ConnectionPool {
     tls: Option<ClientTls>,
     bearer_token: Option<BearerToken>,
     keep_alive: KeepAlive,
+    max_reply_payload: usize,
     open: FastDashMap<String, Arc<Connection>>,
     opening: FastDashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
@@ -256,6 +305,7 @@ impl ConnectionPool {
             bearer_token: None,
             identity,
             keep_alive: KeepAlive::BETWEEN_SILOS,
+            max_reply_payload: UNCONFIGURED_REPLY_PAYLOAD,
             open: FastDashMap::default(),
             opening: FastDashMap::default(),
         }
@@ -264,6 +314,13 @@ impl ConnectionPool {
     /// The same pool, opening its connections with `keep_alive`.
     pub(crate) fn with_keep_alive(self, keep_alive: KeepAlive) -> Self {
         Self { keep_alive, ..self }
+    }
+
+    /// The same pool, its connections reading replies of up to `max_reply_payload` bytes (a client's
+    /// [`crate::ClientConfig::max_payload_bytes`]); a larger one fails its call with
+    /// [`CallError::PayloadTooLarge`] before it is buffered.
+    pub(crate) fn with_max_reply_payload(self, max_reply_payload: usize) -> Self {
+        Self { max_reply_payload, ..self }
     }
 
     /// The same pool, opening its connections over TLS with `tls` when given.
@@ -294,7 +351,7 @@ impl ConnectionPool {
             self.identity.as_ref(),
             self.tls.as_ref(),
             self.bearer_token.as_ref(),
-            self.keep_alive,
+            StreamSettings { keep_alive: self.keep_alive, max_reply_payload: self.max_reply_payload },
         )
         .await?;
         self.open.insert(endpoint.to_owned(), conn.clone());
@@ -311,5 +368,340 @@ impl ConnectionPool {
             kept
         });
         self.opening.retain(|endpoint, _| keep(endpoint));
+    }
+}
+
+/// The channel a connection's stream runs on, its replies read through [`ReplyFrames`].
+#[derive(Clone)]
+struct CappedChannel {
+    channel: Channel,
+    max_reply_payload: usize,
+}
+
+impl tower_service::Service<http::Request<tonic::body::Body>> for CappedChannel {
+    type Response = http::Response<ReplyFrames>;
+    type Error = tonic::transport::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.channel.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let response = self.channel.call(request);
+        let max_reply_payload = self.max_reply_payload;
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| ReplyFrames::new(body, max_reply_payload)))
+        })
+    }
+}
+
+/// A reply body read through [`FrameCap`]: frames within the cap pass unchanged (without copying their
+/// payload), an oversized one is replaced by a small response failing its call.
+pub(crate) struct ReplyFrames {
+    inner: tonic::body::Body,
+    cap: FrameCap,
+    ready: VecDeque<Bytes>,
+    /// The stream cannot go on (an oversized frame whose call cannot be told): reported after `ready`.
+    failed: Option<tonic::Status>,
+    done: bool,
+}
+
+impl ReplyFrames {
+    fn new(inner: tonic::body::Body, max_reply_payload: usize) -> Self {
+        ReplyFrames { inner, cap: FrameCap::new(max_reply_payload), ready: VecDeque::new(), failed: None, done: false }
+    }
+}
+
+impl http_body::Body for ReplyFrames {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(bytes) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(bytes))));
+            }
+            if let Some(status) = this.failed.take() {
+                this.done = true;
+                return Poll::Ready(Some(Err(status)));
+            }
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let frame = match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                other => {
+                    this.done = other.is_none();
+                    return Poll::Ready(other);
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    if let Err(status) = this.cap.feed(data, &mut this.ready) {
+                        this.failed = Some(status);
+                    }
+                }
+                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.ready.is_empty() && self.failed.is_none()
+    }
+}
+
+/// The most bytes of an oversized frame read to find its correlation id: field 1's key and a 10-byte varint.
+const CORRELATION_PEEK: usize = 11;
+
+/// Splits a stream of gRPC-framed bytes (a 1-byte flag and a 4-byte big-endian length, then the message) into
+/// frames, passing those within `frame_limit(max_payload)` and replacing each larger one, at its header and
+/// before any of it is buffered, with a response failing its call with [`CallError::PayloadTooLarge`]. The
+/// call is told by the oversized frame's first bytes (its correlation id, field 1); the rest of the frame is
+/// discarded as it arrives, so the stream goes on after it. An oversized frame that does not start with a
+/// correlation id ends the stream (every call on it fails as lost).
+#[derive(Debug)]
+struct FrameCap {
+    max_payload: usize,
+    frame_limit: usize,
+    state: CapState,
+}
+
+#[derive(Debug)]
+enum CapState {
+    /// Reading a frame's header.
+    Header { bytes: [u8; 5], filled: usize },
+    /// Passing on a frame within the cap: `left` bytes of it to come.
+    Pass { left: usize },
+    /// Reading the first bytes of an oversized frame of `size` bytes for its correlation id.
+    Peek { size: usize, left: usize, peeked: Vec<u8> },
+    /// Discarding the rest of an oversized frame.
+    Skip { left: usize },
+}
+
+/// What the first bytes of a frame say about its correlation id.
+#[derive(Debug, PartialEq, Eq)]
+enum Peeked {
+    Id(u64),
+    NeedMore,
+    Absent,
+}
+
+fn peek_correlation_id(bytes: &[u8]) -> Peeked {
+    // Field 1, varint: key byte 0x08.
+    match bytes.first() {
+        None => return Peeked::NeedMore,
+        Some(0x08) => {}
+        Some(_) => return Peeked::Absent,
+    }
+    let mut id = 0u64;
+    for (i, byte) in bytes[1..].iter().enumerate().take(CORRELATION_PEEK - 1) {
+        id |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Peeked::Id(id);
+        }
+    }
+    if bytes.len() >= CORRELATION_PEEK { Peeked::Absent } else { Peeked::NeedMore }
+}
+
+impl FrameCap {
+    fn new(max_payload: usize) -> Self {
+        FrameCap { max_payload, frame_limit: frame_limit(max_payload), state: FrameCap::header() }
+    }
+
+    fn header() -> CapState {
+        CapState::Header { bytes: [0; 5], filled: 0 }
+    }
+
+    /// Takes the next bytes of the stream and appends what passes to `out`.
+    fn feed(&mut self, mut chunk: Bytes, out: &mut VecDeque<Bytes>) -> Result<(), tonic::Status> {
+        while !chunk.is_empty() {
+            match &mut self.state {
+                CapState::Header { bytes, filled } => {
+                    if *filled == 0 && chunk.len() >= bytes.len() {
+                        // The usual case, a whole header in the chunk: passed on with its frame, uncopied.
+                        let size = u32::from_be_bytes([chunk[1], chunk[2], chunk[3], chunk[4]]) as usize;
+                        if size <= self.frame_limit {
+                            self.state = CapState::Pass { left: bytes.len() + size };
+                            continue;
+                        }
+                    }
+                    let n = (bytes.len() - *filled).min(chunk.len());
+                    bytes[*filled..*filled + n].copy_from_slice(&chunk[..n]);
+                    chunk.advance(n);
+                    *filled += n;
+                    if *filled < bytes.len() {
+                        continue;
+                    }
+                    let size = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
+                    if size <= self.frame_limit {
+                        out.push_back(Bytes::copy_from_slice(bytes));
+                        self.state = if size == 0 { FrameCap::header() } else { CapState::Pass { left: size } };
+                    } else {
+                        let peeked = Vec::with_capacity(CORRELATION_PEEK);
+                        self.state = CapState::Peek { size, left: size, peeked };
+                    }
+                }
+                CapState::Pass { left } => {
+                    let n = (*left).min(chunk.len());
+                    out.push_back(chunk.split_to(n));
+                    *left -= n;
+                    if *left == 0 {
+                        self.state = FrameCap::header();
+                    }
+                }
+                CapState::Peek { size, left, peeked } => {
+                    let n = (CORRELATION_PEEK - peeked.len()).min(*left).min(chunk.len());
+                    peeked.extend_from_slice(&chunk[..n]);
+                    chunk.advance(n);
+                    *left -= n;
+                    match peek_correlation_id(peeked) {
+                        Peeked::Id(correlation_id) => {
+                            let error =
+                                CallError::PayloadTooLarge { size: *size as u64, limit: self.max_payload as u64 };
+                            tracing::warn!(
+                                size,
+                                limit = self.frame_limit,
+                                correlation_id,
+                                "reply frame over the limit; skipped"
+                            );
+                            out.push_back(substitute_frame(correlation_id, error));
+                            let left = *left;
+                            self.state = if left == 0 { FrameCap::header() } else { CapState::Skip { left } };
+                        }
+                        Peeked::NeedMore if *left > 0 => {}
+                        Peeked::NeedMore | Peeked::Absent => {
+                            return Err(tonic::Status::out_of_range(format!(
+                                "a reply frame of {size} bytes is over the limit of {} bytes and names no call",
+                                self.frame_limit
+                            )));
+                        }
+                    }
+                }
+                CapState::Skip { left } => {
+                    let n = (*left).min(chunk.len());
+                    chunk.advance(n);
+                    *left -= n;
+                    if *left == 0 {
+                        self.state = FrameCap::header();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A gRPC frame holding a response that fails call `correlation_id` with `error`.
+fn substitute_frame(correlation_id: u64, error: CallError) -> Bytes {
+    let message = Envelope::response(correlation_id, Err(error)).encode_to_vec();
+    let mut frame = Vec::with_capacity(5 + message.len());
+    frame.push(0);
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&message);
+    frame.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(message: &[u8]) -> Vec<u8> {
+        let mut frame = vec![0];
+        frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        frame.extend_from_slice(message);
+        frame
+    }
+
+    fn reply(correlation_id: u64, payload_len: usize) -> Vec<u8> {
+        Envelope::response(correlation_id, Ok(vec![7u8; payload_len].into())).encode_to_vec()
+    }
+
+    /// Feeds `stream` to a cap in chunks of `chunk` bytes and decodes what comes out.
+    fn through_cap(max_payload: usize, stream: &[u8], chunk: usize) -> (Result<(), tonic::Status>, Vec<Envelope>) {
+        let mut cap = FrameCap::new(max_payload);
+        let mut out = VecDeque::new();
+        let mut result = Ok(());
+        for piece in stream.chunks(chunk) {
+            result = cap.feed(Bytes::copy_from_slice(piece), &mut out);
+            if result.is_err() {
+                break;
+            }
+        }
+        let passed: Vec<u8> = out.into_iter().flatten().collect();
+        let mut envelopes = Vec::new();
+        let mut rest = passed.as_slice();
+        while !rest.is_empty() {
+            let size = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+            envelopes.push(Envelope::decode(&rest[5..5 + size]).unwrap());
+            rest = &rest[5 + size..];
+        }
+        (result, envelopes)
+    }
+
+    #[test]
+    fn an_oversized_reply_fails_its_own_call_and_the_frames_around_it_pass() {
+        let max = 1024;
+        let big = frame_limit(max) + 1;
+        let mut stream = framed(&reply(1, 10));
+        let oversized = reply(2, big);
+        assert!(oversized.len() > frame_limit(max));
+        stream.extend(framed(&oversized));
+        stream.extend(framed(&reply(3, max)));
+        stream.extend(framed(&[])); // an empty frame (a default envelope) passes too
+        for chunk in [1, 2, 3, 7, 64, 4096, stream.len()] {
+            let (result, envelopes) = through_cap(max, &stream, chunk);
+            assert!(result.is_ok(), "chunks of {chunk}: {result:?}");
+            let ids: Vec<u64> = envelopes.iter().map(|e| e.correlation_id).collect();
+            assert_eq!(ids, [1, 2, 3, 0], "chunks of {chunk}");
+            assert_eq!(envelopes[0].payload.len(), 10);
+            let error = envelopes[1].error.as_ref().expect("the oversized reply becomes an error").to_call_error();
+            let expected = CallError::PayloadTooLarge { size: oversized.len() as u64, limit: max as u64 };
+            assert_eq!(error, expected, "chunks of {chunk}");
+            assert_eq!(envelopes[2].payload.len(), max);
+        }
+    }
+
+    #[test]
+    fn an_oversized_frame_that_names_no_call_ends_the_stream() {
+        let max = 1024;
+        let mut stream = framed(&reply(1, 10));
+        stream.extend(framed(&vec![0x5a; frame_limit(max) + 100]));
+        for chunk in [1, 5, 4096] {
+            let (result, envelopes) = through_cap(max, &stream, chunk);
+            assert!(result.is_err(), "chunks of {chunk}");
+            assert_eq!(envelopes.len(), 1, "the frame before it passed");
+        }
+        // A header alone, announcing 4 GiB: refused at once with nothing buffered.
+        let mut cap = FrameCap::new(max);
+        let mut out = VecDeque::new();
+        cap.feed(Bytes::from_static(&[0, 0xff, 0xff, 0xff, 0xff, 0x08, 0x80]), &mut out).unwrap();
+        assert!(out.is_empty(), "waiting for the rest of the correlation id");
+        cap.feed(Bytes::from_static(&[0x01]), &mut out).unwrap();
+        assert_eq!(out.len(), 1, "the substitute for call 128");
+        assert!(matches!(&cap.state, CapState::Skip { left } if *left == u32::MAX as usize - 3));
+    }
+
+    #[test]
+    fn correlation_ids_are_read_from_partial_frames() {
+        assert_eq!(peek_correlation_id(&[]), Peeked::NeedMore);
+        assert_eq!(peek_correlation_id(&[0x08]), Peeked::NeedMore);
+        assert_eq!(peek_correlation_id(&[0x08, 0x2a]), Peeked::Id(42));
+        assert_eq!(peek_correlation_id(&[0x08, 0x80, 0x01]), Peeked::Id(128));
+        assert_eq!(peek_correlation_id(&[0x10, 0x01]), Peeked::Absent);
+        assert_eq!(peek_correlation_id(&[0x08, 0xff, 0xff]), Peeked::NeedMore);
+        assert_eq!(
+            peek_correlation_id(&[0x08, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]),
+            Peeked::Absent
+        );
+        let id = u64::MAX;
+        let encoded = Envelope { correlation_id: id, ..Default::default() }.encode_to_vec();
+        assert_eq!(peek_correlation_id(&encoded), Peeked::Id(id));
     }
 }

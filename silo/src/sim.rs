@@ -116,6 +116,11 @@ pub(crate) fn unix_ms() -> u64 {
     }
 }
 
+/// Whether a simulator's seams are installed.
+pub(crate) fn is_simulated() -> bool {
+    SEAMS.get().is_some()
+}
+
 /// The system's network: TCP, with Nagle's algorithm off.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct TcpNetwork;

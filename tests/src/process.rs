@@ -144,6 +144,33 @@ impl SiloProcess {
         self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// CPU time the process has used so far (user + system, all threads), from `/proc/<pid>/stat`.
+    pub fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).expect("/proc/<pid>/stat");
+        // The command name, in parentheses, may hold spaces: the fields are counted after its closing one.
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("").split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|t| t.parse::<u64>().ok()).expect("utime and stime in stat");
+        // Fields 14 and 15 of stat(5): the first after the name is field 3.
+        let total = ticks(14 - 3) + ticks(15 - 3);
+        Duration::from_secs_f64(total as f64 / clock_ticks_per_second() as f64)
+    }
+
+    /// The limit on open file descriptors the process runs under (`Max open files` in `/proc/<pid>/limits`).
+    pub fn open_files_limit(&self) -> u64 {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.child.id())).expect("/proc/<pid>/limits");
+        limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max open files"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|soft| soft.parse().ok())
+            .expect("Max open files in /proc/<pid>/limits")
+    }
+
+    /// How many file descriptors the process has open now.
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |fds| fds.count())
+    }
+
     /// Resident memory, in MiB, from /proc.
     pub fn rss_mib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("/proc/<pid>/status");
@@ -161,4 +188,20 @@ impl Drop for SiloProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The kernel's clock ticks per second, in which `/proc/<pid>/stat` counts CPU time (`getconf CLK_TCK`; 100
+/// on every Linux configuration in practice).
+fn clock_ticks_per_second() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .and_then(|text| text.trim().parse().ok())
+            .filter(|&ticks| ticks > 0)
+            .unwrap_or(100)
+    })
 }
