@@ -19,8 +19,8 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 /// The gRPC path of the gateway's one method: a bidirectional stream of [`Envelope`]s.
 pub const CONNECT_PATH: &str = "/grains.v1.Gateway/Connect";
 
-/// The largest frame a client or silo reads from a silo it called (a silo's replies are bounded by its own
-/// payload limit).
+/// The largest frame a silo reads from a peer it called (a silo's replies are bounded by its own payload
+/// limit). Clients read less: their own `max_payload_bytes` plus envelope overhead, checked on the header.
 pub const HARD_FRAME_LIMIT: usize = 256 * 1024 * 1024;
 
 /// Room for an envelope's own fields (target, method, call chain) around its payload.
