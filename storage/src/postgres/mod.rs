@@ -1,4 +1,5 @@
-//! Postgres providers: grain state, membership and reminders over one `sqlx` pool.
+//! Postgres providers: grain state, the event journal and projection offsets, membership and reminders over
+//! one `sqlx` pool.
 //!
 //! Queries are checked at run time, so building never needs a database. The schema ships inside the binary
 //! as migrations ([`migrate`]), applied under a Postgres advisory lock so that several silos starting at once
@@ -31,17 +32,21 @@ macro_rules! timestamp_to_ms {
     };
 }
 
+mod journal;
 mod membership;
+mod projection;
 mod reminders;
 mod state;
 
 use std::fmt;
 use std::time::Duration;
 
+pub use journal::PostgresJournal;
 pub use membership::PostgresMembershipTable;
+pub use projection::{CLAIM_IDLE_TIMEOUT, PostgresProjectionClaim, PostgresProjectionUnit};
 pub use reminders::PostgresReminderTable;
-pub use sqlx::postgres::PgPool;
 use sqlx::PgConnection;
+pub use sqlx::postgres::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
 pub use state::PostgresStateStore;
 
