@@ -296,7 +296,7 @@ pub(crate) async fn run(mut start: ActivationStart) {
         return;
     }
     start.shared.confirmed.store(true, Ordering::Release);
-    let ctx = GrainContext::new(id.clone(), silo.runtime(), silo.store.clone());
+    let ctx = GrainContext::new(id.clone(), silo.runtime(), silo.store.clone()).with_journal(silo.journal.clone());
 
     let mut grain = match Box::pin(activate(&start, &ctx)).await {
         Ok(grain) => grain,

@@ -70,6 +70,7 @@ pub(crate) struct SiloInner {
     types: HashMap<&'static str, (&'static GrainRegistration, Duration), FastHash>,
     table: DashMap<GrainId, ActivationHandle, FastHash>,
     pub(crate) store: Arc<dyn GrainStateStore>,
+    pub(crate) journal: Arc<dyn grains_storage::EventJournal>,
     pub(crate) cluster: Arc<Cluster>,
     next_activation_id: AtomicU64,
     clock_origin: Instant,
@@ -640,6 +641,7 @@ pub struct SiloBuilder {
     store: Option<Arc<dyn GrainStateStore>>,
     membership: Option<Arc<dyn MembershipTable>>,
     filters: CallFilters,
+    pub(crate) events: crate::events::EventsSetup,
 }
 
 impl SiloBuilder {
@@ -751,11 +753,14 @@ impl SiloBuilder {
         };
         let cluster = Arc::new(Cluster::new(me.clone(), config.failure_detection.timings(), table, identity));
         let store: Arc<dyn GrainStateStore> = Arc::new(crate::fencing::FencedStore::new(store, cluster.clone()));
+        let events = self.events.open(&config, pool.as_ref(), fenced, &me);
+        let journal = events.journal_for_grains(cluster.clone());
         let inner = Arc::new_cyclic(|this| SiloInner {
             config,
             types,
             table: DashMap::with_hasher(FastHash::default()),
             store,
+            journal,
             cluster,
             next_activation_id: AtomicU64::new(1),
             clock_origin: Instant::now(),
@@ -783,10 +788,11 @@ impl SiloBuilder {
         membership::join(&inner.cluster, &inner.config.name, gateway_address).await?;
         membership::refresh_view(&inner).await;
         inner.cluster.broadcast_membership_changed();
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(collect_idle(Arc::downgrade(&inner))),
             tokio::spawn(membership::run_agent(Arc::downgrade(&inner))),
         ];
+        tasks.extend(events.spawn_projections(&inner));
         Ok(Silo { inner, tasks, gateway })
     }
 }
@@ -821,7 +827,13 @@ async fn collect_idle(silo: Weak<SiloInner>) {
 impl Silo {
     /// A builder with the default configuration (in-memory storage and membership, port 30000).
     pub fn builder() -> SiloBuilder {
-        SiloBuilder { config: SiloConfig::default(), store: None, membership: None, filters: CallFilters::default() }
+        SiloBuilder {
+            config: SiloConfig::default(),
+            store: None,
+            membership: None,
+            filters: CallFilters::default(),
+            events: Default::default(),
+        }
     }
 
     /// A typed reference to grain `key` of type `G`, calling through this silo.

@@ -43,9 +43,9 @@ use std::time::Duration;
 
 pub use journal::PostgresJournal;
 pub use membership::PostgresMembershipTable;
-pub use projection::{CLAIM_IDLE_TIMEOUT, PostgresProjectionClaim, PostgresProjectionUnit};
+pub use projection::{CLAIM_IDLE_TIMEOUT, PostgresProjectionClaim, PostgresProjectionUnit, projection_offset};
 pub use reminders::PostgresReminderTable;
-use sqlx::PgConnection;
+pub use sqlx::PgConnection;
 pub use sqlx::postgres::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
 pub use state::PostgresStateStore;

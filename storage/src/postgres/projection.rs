@@ -97,6 +97,16 @@ impl PostgresProjectionClaim {
     }
 }
 
+/// The committed offset of `projection` (0 when it never committed), read without claiming it.
+pub async fn projection_offset(pool: &PgPool, projection: &str) -> Result<u64, StorageError> {
+    let position: Option<i64> = sqlx::query_scalar("SELECT position FROM grains_projection_offsets WHERE name = $1")
+        .bind(projection)
+        .fetch_optional(pool)
+        .await
+        .map_err(storage_error(format_args!("the offset of projection {projection}")))?;
+    Ok(position.unwrap_or(0) as u64)
+}
+
 /// The advisory-lock name of a projection.
 fn lock_name(projection: &str) -> String {
     format!("grains.projection:{projection}")
