@@ -198,3 +198,11 @@ impl Projection for AppliedLog {
         Ok(())
     }
 }
+
+/// What the test silo binary adds to its builder: with `GRAINS_TEST_PROJECTION=<name>` in its environment, an
+/// [`AppliedLog`] projection of that name, each event taking `GRAINS_TEST_PROJECTION_DELAY_MS` (default 0).
+pub fn test_silo_setup(builder: grains_silo::SiloBuilder, _: &grains_silo::SiloConfig) -> grains_silo::SiloBuilder {
+    let Ok(name) = std::env::var("GRAINS_TEST_PROJECTION") else { return builder };
+    let delay = std::env::var("GRAINS_TEST_PROJECTION_DELAY_MS").ok().and_then(|ms| ms.parse().ok()).unwrap_or(0);
+    builder.projection(AppliedLog { name, delay: Duration::from_millis(delay) })
+}
