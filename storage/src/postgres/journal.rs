@@ -23,7 +23,7 @@ const MAX_BATCH: usize = 512;
 const MAX_BATCH_EVENTS: usize = 4096;
 
 /// Writer tasks: one commits while the other gathers the next batch and waits for the lock.
-const WRITERS: usize = 2;
+const WRITERS: usize = 1;
 
 /// An event journal in Postgres: one row per event, JSONB payloads readable with psql.
 ///
