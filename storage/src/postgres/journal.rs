@@ -150,8 +150,16 @@ async fn run_writer(pool: PgPool, fence: Option<Arc<Fence>>, queue: Arc<Mutex<Ap
         let span = tracing::debug_span!("journal.batch", appends = batch.len());
         let outcomes =
             tracing::Instrument::instrument(commit_isolating_rejections(&pool, fence.as_deref(), &batch), span).await;
+        let answered = batch.len();
         for (append, outcome) in batch.into_iter().zip(outcomes) {
             let _ = append.reply.send(outcome);
+        }
+        if answered > 1 {
+            // Many writers are waiting on this journal: let the ones just answered append again before the
+            // next batch is cut, so that they join it instead of waiting a whole commit for the one after.
+            for _ in 0..answered.min(8) {
+                tokio::task::yield_now().await;
+            }
         }
     }
 }
