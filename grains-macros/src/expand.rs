@@ -32,6 +32,9 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> TokenStream {
                     FieldInit::State(state) => quote! {
                         #name: ::grains::__private::PersistentState::load(ctx, #state).await?
                     },
+                    FieldInit::Journal { name: journal, snapshot_every } => quote! {
+                        #name: ::grains::__private::Journaled::load(ctx, #journal, #snapshot_every).await?
+                    },
                     FieldInit::Context => quote!(#name: ::core::clone::Clone::clone(ctx)),
                     FieldInit::Default => quote!(#name: ::core::default::Default::default()),
                 }

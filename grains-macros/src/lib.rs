@@ -20,7 +20,9 @@ mod validate;
 /// On the struct: `#[grain]`, `#[grain(name = "shop.Cart")]` (the type name on the wire and in storage;
 /// default: the struct name), `#[grain(idle_timeout = "10m")]` (idle time before passivation; default: the
 /// silo's, 15 minutes). Fields of type `PersistentState<T>` are loaded on activation (state name: the field
-/// name, or `#[state(name = "...")]`), `GrainContext` fields receive the context, other fields are defaulted.
+/// name, or `#[state(name = "...")]`), fields of type `Journaled<S>` are recovered from the grain's event journal
+/// (`#[journal(name = "...", snapshot_every = N)]`, both optional: the field name, no snapshots),
+/// `GrainContext` fields receive the context, other fields are defaulted.
 ///
 /// On the impl block: every `pub` (or `pub(crate)`, ...) `async fn` taking `&self` or `&mut self` becomes a
 /// grain method, and

@@ -19,6 +19,8 @@ pub(crate) struct GrainStruct {
 pub(crate) enum FieldInit {
     /// `PersistentState<T>`: loaded from storage under this state name.
     State(LitStr),
+    /// `Journaled<S>`: recovered from the journal of this name, snapshotting every `snapshot_every` events.
+    Journal { name: LitStr, snapshot_every: u64 },
     /// `GrainContext`: a clone of the activation's context.
     Context,
     /// Anything else: `Default::default()`.
@@ -28,6 +30,8 @@ pub(crate) enum FieldInit {
 pub(crate) struct GrainField {
     pub(crate) ident: Ident,
     pub(crate) init: FieldInit,
+    /// A `#[journal]` attribute on a field that is not `Journaled<S>`, or `#[state]` on one that is.
+    pub(crate) misplaced: Vec<Attribute>,
 }
 
 /// `#[grain]` on an impl block.
@@ -79,10 +83,10 @@ fn is_last_segment(ty: &Type, name: &str) -> bool {
     }
 }
 
-/// Removes `#[state(...)]` helper attributes from the struct's fields.
+/// Removes the `#[state(...)]` and `#[journal(...)]` helper attributes from the struct's fields.
 pub(crate) fn strip_state_attrs(item: &mut syn::ItemStruct) {
     for field in item.fields.iter_mut() {
-        field.attrs.retain(|a| !a.path().is_ident("state"));
+        field.attrs.retain(|a| !a.path().is_ident("state") && !a.path().is_ident("journal"));
     }
 }
 
@@ -99,6 +103,30 @@ fn state_name(attrs: &[Attribute], default: &Ident) -> syn::Result<LitStr> {
         })?;
     }
     Ok(name)
+}
+
+/// The options of `#[journal(name = "...", snapshot_every = N)]` (both optional).
+fn journal_options(attrs: &[Attribute], default: &Ident) -> syn::Result<FieldInit> {
+    let mut name = LitStr::new(&default.to_string(), default.span());
+    let mut snapshot_every = 0u64;
+    for attr in attrs.iter().filter(|a| a.path().is_ident("journal")) {
+        if matches!(attr.meta, Meta::Path(_)) {
+            continue; // a bare `#[journal]`
+        }
+        attr.parse_nested_meta(|meta| {
+            if meta.path.is_ident("name") {
+                name = meta.value()?.parse()?;
+                Ok(())
+            } else if meta.path.is_ident("snapshot_every") {
+                let every: syn::LitInt = meta.value()?.parse()?;
+                snapshot_every = every.base10_parse::<u64>()?;
+                Ok(())
+            } else {
+                Err(meta.error("unknown journal option: write #[journal(name = \"...\", snapshot_every = 100)]"))
+            }
+        })?;
+    }
+    Ok(FieldInit::Journal { name, snapshot_every })
 }
 
 impl GrainStruct {
@@ -133,14 +161,23 @@ impl GrainStruct {
         }
         for field in item.fields.iter() {
             let Some(ident) = field.ident.clone() else { continue };
+            let journaled = is_last_segment(&field.ty, "Journaled");
             let init = if is_last_segment(&field.ty, "PersistentState") {
                 FieldInit::State(state_name(&field.attrs, &ident)?)
+            } else if journaled {
+                journal_options(&field.attrs, &ident)?
             } else if is_last_segment(&field.ty, "GrainContext") {
                 FieldInit::Context
             } else {
                 FieldInit::Default
             };
-            fields.push(GrainField { ident, init });
+            let misplaced = field
+                .attrs
+                .iter()
+                .filter(|a| if journaled { a.path().is_ident("state") } else { a.path().is_ident("journal") })
+                .cloned()
+                .collect();
+            fields.push(GrainField { ident, init, misplaced });
         }
         strip_state_attrs(&mut item);
         Ok(Self { item, name, idle_timeout, placement, fields })

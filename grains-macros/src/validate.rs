@@ -55,6 +55,16 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> syn::Result<()> {
     {
         errors.push(syn::Error::new_spanned(lit, "a grain type name cannot be empty"));
     }
+    for attr in model.fields.iter().flat_map(|f| &f.misplaced) {
+        let message = if attr.path().is_ident("journal") {
+            "#[journal] goes on a field of type `Journaled<S>` (event-sourced state); \
+             for `PersistentState<T>` write #[state(name = \"...\")]"
+        } else {
+            "#[state] goes on a `PersistentState<T>` field; a `Journaled<S>` field takes \
+             #[journal(name = \"...\", snapshot_every = N)]"
+        };
+        errors.push(syn::Error::new_spanned(attr, message));
+    }
     errors.finish()
 }
 

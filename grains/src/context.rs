@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use grains_storage::GrainStateStore;
+use grains_storage::{EventJournal, GrainStateStore};
 
 use crate::grain::Grain;
 use crate::id::{GrainId, GrainKey};
@@ -22,6 +22,7 @@ struct ContextInner {
     id: GrainId,
     runtime: Arc<dyn GrainRuntime>,
     store: Arc<dyn GrainStateStore>,
+    journal: Option<Arc<dyn EventJournal>>,
     deactivate_requested: AtomicBool,
 }
 
@@ -34,7 +35,22 @@ impl std::fmt::Debug for GrainContext {
 impl GrainContext {
     /// A context for the activation of `id`. Called by the runtime.
     pub fn new(id: GrainId, runtime: Arc<dyn GrainRuntime>, store: Arc<dyn GrainStateStore>) -> Self {
-        Self { inner: Arc::new(ContextInner { id, runtime, store, deactivate_requested: AtomicBool::new(false) }) }
+        let inner = ContextInner { id, runtime, store, journal: None, deactivate_requested: AtomicBool::new(false) };
+        Self { inner: Arc::new(inner) }
+    }
+
+    /// This context with `journal` as the event journal of its `Journaled` fields. Called by the runtime.
+    pub fn with_journal(self, journal: Arc<dyn EventJournal>) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(ContextInner {
+                id: inner.id.clone(),
+                runtime: inner.runtime.clone(),
+                store: inner.store.clone(),
+                journal: Some(journal),
+                deactivate_requested: AtomicBool::new(inner.deactivate_requested.load(Ordering::Relaxed)),
+            }),
+        }
     }
 
     /// This grain's id.
@@ -55,6 +71,11 @@ impl GrainContext {
     /// The storage provider for this grain's persistent state.
     pub fn state_store(&self) -> &Arc<dyn GrainStateStore> {
         &self.inner.store
+    }
+
+    /// The event journal of this grain's `Journaled` fields (`None` outside a runtime that provides one).
+    pub fn journal(&self) -> Option<&Arc<dyn EventJournal>> {
+        self.inner.journal.as_ref()
     }
 
     /// The request metadata of the call this grain is serving now (see [`RequestMetadata`]); every call the

@@ -9,8 +9,9 @@
 //!
 //! Put `#[grain]` on a struct and on its impl block. Public `async fn`s taking `&self` or `&mut self` become the
 //! grain's methods; `on_activate` and `on_deactivate` are lifecycle hooks. Fields of type
-//! [`PersistentState<T>`] are loaded from storage on activation, [`GrainContext`] fields receive the context,
-//! and every other field starts at its `Default`.
+//! [`PersistentState<T>`] are loaded from storage on activation, fields of type [`Journaled<S>`] (event-sourced
+//! state, see [`journaled`]) are recovered from the grain's event journal, [`GrainContext`] fields receive the
+//! context, and every other field starts at its `Default`.
 //!
 //! ```
 //! use std::collections::BTreeMap;
@@ -90,6 +91,7 @@ pub mod duration;
 mod error;
 mod grain;
 mod id;
+pub mod journaled;
 mod reference;
 pub mod runtime;
 mod state;
@@ -101,6 +103,7 @@ pub use grain::{
 };
 pub use grains_macros::grain;
 pub use id::{GrainId, GrainKey};
+pub use journaled::{EventSourced, Journaled, Recovery};
 pub use reference::{GrainRef, RefCore};
 pub use runtime::RequestMetadata;
 pub use state::PersistentState;
@@ -109,8 +112,8 @@ pub use uuid::Uuid;
 /// The names a grain author needs: `use grains::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        CallError, Grain, GrainContext, GrainError, GrainId, GrainKey, GrainRef, GrainType, PersistentState,
-        StateError, grain,
+        CallError, EventSourced, Grain, GrainContext, GrainError, GrainId, GrainKey, GrainRef, GrainType, Journaled,
+        PersistentState, StateError, grain,
     };
     pub use serde::{Deserialize, Serialize};
 }
@@ -122,7 +125,7 @@ pub mod __private {
     pub use crate::duration::duration_const;
     pub use crate::reference::mismatched_reply;
     pub use crate::{
-        CallError, Grain, GrainContext, GrainError, GrainOptions, GrainRef, GrainRegistration, GrainType,
+        CallError, Grain, GrainContext, GrainError, GrainOptions, GrainRef, GrainRegistration, GrainType, Journaled,
         PersistentState, Placement, RefCore, WireMessage, codec::CodecError,
     };
     pub use inventory;

@@ -44,12 +44,19 @@ pub struct SiloBuilder {
     store: Option<Arc<dyn GrainStateStore>>,
     membership: Option<Arc<dyn MembershipTable>>,
     filters: CallFilters,
+    pub(crate) events: crate::events::EventsSetup,
 }
 
 impl Silo {
     /// A builder with the default configuration (in-memory storage and membership, port 30000).
     pub fn builder() -> SiloBuilder {
-        SiloBuilder { config: SiloConfig::default(), store: None, membership: None, filters: CallFilters::default() }
+        SiloBuilder {
+            config: SiloConfig::default(),
+            store: None,
+            membership: None,
+            filters: CallFilters::default(),
+            events: Default::default(),
+        }
     }
 }
 
@@ -165,7 +172,9 @@ impl SiloBuilder {
         let timings = config.failure_detection.timings();
         let cluster = Arc::new(Cluster::new(me.clone(), timings, table_of_members, identity, activations));
         let store: Arc<dyn GrainStateStore> = Arc::new(crate::fencing::FencedStore::new(store, cluster.clone()));
-        let inner = SiloInner::new(config, types, table, store, cluster, self.filters);
+        let events = self.events.open(&config, pool.as_ref(), fenced, &me);
+        let journal = events.journal_for_grains(cluster.clone());
+        let inner = SiloInner::new(config, types, table, store, journal, cluster, self.filters);
         let mut names: Vec<_> = inner.types.keys().copied().collect();
         names.sort_unstable();
         tracing::info!(silo = %inner.config.name, address = %inner.me(), cluster = %inner.config.cluster_id, grain_types = ?names, "silo starting");
@@ -181,10 +190,11 @@ impl SiloBuilder {
         membership::join(&inner.cluster, &inner.config.name, gateway_address).await?;
         membership::refresh_view(&inner.cluster).await;
         inner.cluster.broadcast_membership_changed();
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(collect_idle(Arc::downgrade(&inner))),
             tokio::spawn(membership::run_agent(Arc::downgrade(&inner.cluster))),
         ];
+        tasks.extend(events.spawn_projections(&inner));
         Ok(Silo { inner, tasks, gateway })
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 
+use crate::builder::SiloBuilder;
 use crate::config::{FailureDetection, MembershipKind, SiloConfig, StorageKind};
 use crate::peer_auth::ClusterSecret;
 use crate::silo::Silo;
@@ -201,6 +202,21 @@ impl SiloArgs {
 
 /// Parses the process's arguments and runs a silo until Ctrl-C or SIGTERM. The whole `main` of a silo binary.
 pub fn run() -> ExitCode {
+    run_customized(|builder, _| builder)
+}
+
+/// [`run`], with the silo's builder passed through `customize` before the silo starts: a silo binary adds its
+/// projections, call filters or storage there, seeing the effective configuration.
+///
+/// ```no_run
+/// fn main() -> std::process::ExitCode {
+///     grains_silo::cli::run_customized(|builder, config| {
+///         let _ = config.storage; // e.g. register a Postgres-only projection only with Postgres storage
+///         builder
+///     })
+/// }
+/// ```
+pub fn run_customized(customize: impl FnOnce(SiloBuilder, &SiloConfig) -> SiloBuilder) -> ExitCode {
     let args = SiloArgs::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -209,7 +225,7 @@ pub fn run() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run_with(args)) {
+    match runtime.block_on(run_with_builder(args, customize)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("silo failed: {e:#}");
@@ -220,10 +236,19 @@ pub fn run() -> ExitCode {
 
 /// Runs a silo with `args` until Ctrl-C or SIGTERM (for binaries that build their own runtime).
 pub async fn run_with(args: SiloArgs) -> anyhow::Result<()> {
+    run_with_builder(args, |builder, _| builder).await
+}
+
+/// [`run_with`], with the builder passed through `customize` (see [`run_customized`]).
+pub async fn run_with_builder(
+    args: SiloArgs,
+    customize: impl FnOnce(SiloBuilder, &SiloConfig) -> SiloBuilder,
+) -> anyhow::Result<()> {
     init_logging(&args.log);
     let config = args.to_config()?;
     println!("# effective silo configuration\n{}", config.to_toml());
-    let silo = Silo::builder().config(config).start().await?;
+    let builder = customize(Silo::builder(), &config);
+    let silo = builder.config(config).start().await?;
     if let Some(addr) = silo.gateway_addr() {
         // A line scripts and tests wait for.
         println!("gateway listening on {addr}");

@@ -1,4 +1,4 @@
-//! Fencing: a silo writes grain state only while it holds its membership lease.
+//! Fencing: a silo writes grain state and appends events only while it holds its membership lease.
 //!
 //! A silo that was frozen (SIGSTOP, a VM pause) or cut off from the membership table may have been declared
 //! dead, and its grains re-activated elsewhere, without knowing it. Its lease (see `cluster::Lease`) runs out
@@ -11,7 +11,10 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use grains_storage::{ETag, GrainStateStore, StateKey, StorageError, StoredState};
+use grains_storage::{
+    ETag, EventJournal, EventSelector, GrainStateStore, NewEvent, Snapshot, StateKey, StorageError, StoredEvent,
+    StoredState,
+};
 
 use crate::cluster::Cluster;
 
@@ -58,5 +61,55 @@ impl GrainStateStore for FencedStore {
     async fn clear(&self, key: &StateKey, expected: Option<&str>) -> Result<(), StorageError> {
         self.check()?;
         self.inner.clear(key, expected).await
+    }
+}
+
+/// An event journal that refuses appends while the silo's membership lease is not valid (the journal's
+/// counterpart of [`FencedStore`]; a Postgres journal in the membership's database is also fenced by the row).
+pub(crate) struct FencedJournal {
+    inner: Arc<dyn EventJournal>,
+    cluster: Arc<Cluster>,
+}
+
+impl FencedJournal {
+    pub(crate) fn new(inner: Arc<dyn EventJournal>, cluster: Arc<Cluster>) -> Self {
+        Self { inner, cluster }
+    }
+}
+
+#[async_trait]
+impl EventJournal for FencedJournal {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    async fn append(&self, stream: &StateKey, expected: u64, events: &[NewEvent]) -> Result<u64, StorageError> {
+        if !self.cluster.lease.is_valid() {
+            self.cluster.refresh_now.notify_one();
+            return Err(StorageError::Fenced { silo: self.cluster.me.to_string() });
+        }
+        self.inner.append(stream, expected, events).await
+    }
+
+    async fn read_stream(&self, stream: &StateKey, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StorageError> {
+        self.inner.read_stream(stream, after, limit).await
+    }
+
+    async fn read_all(
+        &self,
+        selector: &EventSelector,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StorageError> {
+        self.inner.read_all(selector, after, limit).await
+    }
+
+    async fn read_snapshot(&self, stream: &StateKey) -> Result<Option<Snapshot>, StorageError> {
+        self.inner.read_snapshot(stream).await
+    }
+
+    async fn save_snapshot(&self, stream: &StateKey, snapshot: &Snapshot) -> Result<(), StorageError> {
+        // A snapshot restates events already in the journal: harmless from any silo, so not fenced.
+        self.inner.save_snapshot(stream, snapshot).await
     }
 }

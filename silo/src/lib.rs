@@ -25,7 +25,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Modules: [`config`] (settings), [`cli`] (the silo binary's `main`), [`wire`] (the envelope protocol).
+//! Modules: [`config`] (settings), [`cli`] (the silo binary's `main`), [`events`] (the event journal and
+//! projections), [`wire`] (the envelope protocol).
 //! The activation table, mailboxes and idle collector are internal.
 
 mod activation;
@@ -37,6 +38,7 @@ mod client;
 pub mod cluster;
 pub mod config;
 mod connection;
+pub mod events;
 mod fencing;
 pub mod filter;
 pub mod gateway;
@@ -53,6 +55,7 @@ pub use builder::{SiloBuilder, SiloError};
 pub use client::{Client, ClientConfig, ConnectError};
 pub use cluster::ClusterView;
 pub use config::{ClusterTimings, FailureDetection, GrainTypeConfig, MembershipKind, SiloConfig, StorageKind};
+pub use events::{EventStorage, Projection, ProjectionError, ReadModel};
 pub use filter::{BearerToken, CallInfo, CallerIdentity, ClientIdentity};
 pub use metrics::MetricsSnapshot;
 pub use peer_auth::{ClusterCredentials, ClusterSecret, PROOF_WINDOW};

@@ -43,6 +43,7 @@ pub(crate) struct SiloInner {
     pub(crate) types: HostedTypes,
     pub(crate) table: Arc<ActivationTable>,
     pub(crate) store: Arc<dyn GrainStateStore>,
+    pub(crate) journal: Arc<dyn grains_storage::EventJournal>,
     pub(crate) cluster: Arc<Cluster>,
     clock_origin: Instant,
     coarse_now_ms: AtomicU64,
@@ -60,6 +61,7 @@ impl SiloInner {
         types: HostedTypes,
         table: Arc<ActivationTable>,
         store: Arc<dyn GrainStateStore>,
+        journal: Arc<dyn grains_storage::EventJournal>,
         cluster: Arc<Cluster>,
         filters: CallFilters,
     ) -> Arc<Self> {
@@ -68,6 +70,7 @@ impl SiloInner {
             types,
             table,
             store,
+            journal,
             cluster,
             clock_origin: Instant::now(),
             coarse_now_ms: AtomicU64::new(0),
@@ -193,7 +196,7 @@ impl ActivationHost for SiloInner {
     }
 
     fn context(&self, id: GrainId) -> GrainContext {
-        GrainContext::new(id, self.runtime(), self.store.clone())
+        GrainContext::new(id, self.runtime(), self.store.clone()).with_journal(self.journal.clone())
     }
 
     fn metrics(&self) -> &Metrics {

@@ -6,27 +6,34 @@
 //! overwrite each other. The store knows nothing about grains beyond string keys; the `grains` crate maps a
 //! grain id and a state name onto a [`StateKey`].
 //!
+//! Event-sourced grains keep an [`EventJournal`] instead: append-only streams of events with optimistic
+//! sequence checks, snapshots, and one global order that projections consume (see [`journal`]).
+//!
 //! Beside grain state, the crate holds the two tables a cluster needs: the [`MembershipTable`] (who is in the
 //! cluster; versioned compare-and-swap, the Orleans protocol's storage) and the [`ReminderTable`] (durable
 //! periodic wake-ups).
 //!
 //! Providers:
-//! - in-memory ([`MemoryStateStore`], [`MemoryMembershipTable`], [`MemoryReminderTable`]): the embedded
+//! - in-memory ([`MemoryStateStore`], [`MemoryJournal`], [`MemoryMembershipTable`], [`MemoryReminderTable`]): the embedded
 //!   default for a single silo in development and for tests; everything lives as long as the process.
-//! - Postgres ([`postgres`], feature `postgres`): grain state as JSONB rows readable with psql, the membership
+//! - Postgres ([`postgres`], feature `postgres`): grain state and events as JSONB rows readable with psql, the membership
 //!   and reminder tables, and embedded migrations applied under an advisory lock.
 
+pub mod journal;
 mod membership;
 mod memory;
+mod memory_journal;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 mod reminders;
 mod state;
 
+pub use journal::{EventJournal, EventSelector, NewEvent, Snapshot, StoredEvent};
 pub use membership::{
     MembershipEntry, MembershipRow, MembershipSnapshot, MembershipTable, SiloAddress, SiloStatus, Suspicion,
 };
 pub use memory::{MemoryMembershipTable, MemoryReminderTable, MemoryStateStore};
+pub use memory_journal::{MemoryJournal, MemoryProjectionClaim, MemoryProjectionStore};
 pub use reminders::{ReminderEntry, ReminderRow, ReminderTable, in_ring_range};
 pub use state::{ETag, GrainStateStore, StateKey, StoredState};
 

@@ -10,7 +10,7 @@ use crate::StorageError;
 pub type ETag = String;
 
 /// Where one piece of grain state is stored: grain type, grain key, and the state's name within the grain.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct StateKey {
     /// The grain type name (e.g. `Cart`).
     pub grain_type: String,

@@ -45,6 +45,12 @@ impl SiloLauncher {
         self
     }
 
+    /// Sets an environment variable of the silo process.
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.command.env(key, value);
+        self
+    }
+
     /// Keeps what the silo writes to stderr (its log), for [`SiloProcess::log`]; otherwise it is discarded.
     pub fn keep_log(mut self) -> Self {
         self.keep_log = true;

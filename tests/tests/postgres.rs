@@ -78,7 +78,13 @@ async fn three_silos_starting_at_once_on_an_empty_database_all_come_up() {
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(applied, 3, "each migration applied exactly once");
+    // Counted from the source tree, so a new migration does not need this test changed.
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../storage/migrations"))
+        .expect("the storage crate's migrations")
+        .filter(|entry| entry.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "sql")))
+        .count();
+    assert!(migrations >= 4);
+    assert_eq!(applied, migrations as i64, "each migration applied exactly once");
     for (i, silo) in silos.iter().enumerate() {
         assert_eq!(silo.grain::<Counter>(format!("start-{i}")).increment().await.unwrap().unwrap(), 1);
     }

@@ -1,4 +1,5 @@
-//! An example silo binary: hosts the example grains (`Hello`, `Cart`, `Catalog`).
+//! An example silo binary: hosts the example grains (`Hello`, `Cart`, `Catalog`, `ShoppingCart`, `Account`,
+//! `Transfer`) and runs the `PopularItems` projection (a `popular_items` table with `--storage postgres`).
 //!
 //! A silo binary is `main` plus one call; every `#[grain]` type linked into the binary is hosted.
 //! Try `cargo run -p grains-examples --bin grains-example-silo -- --help`.
@@ -7,5 +8,5 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     grains_examples::link();
-    grains_silo::cli::run()
+    grains_silo::cli::run_customized(grains_examples::silo_setup)
 }

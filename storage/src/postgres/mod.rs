@@ -1,4 +1,5 @@
-//! Postgres providers: grain state, membership and reminders over one `sqlx` pool.
+//! Postgres providers: grain state, the event journal and projection offsets, membership and reminders over
+//! one `sqlx` pool.
 //!
 //! Queries are checked at run time, so building never needs a database. The schema ships inside the binary
 //! as migrations ([`migrate`]), applied under a Postgres advisory lock so that several silos starting at once
@@ -31,20 +32,63 @@ macro_rules! timestamp_to_ms {
     };
 }
 
+mod journal;
 mod membership;
+mod projection;
 mod reminders;
 mod state;
 
 use std::fmt;
 use std::time::Duration;
 
+pub use journal::PostgresJournal;
 pub use membership::PostgresMembershipTable;
+pub use projection::{CLAIM_IDLE_TIMEOUT, PostgresProjectionClaim, PostgresProjectionUnit, projection_offset};
 pub use reminders::PostgresReminderTable;
+pub use sqlx::PgConnection;
 pub use sqlx::postgres::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
 pub use state::PostgresStateStore;
 
-use crate::StorageError;
+use crate::{SiloAddress, StorageError};
+
+/// The membership row a fenced store's writes depend on.
+#[derive(Debug)]
+pub(crate) struct Fence {
+    cluster_id: String,
+    silo: SiloAddress,
+}
+
+impl Fence {
+    pub(crate) fn new(cluster_id: String, silo: SiloAddress) -> Self {
+        Self { cluster_id, silo }
+    }
+
+    /// Share-locks the silo's membership row in `tx` if it is not dead, until `tx` ends; `Fenced` otherwise.
+    ///
+    /// The transaction also gets an idle timeout: a writer frozen between this lock and its commit (SIGSTOP, a
+    /// VM pause) would otherwise hold the lock for as long as it is frozen, and the peers' dead declaration —
+    /// an UPDATE of this row, holding the table's version row meanwhile — would wait on it, stopping every
+    /// membership change in the cluster. After 3 s idle, Postgres ends the frozen writer's session: its batch
+    /// is not committed (its callers see an unavailable store) and the declaration goes through.
+    pub(crate) async fn hold(&self, tx: &mut PgConnection) -> Result<(), StorageError> {
+        let alive = sqlx::query(
+            "SELECT set_config('idle_in_transaction_session_timeout', '3s', true) FROM grains_membership
+             WHERE cluster_id = $1 AND endpoint = $2 AND epoch = $3 AND status <> 'dead'
+             FOR SHARE",
+        )
+        .bind(&self.cluster_id)
+        .bind(&self.silo.endpoint)
+        .bind(self.silo.epoch)
+        .fetch_optional(tx)
+        .await
+        .map_err(storage_error(format_args!("the membership row of {}", self.silo)))?;
+        match alive {
+            Some(_) => Ok(()),
+            None => Err(StorageError::Fenced { silo: self.silo.to_string() }),
+        }
+    }
+}
 
 /// How to connect.
 #[derive(Debug, Clone, PartialEq, Eq)]

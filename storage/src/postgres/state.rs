@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::storage_error;
+use super::{Fence, storage_error};
 use crate::{ETag, GrainStateStore, SiloAddress, StateKey, StorageError, StoredState};
 
 /// Grain state in Postgres: one row per (grain type, grain key, state name).
@@ -61,40 +61,6 @@ pub struct PostgresStateStore {
     batcher: Arc<OnceLock<mpsc::UnboundedSender<PendingWrite>>>,
 }
 
-/// The membership row a fenced store's writes depend on.
-#[derive(Debug)]
-struct Fence {
-    cluster_id: String,
-    silo: SiloAddress,
-}
-
-impl Fence {
-    /// Share-locks the silo's membership row in `tx` if it is not dead, until `tx` ends; `Fenced` otherwise.
-    ///
-    /// The transaction also gets an idle timeout: a writer frozen between this lock and its commit (SIGSTOP, a
-    /// VM pause) would otherwise hold the lock for as long as it is frozen, and the peers' dead declaration —
-    /// an UPDATE of this row, holding the table's version row meanwhile — would wait on it, stopping every
-    /// membership change in the cluster. After 3 s idle, Postgres ends the frozen writer's session: its batch
-    /// is not committed (its callers see an unavailable store) and the declaration goes through.
-    async fn hold(&self, tx: &mut PgConnection) -> Result<(), StorageError> {
-        let alive = sqlx::query(
-            "SELECT set_config('idle_in_transaction_session_timeout', '3s', true) FROM grains_membership
-             WHERE cluster_id = $1 AND endpoint = $2 AND epoch = $3 AND status <> 'dead'
-             FOR SHARE",
-        )
-        .bind(&self.cluster_id)
-        .bind(&self.silo.endpoint)
-        .bind(self.silo.epoch)
-        .fetch_optional(tx)
-        .await
-        .map_err(storage_error(format_args!("the membership row of {}", self.silo)))?;
-        match alive {
-            Some(_) => Ok(()),
-            None => Err(StorageError::Fenced { silo: self.silo.to_string() }),
-        }
-    }
-}
-
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 512;
 
@@ -118,8 +84,7 @@ impl PostgresStateStore {
     /// A store over `pool` whose writes commit only while `silo` is not dead in the membership table of
     /// `cluster_id` (see [fencing](Self#fencing)).
     pub fn fenced(pool: PgPool, cluster_id: impl Into<String>, silo: SiloAddress) -> Self {
-        let fence = Fence { cluster_id: cluster_id.into(), silo };
-        Self { fence: Some(Arc::new(fence)), ..Self::new(pool) }
+        Self { fence: Some(Arc::new(Fence::new(cluster_id.into(), silo))), ..Self::new(pool) }
     }
 
     /// The queue of the group-commit writers, started on first use (inside the runtime).

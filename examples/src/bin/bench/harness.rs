@@ -16,6 +16,8 @@ pub(crate) enum Section {
     Storage,
     /// The stateful cart vs a stateless handler on Postgres.
     Cart,
+    /// Event-sourced recovery with and without snapshots; journal appends vs raw inserts.
+    Journal,
 }
 
 /// What one measurement produced.

@@ -5,7 +5,9 @@
 //! Sections: `local` (warm grain call in one silo vs a tokio mpsc + oneshot loop), `remote` (client → silo and
 //! silo → silo vs raw tonic unary and raw TCP echo), `activations` (activation rate, memory per activation,
 //! passivation rate vs a task + channel per entity), `storage` (grain state through the Postgres provider vs
-//! raw sqlx) and `cart` (stateful Grains cart vs a stateless read-modify-write handler on Postgres). Postgres comes from
+//! raw sqlx), `cart` (stateful Grains cart vs a stateless read-modify-write handler on Postgres) and `journal`
+//! (event-sourced recovery of 10,000 events with and without snapshots; group-committed journal appends vs raw
+//! `INSERT`s). Postgres comes from
 //! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`); the bench creates and drops a
 //! scratch database of its own. Timings are printed, never asserted.
 
@@ -15,6 +17,7 @@ use clap::Parser;
 mod activations;
 mod cart;
 mod harness;
+mod journal;
 mod local;
 mod remote;
 mod storage;
@@ -60,6 +63,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if wants(Section::Cart) {
         cart::run(&args.database_url, window).await?;
+    }
+    if wants(Section::Journal) {
+        journal::run(&args.database_url, window, args.quick).await?;
     }
     Ok(())
 }
