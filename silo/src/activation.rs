@@ -35,13 +35,16 @@ pub(crate) struct Invocation {
     pub(crate) chain: CallChain,
     pub(crate) metadata: RequestMetadata,
     pub(crate) reply: oneshot::Sender<Result<Payload, CallError>>,
+    /// When the call entered this silo's call path: its latency is measured from here to the reply.
+    pub(crate) arrived: std::time::Instant,
 }
 
 impl Invocation {
     /// `call` as an invocation answered through `reply`, beside the grain it is for.
     pub(crate) fn of(call: Call, reply: oneshot::Sender<Result<Payload, CallError>>) -> (GrainId, Invocation) {
         let Call { target, method, payload, deadline, chain, metadata } = call;
-        (target, Invocation { method, payload, deadline, chain, metadata, reply })
+        let arrived = std::time::Instant::now();
+        (target, Invocation { method, payload, deadline, chain, metadata, reply, arrived })
     }
 }
 
@@ -144,6 +147,11 @@ impl Mailbox {
     /// Refuses further mail; what is queued can still be taken.
     pub(crate) fn close(&self) {
         self.lock().closed = true;
+    }
+
+    /// How many calls wait in the mailbox.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().items.len()
     }
 
     /// Whether the mailbox refuses mail.
@@ -319,6 +327,8 @@ pub(crate) async fn run(mut start: ActivationStart) {
 
     let mut panicked = false;
     let mut unrun = None;
+    // Per-method counters: found once per activation, updated with atomics per call.
+    let stats = silo.metrics.grain_type(start.grain_type.type_name);
     while let Some(mail) = start.mailbox.recv().await {
         match mail {
             Mail::Call(call) => {
@@ -342,11 +352,23 @@ pub(crate) async fn run(mut start: ActivationStart) {
                 let turn = run_in_turn(call.chain, id.clone(), call.metadata, grain.handle(&call.method, call.payload));
                 let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
                 start.shared.touch(silo.now_ms());
+                let method_stats = stats.and_then(|s| s.method(&call.method));
                 match outcome {
                     Ok(result) => {
+                        if let Some(method_stats) = method_stats {
+                            let failed = match &result {
+                                Ok(grains::runtime::Payload::Local(reply)) => reply.is_error(),
+                                Ok(grains::runtime::Payload::Encoded(_)) => false,
+                                Err(_) => true,
+                            };
+                            method_stats.record(call.arrived.elapsed(), failed);
+                        }
                         let _ = call.reply.send(result);
                     }
                     Err(panic) => {
+                        if let Some(method_stats) = method_stats {
+                            method_stats.record(call.arrived.elapsed(), true);
+                        }
                         let message = panic_message(&*panic);
                         tracing::error!(grain = %id, method = %call.method, %message, "grain method panicked; deactivating");
                         let _ = call.reply.send(Err(CallError::Panicked {

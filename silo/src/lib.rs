@@ -38,10 +38,12 @@ mod connection;
 mod fencing;
 pub mod filter;
 pub mod gateway;
+pub mod http;
 mod metrics;
 mod peer_auth;
 mod silo;
 pub mod sim;
+mod stats;
 pub mod tls;
 pub mod wire;
 

@@ -68,7 +68,7 @@ const MAX_DELIVERY_ATTEMPTS: usize = 16;
 pub(crate) struct SiloInner {
     pub(crate) config: SiloConfig,
     types: HashMap<&'static str, (&'static GrainRegistration, Duration), FastHash>,
-    table: DashMap<GrainId, ActivationHandle, FastHash>,
+    pub(crate) table: DashMap<GrainId, ActivationHandle, FastHash>,
     pub(crate) store: Arc<dyn GrainStateStore>,
     pub(crate) cluster: Arc<Cluster>,
     next_activation_id: AtomicU64,
@@ -76,6 +76,8 @@ pub(crate) struct SiloInner {
     coarse_now_ms: AtomicU64,
     shutting_down: AtomicBool,
     stopped: watch::Sender<bool>,
+    /// Set when an operator asks the silo to stop (`POST /silo/shutdown`); its owner carries it out.
+    pub(crate) shutdown_requested: watch::Sender<bool>,
     pub(crate) metrics: Metrics,
     filters: CallFilters,
     this: Weak<SiloInner>,
@@ -485,6 +487,7 @@ impl SiloInner {
                     .map_err(|e| CallError::Unavailable(e.to_string()))?;
                 SystemResponse::Table(answer)
             }
+            SystemRequest::Stats => SystemResponse::Stats(Box::new(crate::stats::local(self))),
         })
     }
 
@@ -750,7 +753,9 @@ impl SiloBuilder {
             (None, _, _) => Arc::new(MemoryStateStore::new()),
         };
         let cluster = Arc::new(Cluster::new(me.clone(), config.failure_detection.timings(), table, identity));
-        let store: Arc<dyn GrainStateStore> = Arc::new(crate::fencing::FencedStore::new(store, cluster.clone()));
+        let metrics = Metrics::default();
+        let store: Arc<dyn GrainStateStore> =
+            Arc::new(crate::fencing::FencedStore::new(store, cluster.clone(), metrics.storage.clone()));
         let inner = Arc::new_cyclic(|this| SiloInner {
             config,
             types,
@@ -762,7 +767,8 @@ impl SiloBuilder {
             coarse_now_ms: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
             stopped: watch::Sender::new(false),
-            metrics: Metrics::default(),
+            shutdown_requested: watch::Sender::new(false),
+            metrics,
             filters: self.filters,
             this: this.clone(),
         });
@@ -890,6 +896,15 @@ impl Silo {
         let mut stopped = self.inner.stopped.subscribe();
         async move {
             let _ = stopped.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Resolves when an operator has asked this silo to stop through the HTTP API (`POST /silo/shutdown`).
+    /// Whoever owns the silo then calls [`Silo::shutdown`]; the silo binary (`cli::run`) does.
+    pub fn shutdown_requested(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut requested = self.inner.shutdown_requested.subscribe();
+        async move {
+            let _ = requested.wait_for(|r| *r).await;
         }
     }
 

@@ -11,6 +11,7 @@ use grains::prelude::*;
 use grains_silo::{Silo, SiloConfig};
 use grains_storage::GrainStateStore;
 
+pub mod http_client;
 pub mod netns;
 pub mod pg;
 pub mod process;

@@ -190,6 +190,8 @@ pub(crate) struct Cluster {
     /// Silos that announced they are stopping: no new activations go there.
     draining: DashMap<SiloAddress, ()>,
     host: OnceLock<Weak<dyn LocalActivations>>,
+    /// The membership changes this silo has seen, for the dashboard.
+    pub(crate) events: crate::stats::MembershipEvents,
 }
 
 impl Cluster {
@@ -220,6 +222,7 @@ impl Cluster {
             fenced: Mutex::new(HashMap::new()),
             draining: DashMap::new(),
             host: OnceLock::new(),
+            events: Default::default(),
         }
     }
 
@@ -290,6 +293,7 @@ impl Cluster {
             }
         };
         self.fence_newly_dead(&old, &view);
+        self.events.record(&old, &view);
         if old.ring_id != view.ring_id {
             tracing::info!(version = view.version, active = ?view.active.iter().map(ToString::to_string).collect::<Vec<_>>(), "membership view changed");
             self.close_peers_not_in(&view);
