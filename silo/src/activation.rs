@@ -35,16 +35,13 @@ pub(crate) struct Invocation {
     pub(crate) chain: CallChain,
     pub(crate) metadata: RequestMetadata,
     pub(crate) reply: oneshot::Sender<Result<Payload, CallError>>,
-    /// When the call entered this silo's call path: its latency is measured from here to the reply.
-    pub(crate) arrived: std::time::Instant,
 }
 
 impl Invocation {
     /// `call` as an invocation answered through `reply`, beside the grain it is for.
     pub(crate) fn of(call: Call, reply: oneshot::Sender<Result<Payload, CallError>>) -> (GrainId, Invocation) {
         let Call { target, method, payload, deadline, chain, metadata } = call;
-        let arrived = std::time::Instant::now();
-        (target, Invocation { method, payload, deadline, chain, metadata, reply, arrived })
+        (target, Invocation { method, payload, deadline, chain, metadata, reply })
     }
 }
 
@@ -343,33 +340,55 @@ pub(crate) async fn run(mut start: ActivationStart) {
                     let _ = call.reply.send(Err(CallError::Timeout(Duration::ZERO)));
                     continue;
                 }
-                if Instant::now() >= call.deadline {
+                // The turn's start: also the clock read its latency is measured from.
+                let started = Instant::now();
+                if started >= call.deadline {
                     // Nobody will use the answer; a queue of stale calls must not cost a turn each.
                     let _ = call.reply.send(Err(CallError::Timeout(Duration::ZERO)));
                     continue;
                 }
                 let span = tracing::debug_span!("grain.turn", grain = %id, method = %call.method);
-                let turn = run_in_turn(call.chain, id.clone(), call.metadata, grain.handle(&call.method, call.payload));
+                #[cfg(feature = "otlp")]
+                let (metadata, trace) = crate::otlp::start(
+                    || format!("{}.{}", id.grain_type(), call.method),
+                    crate::otlp::Kind::Server,
+                    call.metadata,
+                    || vec![("grains.grain", id.to_string()), ("grains.silo", silo.me().to_string())],
+                );
+                #[cfg(not(feature = "otlp"))]
+                let metadata = call.metadata;
+                let turn = run_in_turn(call.chain, id.clone(), metadata, grain.handle(&call.method, call.payload));
                 let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
                 start.shared.touch(silo.now_ms());
                 let method_stats = stats.and_then(|s| s.method(&call.method));
                 match outcome {
                     Ok(result) => {
+                        let failed = match &result {
+                            Ok(grains::runtime::Payload::Local(reply)) => reply.is_error(),
+                            Ok(grains::runtime::Payload::Encoded(_)) => false,
+                            Err(_) => true,
+                        };
                         if let Some(method_stats) = method_stats {
-                            let failed = match &result {
-                                Ok(grains::runtime::Payload::Local(reply)) => reply.is_error(),
-                                Ok(grains::runtime::Payload::Encoded(_)) => false,
-                                Err(_) => true,
-                            };
-                            method_stats.record(call.arrived.elapsed(), failed);
+                            method_stats.record(started.elapsed(), failed);
+                        }
+                        #[cfg(feature = "otlp")]
+                        if let Some(trace) = trace {
+                            trace.end(match &result {
+                                Err(error) => Some(error.to_string()),
+                                Ok(_) => failed.then(|| "the method returned its error".to_owned()),
+                            });
                         }
                         let _ = call.reply.send(result);
                     }
                     Err(panic) => {
                         if let Some(method_stats) = method_stats {
-                            method_stats.record(call.arrived.elapsed(), true);
+                            method_stats.record(started.elapsed(), true);
                         }
                         let message = panic_message(&*panic);
+                        #[cfg(feature = "otlp")]
+                        if let Some(trace) = trace {
+                            trace.end(Some(format!("panicked: {message}")));
+                        }
                         tracing::error!(grain = %id, method = %call.method, %message, "grain method panicked; deactivating");
                         let _ = call.reply.send(Err(CallError::Panicked {
                             grain: id.to_string(),

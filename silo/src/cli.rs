@@ -112,6 +112,10 @@ pub struct SiloArgs {
     /// Serve the HTTP/JSON API and the dashboard to other hosts, not only to loopback callers.
     #[arg(long, env = "GRAINS_HTTP_REMOTE")]
     pub http_remote: bool,
+    /// Export traces to this OpenTelemetry collector over OTLP/HTTP (`http://host:4318`; needs the `otlp`
+    /// feature).
+    #[arg(long, env = "GRAINS_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// The certificate chain to serve TLS with: a PEM file, or PEM text.
     #[arg(long, env = "GRAINS_TLS_CERT")]
     pub tls_cert: Option<String>,
@@ -190,6 +194,9 @@ impl SiloArgs {
         }
         if self.http_remote {
             config.http_remote = true;
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            config.otlp_endpoint = Some(endpoint.clone());
         }
         if self.insecure {
             config.insecure = true;

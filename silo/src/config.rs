@@ -254,6 +254,10 @@ pub struct SiloConfig {
     /// (printed as `***`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<ClusterSecret>,
+    /// Where to export traces, over OTLP/HTTP (`http://host:4318`); needs the `otlp` feature, and is ignored
+    /// with a warning without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
     /// Per-grain-type overrides, keyed by grain type name: `[grain.Cart] idle_timeout = "1m"`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub grain: BTreeMap<String, GrainTypeConfig>,
@@ -300,6 +304,7 @@ impl Default for SiloConfig {
             http_api: true,
             http_remote: false,
             admin_token: None,
+            otlp_endpoint: None,
             grain: BTreeMap::new(),
         }
     }

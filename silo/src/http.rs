@@ -407,6 +407,18 @@ where
         let id = GrainId::new(registration.type_name, key);
         let timeout_ms =
             parts.headers.get("grains-timeout-ms").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(0);
+        // A W3C trace context the caller sends continues its trace (feature `otlp`).
+        let metadata = match parts.headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+            Some(traceparent) => grains::RequestMetadata::new().with("traceparent", traceparent),
+            None => grains::RequestMetadata::new(),
+        };
+        #[cfg(feature = "otlp")]
+        let (metadata, trace) = crate::otlp::start(
+            || format!("POST /grains/{}/{{key}}/{method}", registration.type_name),
+            crate::otlp::Kind::Server,
+            metadata,
+            || vec![("grains.grain", id.to_string()), ("http.request.method", "POST".to_owned())],
+        );
         let envelope = Envelope {
             kind: Kind::Request as i32,
             target: Some(WireGrainId::from(&id)),
@@ -414,10 +426,16 @@ where
             payload: Bytes::from(arguments),
             timeout_ms,
             mode: Mode::Route as i32,
+            metadata: metadata.to_map(),
             ..Default::default()
         };
         let identity = CallerIdentity::Client(ClientIdentity::new(caller.certificate_subject, bearer(&parts.headers)));
-        let reply = silo.clone().serve_request(envelope, &identity).await.map_err(|e| {
+        let reply = silo.clone().serve_request(envelope, &identity).await;
+        #[cfg(feature = "otlp")]
+        if let Some(trace) = trace {
+            trace.end(reply.as_ref().err().map(ToString::to_string));
+        }
+        let reply = reply.map_err(|e| {
             tracing::debug!(error = %e, "HTTP grain call failed");
             call_problem(&e)
         })?;

@@ -27,6 +27,8 @@ pub(crate) struct Metrics {
     pub(crate) storage: Arc<StorageStats>,
     /// When the silo started (for its uptime).
     pub(crate) started: std::time::Instant,
+    /// The Postgres pool of the silo's storage and membership, if it uses one (for its usage).
+    pub(crate) pool: std::sync::OnceLock<grains_storage::postgres::PgPool>,
 }
 
 impl Default for Metrics {
@@ -40,6 +42,7 @@ impl Default for Metrics {
             grain_types: GrainRegistration::all().map(|r| (r.type_name, TypeStats::new(r))).collect(),
             storage: Arc::default(),
             started: std::time::Instant::now(),
+            pool: std::sync::OnceLock::new(),
         }
     }
 }
@@ -172,24 +175,64 @@ impl HistogramSnapshot {
     }
 }
 
+/// How many copies of a method's counters there are: each thread records into one (chosen once per thread),
+/// so that the runtime's workers do not contend for the same cache lines on every call.
+const SHARDS: usize = 4;
+
+/// The shard of the calling thread.
+fn shard_index() -> usize {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    thread_local! {
+        static INDEX: usize = (NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS as u64) as usize;
+    }
+    INDEX.with(|index| *index)
+}
+
+/// One shard of a method's counters, on cache lines of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct MethodShard {
+    /// One count per call (the calls are the histogram's count).
+    latency: Histogram,
+    errors: AtomicU64,
+}
+
 /// The counters of one grain method.
 #[derive(Debug)]
 pub(crate) struct MethodStats {
     pub(crate) name: &'static str,
-    calls: AtomicU64,
-    errors: AtomicU64,
-    latency: Histogram,
+    shards: Box<[MethodShard]>,
 }
 
 impl MethodStats {
-    /// Records a call that took `elapsed` from its arrival in the mailbox to its reply; `failed` when it ended
-    /// in a call error or the method's own `Err`.
+    fn new(name: &'static str) -> Self {
+        Self { name, shards: (0..SHARDS).map(|_| MethodShard::default()).collect() }
+    }
+
+    /// Records a call whose turn took `elapsed`; `failed` when it ended in a call error or the method's own
+    /// `Err`.
     pub(crate) fn record(&self, elapsed: Duration, failed: bool) {
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        let shard = &self.shards[shard_index()];
         if failed {
-            self.errors.fetch_add(1, Ordering::Relaxed);
+            shard.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.latency.record(elapsed);
+        shard.latency.record(elapsed);
+    }
+
+    fn calls(&self) -> u64 {
+        self.shards.iter().flat_map(|s| s.latency.buckets.iter()).map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    fn errors(&self) -> u64 {
+        self.shards.iter().map(|s| s.errors.load(Ordering::Relaxed)).sum()
+    }
+
+    fn latency(&self) -> HistogramSnapshot {
+        let mut all = HistogramSnapshot::default();
+        for shard in self.shards.iter() {
+            all.merge(&shard.latency.snapshot());
+        }
+        all
     }
 }
 
@@ -201,16 +244,7 @@ pub(crate) struct TypeStats {
 
 impl TypeStats {
     fn new(registration: &GrainRegistration) -> Self {
-        let methods = registration
-            .methods
-            .iter()
-            .map(|&name| MethodStats {
-                name,
-                calls: AtomicU64::new(0),
-                errors: AtomicU64::new(0),
-                latency: Histogram::default(),
-            })
-            .collect();
+        let methods = registration.methods.iter().map(|&name| MethodStats::new(name)).collect();
         Self { methods }
     }
 
@@ -260,12 +294,12 @@ impl Metrics {
             .grain_types
             .iter()
             .flat_map(|(grain_type, stats)| {
-                stats.methods.iter().filter(|m| m.calls.load(Ordering::Relaxed) > 0).map(|m| MethodSnapshot {
+                stats.methods.iter().filter(|m| m.calls() > 0).map(|m| MethodSnapshot {
                     grain_type: (*grain_type).to_owned(),
                     method: m.name.to_owned(),
-                    calls: m.calls.load(Ordering::Relaxed),
-                    errors: m.errors.load(Ordering::Relaxed),
-                    latency: m.latency.snapshot(),
+                    calls: m.calls(),
+                    errors: m.errors(),
+                    latency: m.latency(),
                 })
             })
             .collect();
@@ -314,8 +348,10 @@ pub(crate) fn detailed_prometheus(
         }
     }
     let name = "grains_grain_call_duration_seconds";
-    let _ =
-        writeln!(out, "# HELP {name} Time from a call's arrival in the mailbox to its reply.\n# TYPE {name} histogram");
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time a call's turn took, from its start to its reply (not counting time queued in the mailbox).\n# TYPE {name} histogram"
+    );
     for m in methods {
         let labels = format!("grain_type=\"{}\",method=\"{}\"", label(&m.grain_type), label(&m.method));
         m.latency.write_prometheus(&mut out, name, &labels);

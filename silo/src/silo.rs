@@ -690,6 +690,7 @@ impl SiloBuilder {
     pub async fn start(self) -> Result<Silo, SiloError> {
         let config = self.config;
         config.check_exposure().map_err(SiloError::Config)?;
+        crate::stats::start_trace_export(&config).map_err(SiloError::Config)?;
         let server_tls = crate::tls::server_config(&config)?;
         let peer_tls = crate::tls::peer_config(&config)?;
         let advertised_host = config.advertised_host().map_err(|e| SiloError::Config(e.to_string()))?;
@@ -772,6 +773,9 @@ impl SiloBuilder {
             filters: self.filters,
             this: this.clone(),
         });
+        if let Some(pool) = &pool {
+            let _ = inner.metrics.pool.set(pool.clone());
+        }
         let host: Weak<dyn LocalActivations> = Arc::downgrade(&inner) as Weak<dyn LocalActivations>;
         inner.cluster.set_host(host);
         let mut names: Vec<_> = inner.types.keys().copied().collect();

@@ -6,6 +6,7 @@
 //! silo that does not answer is listed with the error instead of its stats.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,6 +117,27 @@ pub(crate) struct SiloStats {
     pub(crate) storage: StorageSnapshot,
     /// Its recent membership events, oldest first.
     pub(crate) events: Vec<MembershipEvent>,
+    /// Its Postgres pool, if it has one.
+    pub(crate) pool: Option<PoolStats>,
+    /// Group-commit batch sizes of the Postgres state stores in its process: (at most this many writes,
+    /// batches).
+    pub(crate) batch_sizes: Vec<(usize, u64)>,
+}
+
+/// The usage of a silo's Postgres pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PoolStats {
+    /// Connections open.
+    pub(crate) size: u32,
+    /// Connections open and idle.
+    pub(crate) idle: u32,
+    /// The most it opens (`database_pool_size`).
+    pub(crate) max: u32,
+}
+
+fn pool_stats(silo: &SiloInner) -> Option<PoolStats> {
+    let pool = silo.metrics.pool.get()?;
+    Some(PoolStats { size: pool.size(), idle: pool.num_idle() as u32, max: silo.config.database_pool_size })
 }
 
 /// The activations of a silo's table by grain type, and its mailboxes' (total, longest) queue lengths.
@@ -162,6 +184,8 @@ pub(crate) fn local(silo: &SiloInner) -> SiloStats {
         methods: silo.metrics.methods(),
         storage: silo.metrics.storage(),
         events: silo.cluster.events.list(),
+        pool: pool_stats(silo),
+        batch_sizes: grains_storage::postgres::batch_sizes(),
     }
 }
 
@@ -176,7 +200,41 @@ pub(crate) fn prometheus(silo: &SiloInner) -> String {
         &by_type,
         mailboxes,
     ));
+    let name = "grains_storage_batch_size";
+    let _ = writeln!(
+        text,
+        "# HELP {name} Writes per group-commit batch of the Postgres state stores in this process.\n# TYPE {name} histogram"
+    );
+    let mut batches = 0u64;
+    for (le, count) in grains_storage::postgres::batch_sizes() {
+        batches += count;
+        let _ = writeln!(text, "{name}_bucket{{le=\"{le}\"}} {batches}");
+    }
+    let _ = writeln!(text, "{name}_bucket{{le=\"+Inf\"}} {batches}\n{name}_count {batches}");
+    if let Some(pool) = pool_stats(silo) {
+        for (name, help, value) in [
+            ("grains_storage_pool_connections", "Postgres connections open.", pool.size),
+            ("grains_storage_pool_idle", "Postgres connections open and idle.", pool.idle),
+            ("grains_storage_pool_max", "The most Postgres connections the pool opens.", pool.max),
+        ] {
+            let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+    }
     text
+}
+
+/// Starts exporting traces if the configuration names an OTLP endpoint (see the `otlp` module).
+pub(crate) fn start_trace_export(config: &crate::config::SiloConfig) -> Result<(), String> {
+    let Some(endpoint) = &config.otlp_endpoint else { return Ok(()) };
+    #[cfg(feature = "otlp")]
+    {
+        crate::otlp::install(endpoint, "grains-silo")
+    }
+    #[cfg(not(feature = "otlp"))]
+    {
+        tracing::warn!(%endpoint, "otlp_endpoint is set, but this binary was built without the `otlp` feature: no traces are exported");
+        Ok(())
+    }
 }
 
 /// A membership row, as the HTTP API shows it.

@@ -42,7 +42,7 @@ pub use membership::PostgresMembershipTable;
 pub use reminders::PostgresReminderTable;
 pub use sqlx::postgres::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
-pub use state::PostgresStateStore;
+pub use state::{PostgresStateStore, batch_sizes};
 
 use crate::StorageError;
 
