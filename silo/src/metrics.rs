@@ -331,7 +331,8 @@ pub(crate) fn detailed_prometheus(
     mailboxes: (u64, u64),
 ) -> String {
     let mut out = String::new();
-    let families: [(&str, &str, fn(&MethodSnapshot) -> u64); 2] = [
+    type Family = (&'static str, &'static str, fn(&MethodSnapshot) -> u64);
+    let families: [Family; 2] = [
         ("grains_grain_calls_total", "Calls run by grain type and method.", |m| m.calls),
         ("grains_grain_errors_total", "Calls that ended in a call error or the method's own Err.", |m| m.errors),
     ];

@@ -96,7 +96,7 @@ async fn the_dashboard_shows_the_cluster_in_a_browser() {
                 let key = format!("cart-{}", (n * 7 + worker) % 40);
                 let id = grains::GrainId::new("Cart", key);
                 let cart: CartRef = GrainRef::from_core(RefCore::new(id, silo_runtime.clone()));
-                let qty = if n % 10 == 0 { 0 } else { 1 }; // some of the grain's own errors
+                let qty = if n.is_multiple_of(10) { 0 } else { 1 }; // some of the grain's own errors
                 let _ = cart.add("milk".into(), qty).await;
                 let _ = cart.items().await;
                 calls.fetch_add(2, Ordering::Relaxed);
