@@ -224,8 +224,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
 {
-    let remote_ok = silo.config.http_remote || caller.remote.is_none_or(|r| r.ip().is_loopback());
-    if !remote_ok {
+    if !admits(&silo.config, caller.remote) {
         return Err(Problem::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -287,6 +286,12 @@ where
         }
         _ => Err(Problem::new(StatusCode::NOT_FOUND, "not-found", "Not found", format!("nothing is served at {path}"))),
     }
+}
+
+/// Whether the HTTP API and dashboard serve a caller from `remote`: loopback callers always, others only with
+/// `http_remote` (a connection whose address the accept loop did not record is not taken for a local one).
+fn admits(config: &crate::config::SiloConfig, remote: Option<SocketAddr>) -> bool {
+    config.http_remote || remote.is_some_and(|r| r.ip().is_loopback())
 }
 
 /// Checks that an operator action carries `Authorization: Bearer` with the admin token or the cluster secret.
@@ -505,6 +510,17 @@ mod tests {
         assert_eq!(status(CallError::PayloadTooLarge { size: 2, limit: 1 }), 413);
         assert_eq!(status(CallError::Deadlock { chain: vec![] }), 508);
         assert_eq!(call_problem(&CallError::Overloaded("full".into())).retry_after, Some(1));
+    }
+
+    #[test]
+    fn only_loopback_callers_are_served_unless_http_remote_is_set() {
+        let config = crate::config::SiloConfig::default();
+        let addr = |text: &str| Some(text.parse::<SocketAddr>().unwrap());
+        assert!(admits(&config, addr("127.0.0.1:5000")) && admits(&config, addr("[::1]:5000")));
+        assert!(!admits(&config, addr("10.1.2.3:5000")) && !admits(&config, addr("[2001:db8::1]:5000")));
+        assert!(!admits(&config, None));
+        let remote = crate::config::SiloConfig { http_remote: true, ..config };
+        assert!(admits(&remote, addr("10.1.2.3:5000")));
     }
 
     #[test]
