@@ -255,3 +255,22 @@ async fn the_http_api_can_be_turned_off() {
     assert_eq!(request(addr, "GET", "/metrics", &[], b"").await.unwrap().status, 200, "metrics stay on");
     silo.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn an_operator_stops_a_silo_process_gracefully_over_http() {
+    let mut silo = grains_tests::process::SiloLauncher::new(env!("CARGO_BIN_EXE_grains-test-silo"))
+        .args(["--port", "0", "--admin-token", "op", "--log", "info"])
+        .keep_log()
+        .start();
+    let addr: SocketAddr = format!("127.0.0.1:{}", silo.port()).parse().unwrap();
+    let refused = request(addr, "POST", "/silo/shutdown", &[("authorization", "Bearer nope")], b"").await.unwrap();
+    problem(&refused, 403, "forbidden");
+    assert!(silo.wait_exit(Duration::from_millis(500)).await.is_none(), "a refused request does not stop it");
+
+    let accepted = request(addr, "POST", "/silo/shutdown", &[("authorization", "Bearer op")], b"").await.unwrap();
+    assert_eq!(accepted.status, 202, "{}", accepted.text());
+    let status = silo.wait_exit(Duration::from_secs(30)).await.expect("the silo process exits");
+    let log = silo.log();
+    assert!(status.success(), "a graceful stop exits 0: {status}\n{log}");
+    assert!(log.contains("an operator asked this silo to stop") && log.contains("silo stopped"), "{log}");
+}
