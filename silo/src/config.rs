@@ -258,6 +258,9 @@ pub struct SiloConfig {
     /// with a warning without it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
+    /// How often metrics are posted to `otlp_endpoint` (default 10s).
+    #[serde(with = "duration_text")]
+    pub otlp_metrics_interval: Duration,
     /// Per-grain-type overrides, keyed by grain type name: `[grain.Cart] idle_timeout = "1m"`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub grain: BTreeMap<String, GrainTypeConfig>,
@@ -305,6 +308,7 @@ impl Default for SiloConfig {
             http_remote: false,
             admin_token: None,
             otlp_endpoint: None,
+            otlp_metrics_interval: Duration::from_secs(10),
             grain: BTreeMap::new(),
         }
     }

@@ -8,6 +8,11 @@
 //! silos in the envelope), so one trace holds a whole call chain across silos. A call that arrives without a
 //! `traceparent` starts a trace; an HTTP call may bring one (the `traceparent` header).
 //!
+//! Each silo with an endpoint also posts its metrics to `{otlp_endpoint}/v1/metrics` every
+//! `otlp_metrics_interval` (default 10 s): per grain type and method the call-duration histogram (the same
+//! buckets as `/metrics`, cumulative) and the error count, storage-operation durations, activations by type,
+//! and queued calls, each point labelled with the silo.
+//!
 //! Spans are queued (at most 8192; past that they are dropped and counted) and posted in batches of up to 512,
 //! at least once a second, to `{otlp_endpoint}/v1/traces` over plain HTTP/1.1. One exporter serves the process:
 //! the first silo (or client) that starts with an endpoint installs it. Without an endpoint nothing is
@@ -126,6 +131,106 @@ pub(crate) fn install(endpoint: &str, service: &str) -> Result<(), String> {
 struct Target {
     host_port: String,
     path: String,
+}
+
+/// Posts `silo`'s metrics to `endpoint` every `interval`, for as long as the silo runs.
+pub(crate) fn start_metrics(
+    silo: std::sync::Weak<crate::silo::SiloInner>,
+    endpoint: &str,
+    interval: Duration,
+) -> Result<(), String> {
+    let traces = Target::parse(endpoint)?;
+    let target = Target { path: traces.path.trim_end_matches("/v1/traces").to_owned() + "/v1/metrics", ..traces };
+    let started = unix_nanos();
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            let body = {
+                let Some(silo) = silo.upgrade() else { return };
+                if silo.is_stopped() {
+                    return;
+                }
+                metrics_body(&crate::stats::local(&silo), started)
+            };
+            if let Err(error) = post(&target, body.to_string().as_bytes()).await {
+                tracing::warn!(%error, "could not export metrics over OTLP");
+            }
+        }
+    });
+    Ok(())
+}
+
+/// One silo's metrics as an OTLP/JSON `ExportMetricsServiceRequest`.
+fn metrics_body(stats: &crate::stats::SiloStats, start: u64) -> Value {
+    use crate::metrics::{BUCKETS, HistogramSnapshot, bucket_upper};
+    let now = unix_nanos().to_string();
+    let start = start.to_string();
+    // Explicit bounds at each power of two from 1.024 µs to 34 s, in seconds, as in the Prometheus output.
+    let bounds: Vec<f64> = (10..=35u32).map(|p| (1u64 << p) as f64 / 1e9).collect();
+    let histogram_point = |histogram: &HistogramSnapshot, attributes: Vec<Value>| {
+        let mut counts = vec![0u64; bounds.len() + 1];
+        for &(i, n) in &histogram.buckets {
+            let upper = bucket_upper(usize::from(i).min(BUCKETS - 1)) as f64 / 1e9;
+            let slot = bounds.iter().position(|b| upper <= *b).unwrap_or(bounds.len());
+            counts[slot] += n;
+        }
+        json!({
+            "attributes": attributes,
+            "startTimeUnixNano": start, "timeUnixNano": now,
+            "count": histogram.count.to_string(),
+            "sum": histogram.sum_nanos as f64 / 1e9,
+            "bucketCounts": counts.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "explicitBounds": bounds,
+        })
+    };
+    let method_attributes = |m: &crate::metrics::MethodSnapshot| {
+        vec![attribute("grain_type", &m.grain_type), attribute("method", &m.method)]
+    };
+    let durations: Vec<Value> =
+        stats.methods.iter().map(|m| histogram_point(&m.latency, method_attributes(m))).collect();
+    let errors: Vec<Value> = stats
+        .methods
+        .iter()
+        .map(|m| json!({ "attributes": method_attributes(m), "startTimeUnixNano": start, "timeUnixNano": now, "asInt": m.errors.to_string() }))
+        .collect();
+    let storage: Vec<Value> =
+        [("read", &stats.storage.read), ("write", &stats.storage.write), ("clear", &stats.storage.clear)]
+            .into_iter()
+            .map(|(op, h)| histogram_point(h, vec![attribute("op", op)]))
+            .collect();
+    let activations: Vec<Value> = stats
+        .activations_by_type
+        .iter()
+        .map(
+            |(t, n)| json!({ "attributes": [attribute("grain_type", t)], "timeUnixNano": now, "asInt": n.to_string() }),
+        )
+        .collect();
+    json!({
+        "resourceMetrics": [{
+            "resource": { "attributes": [attribute("service.name", "grains-silo"), attribute("grains.silo", &stats.silo)] },
+            "scopeMetrics": [{
+                "scope": { "name": "grains" },
+                "metrics": [
+                    { "name": "grains.grain.call.duration", "unit": "s",
+                      "description": "Time a call's turn took, by grain type and method.",
+                      "histogram": { "aggregationTemporality": 2, "dataPoints": durations } },
+                    { "name": "grains.grain.errors", "unit": "1",
+                      "description": "Calls that ended in a call error or the method's own Err.",
+                      "sum": { "aggregationTemporality": 2, "isMonotonic": true, "dataPoints": errors } },
+                    { "name": "grains.storage.duration", "unit": "s",
+                      "description": "Latency of grain-state operations.",
+                      "histogram": { "aggregationTemporality": 2, "dataPoints": storage } },
+                    { "name": "grains.activations", "unit": "1", "description": "Activations by grain type.",
+                      "gauge": { "dataPoints": activations } },
+                    { "name": "grains.mailbox.queued", "unit": "1", "description": "Calls waiting in mailboxes.",
+                      "gauge": { "dataPoints": [{ "timeUnixNano": now, "asInt": stats.mailbox_queued.to_string() }] } },
+                ],
+            }],
+        }]
+    })
 }
 
 impl Target {

@@ -776,6 +776,7 @@ impl SiloBuilder {
         if let Some(pool) = &pool {
             let _ = inner.metrics.pool.set(pool.clone());
         }
+        crate::stats::start_metrics_export(&inner).map_err(SiloError::Config)?;
         let host: Weak<dyn LocalActivations> = Arc::downgrade(&inner) as Weak<dyn LocalActivations>;
         inner.cluster.set_host(host);
         let mut names: Vec<_> = inner.types.keys().copied().collect();

@@ -237,6 +237,16 @@ pub(crate) fn start_trace_export(config: &crate::config::SiloConfig) -> Result<(
     }
 }
 
+/// Starts posting `silo`'s metrics over OTLP if its configuration names an endpoint (feature `otlp`).
+pub(crate) fn start_metrics_export(silo: &Arc<SiloInner>) -> Result<(), String> {
+    #[cfg(feature = "otlp")]
+    if let Some(endpoint) = &silo.config.otlp_endpoint {
+        crate::otlp::start_metrics(Arc::downgrade(silo), endpoint, silo.config.otlp_metrics_interval)?;
+    }
+    let _ = silo;
+    Ok(())
+}
+
 /// A membership row, as the HTTP API shows it.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Member {

@@ -1,6 +1,6 @@
 //! Traces over OTLP: a call chain across two silos reaches an in-process OTLP/HTTP collector as one trace, each
 //! span the child of the one that made its call (client → turn on one silo → turn on another), and an HTTP call
-//! continues the trace its caller sent in `traceparent`.
+//! continues the trace its caller sent in `traceparent`. Each silo's metrics reach the collector too.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -13,20 +13,23 @@ use grains_tests::http_client::request;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// An OTLP/HTTP collector (JSON encoding) that keeps every span it is sent.
-async fn collector() -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
+type Kept = Arc<Mutex<Vec<Value>>>;
+
+/// An OTLP/HTTP collector (JSON encoding) that keeps every span and every metrics export it is sent.
+async fn collector() -> (SocketAddr, Kept, Kept) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let spans = Arc::new(Mutex::new(Vec::new()));
-    let kept = spans.clone();
+    let metrics = Arc::new(Mutex::new(Vec::new()));
+    let (kept, kept_metrics) = (spans.clone(), metrics.clone());
     tokio::spawn(async move {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else { return };
-            let kept = kept.clone();
+            let (kept, kept_metrics) = (kept.clone(), kept_metrics.clone());
             tokio::spawn(async move {
                 let mut raw = Vec::new();
                 let mut buf = [0u8; 65536];
-                let body = loop {
+                let (is_metrics, body) = loop {
                     let Ok(n) = stream.read(&mut buf).await else { return };
                     if n == 0 {
                         return;
@@ -34,7 +37,8 @@ async fn collector() -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
                     raw.extend_from_slice(&buf[..n]);
                     let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
                     let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-                    assert!(head.starts_with("post /v1/traces "), "{head}");
+                    let is_metrics = head.starts_with("post /v1/metrics ");
+                    assert!(is_metrics || head.starts_with("post /v1/traces "), "{head}");
                     assert!(head.contains("content-type: application/json"), "{head}");
                     let length: usize = head
                         .lines()
@@ -42,10 +46,16 @@ async fn collector() -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
                         .and_then(|v| v.trim().parse().ok())
                         .unwrap();
                     if raw.len() >= end + 4 + length {
-                        break raw[end + 4..end + 4 + length].to_vec();
+                        break (is_metrics, raw[end + 4..end + 4 + length].to_vec());
                     }
                 };
                 let export: Value = serde_json::from_slice(&body).unwrap();
+                if is_metrics {
+                    kept_metrics.lock().unwrap().push(export);
+                    let _ =
+                        stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}").await;
+                    return;
+                }
                 for resource in export["resourceSpans"].as_array().unwrap() {
                     let service = &resource["resource"]["attributes"][0];
                     assert_eq!(
@@ -60,7 +70,7 @@ async fn collector() -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
             });
         }
     });
-    (addr, spans)
+    (addr, spans, metrics)
 }
 
 fn attribute<'a>(span: &'a Value, key: &str) -> Option<&'a str> {
@@ -82,10 +92,14 @@ async fn span_where(spans: &Arc<Mutex<Vec<Value>>>, what: &str, matches: impl Fn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_chain_across_two_silos_is_one_trace_of_linked_spans() {
     grains_examples::link();
-    let (collector, spans) = collector().await;
+    let (collector, spans, metrics) = collector().await;
     let endpoint = format!("http://{collector}");
-    let silos =
-        grains_tests::start_cluster_with(3, |c| SiloConfig { otlp_endpoint: Some(endpoint.clone()), ..c }).await;
+    let silos = grains_tests::start_cluster_with(3, |c| SiloConfig {
+        otlp_endpoint: Some(endpoint.clone()),
+        otlp_metrics_interval: Duration::from_millis(200),
+        ..c
+    })
+    .await;
     let client = Client::connect(&format!("http://{}", silos[0].gateway_addr().unwrap())).await.unwrap();
 
     // Carts land on all three silos; the one catalog they ask for prices lives on one of them.
@@ -150,6 +164,37 @@ async fn a_call_chain_across_two_silos_is_one_trace_of_linked_spans() {
     })
     .await;
     assert_eq!(turn["parentSpanId"], http["spanId"]);
+
+    // Metrics: the cart's silo posts Cart.add's duration histogram (cumulative, buckets adding up to the count)
+    // and its error count, labelled with the silo.
+    let cart_silo_name = silos[cart_silo].address().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let point = loop {
+        let found = metrics.lock().unwrap().iter().rev().find_map(|export| {
+            let resource = &export["resourceMetrics"][0];
+            let silo = resource["resource"]["attributes"].as_array()?.iter().find(|a| a["key"] == "grains.silo")?;
+            (silo["value"]["stringValue"] == cart_silo_name.as_str()).then_some(())?;
+            let all = resource["scopeMetrics"][0]["metrics"].as_array()?;
+            let durations = all.iter().find(|m| m["name"] == "grains.grain.call.duration")?;
+            let errors = all.iter().find(|m| m["name"] == "grains.grain.errors")?;
+            let is_add = |p: &&Value| {
+                p["attributes"].as_array().is_some_and(|a| a.iter().any(|a| a["value"]["stringValue"] == "add"))
+            };
+            let point = durations["histogram"]["dataPoints"].as_array()?.iter().find(is_add)?.clone();
+            let failed = errors["sum"]["dataPoints"].as_array()?.iter().find(is_add)?["asInt"].as_str()?;
+            (failed.parse::<u64>().ok()? >= 1).then_some(point)
+        });
+        if let Some(point) = found {
+            break point;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no metrics export with Cart.add's histogram and error");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let count: u64 = point["count"].as_str().unwrap().parse().unwrap();
+    let counts = point["bucketCounts"].as_array().unwrap();
+    let buckets: u64 = counts.iter().map(|c| c.as_str().unwrap().parse::<u64>().unwrap()).sum();
+    assert!(count >= 2 && buckets == count, "{point}");
+    assert_eq!(counts.len(), point["explicitBounds"].as_array().unwrap().len() + 1);
 
     drop(client);
     for silo in silos {
