@@ -44,7 +44,7 @@ pub struct Cart {
     ctx: GrainContext,
 }
 
-#[grain]
+#[grain(http)]
 impl Cart {
     /// Adds `qty` of `item`; returns the new quantity of that item. The change is stored before the reply.
     pub async fn add(&mut self, item: String, qty: u32) -> Result<u32, CartError> {
@@ -84,7 +84,8 @@ impl Cart {
         Ok(total)
     }
 
-    /// Empties the cart (removes its stored state).
+    /// Empties the cart (removes its stored state). Not served over HTTP.
+    #[http(skip)]
     pub async fn clear(&mut self) -> Result<(), CartError> {
         self.state.clear().await?;
         Ok(())
@@ -104,6 +105,7 @@ pub struct Catalog;
 #[grain]
 impl Catalog {
     /// The price of `item` in cents, if the catalog sells it.
+    #[http]
     pub async fn price(&self, item: String) -> Option<u64> {
         match item.as_str() {
             "apple" => Some(50),

@@ -19,7 +19,7 @@ pub struct Hello {
     ctx: GrainContext,
 }
 
-#[grain]
+#[grain(http)]
 impl Hello {
     /// Greets `from`, counts the greeting durably, and says how many there have been.
     pub async fn greet(&mut self, from: String) -> Result<String, String> {

@@ -99,6 +99,23 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
         .collect();
     let arg_counts: Vec<u32> = model.methods.iter().map(|m| m.args.len() as u32).collect();
 
+    // A reply is the grain's own error when the method returns a `Result` (by its written type) holding `Err`.
+    let is_errors: Vec<TokenStream> = model
+        .methods
+        .iter()
+        .map(|m| {
+            if is_result(&m.output) {
+                quote!(::grains::__private::result_is_err(value))
+            } else {
+                quote!({
+                    let _ = value;
+                    false
+                })
+            }
+        })
+        .collect();
+    let http = http_methods(model, grain);
+
     let request_doc = format!("The calls of grain `{grain}`: one variant per grain method, holding its arguments.");
     let response_doc =
         format!("The replies of grain `{grain}`: one variant per grain method, holding its return value.");
@@ -196,6 +213,12 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
                     )*
                 }
             }
+
+            fn is_error(&self) -> bool {
+                match #deref self {
+                    #( Self::#names(value) => #is_errors, )*
+                }
+            }
         }
 
         #[doc = #reference_doc]
@@ -236,6 +259,8 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
             type Ref = #reference;
 
             const METHODS: &'static [&'static str] = &[#(#name_strs),*];
+
+            #http
 
             fn method_name(request: &#request) -> &'static str {
                 match #deref request {
@@ -296,5 +321,92 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
         ::grains::__private::inventory::submit! {
             ::grains::__private::GrainRegistration::of::<#grain>()
         }
+    }
+}
+
+/// Whether a return type is written as a `Result` (`Result<T, E>`, `std::result::Result<T, E>`, an alias such as
+/// `io::Result<T>`).
+fn is_result(ty: &syn::Type) -> bool {
+    match ty {
+        syn::Type::Path(p) => p.qself.is_none() && p.path.segments.last().is_some_and(|s| s.ident == "Result"),
+        syn::Type::Paren(p) => is_result(&p.elem),
+        _ => false,
+    }
+}
+
+/// `const HTTP` of the `Grain` impl: the methods exposed over HTTP and their JSON codecs, or nothing.
+fn http_methods(model: &GrainImpl, grain: &Ident) -> TokenStream {
+    let exposed: Vec<_> = model.methods.iter().filter(|m| m.http.unwrap_or(model.http)).collect();
+    if exposed.is_empty() {
+        return quote!();
+    }
+    let names: Vec<LitStr> = exposed.iter().map(|m| LitStr::new(&m.ident().to_string(), m.ident().span())).collect();
+    let to_args = exposed.iter().map(|m| {
+        let count = m.args.len() as u32;
+        let arg_names: Vec<&Ident> = m.args.iter().map(|(n, _)| n).collect();
+        let arg_strs: Vec<LitStr> = arg_names.iter().map(|n| LitStr::new(&n.to_string(), n.span())).collect();
+        let codecs = m.args.iter().map(|(_, ty)| quote_spanned!(ty.span()=> ::grains::__private::arg::<#ty>()));
+        let tys = m.args.iter().map(|(_, ty)| ty);
+        quote! {
+            {
+                #[allow(unused_mut, unused_variables)]
+                let mut values = ::grains::__private::json_args(json, &[#(#arg_strs),*])?.into_iter();
+                let mut out = ::std::vec::Vec::new();
+                ::grains::__private::begin_args(&mut out, #count)?;
+                #(
+                    let #arg_names: #tys = ::grains::__private::json_value(values.next(), #arg_strs)?;
+                    #codecs.encode(&#arg_names, &mut out)?;
+                )*
+                ::grains::__private::Result::Ok(out)
+            }
+        }
+    });
+    let to_json = exposed.iter().map(|m| {
+        let out = &m.output;
+        let codec = quote_spanned!(out.span()=> ::grains::__private::ret::<#out>());
+        quote! {
+            {
+                let mut input = body;
+                let value: #out = #codec.decode(&mut input)?;
+                ::grains::__private::json_result(&value)
+            }
+        }
+    });
+    let not_exposed = quote! {
+        _ => ::grains::__private::Result::Err(::grains::__private::CodecError(::std::format!(
+            "`{}` has no method `{}` served over HTTP",
+            <#grain as ::grains::__private::GrainType>::TYPE_NAME,
+            method,
+        ))),
+    };
+    quote! {
+        const HTTP: ::core::option::Option<::grains::__private::HttpMethods> =
+            ::core::option::Option::Some(::grains::__private::HttpMethods {
+                methods: &[#(#names),*],
+                json_to_args: {
+                    fn json_to_args(
+                        method: &str,
+                        json: &[u8],
+                    ) -> ::grains::__private::Result<::std::vec::Vec<u8>, ::grains::__private::CodecError> {
+                        match method {
+                            #( #names => #to_args )*
+                            #not_exposed
+                        }
+                    }
+                    json_to_args
+                },
+                result_to_json: {
+                    fn result_to_json(
+                        method: &str,
+                        body: &[u8],
+                    ) -> ::grains::__private::Result<::std::vec::Vec<u8>, ::grains::__private::CodecError> {
+                        match method {
+                            #( #names => #to_json )*
+                            #not_exposed
+                        }
+                    }
+                    result_to_json
+                },
+            });
     }
 }

@@ -28,6 +28,10 @@ mod validate;
 /// grain method, and
 /// `on_activate` / `on_deactivate` (`async fn(&mut self, &GrainContext) -> Result<(), GrainError>`) are
 /// lifecycle hooks. The macro generates `XRequest` and `XResponse` enums and the typed reference `XRef`.
+///
+/// HTTP: `#[grain(http)]` on the impl block serves every grain method of the type over the silo's HTTP/JSON API
+/// (`POST /grains/{type}/{key}/{method}`), except those marked `#[http(skip)]`; without it, `#[http]` on a
+/// method serves that method alone. Nothing is served over HTTP otherwise.
 #[proc_macro_attribute]
 pub fn grain(args: TokenStream, input: TokenStream) -> TokenStream {
     expand_grain(args.into(), input.into()).into()
@@ -62,6 +66,7 @@ fn expand_grain(args: TokenStream2, input: TokenStream2) -> TokenStream2 {
                     s.to_tokens(&mut out);
                 }
                 Ok(syn::Item::Impl(mut i)) => {
+                    parse::strip_http_attrs(&mut i);
                     // Keep the first of duplicated methods, so rustc does not report them again.
                     let mut seen = std::collections::HashSet::new();
                     i.items.retain(|item| match item {

@@ -37,7 +37,12 @@ pub(crate) struct GrainField {
 /// `#[grain]` on an impl block.
 pub(crate) struct GrainImpl {
     pub(crate) item: syn::ItemImpl,
-    pub(crate) args: TokenStream,
+    /// `#[grain(http)]`: every method is served over HTTP unless it says `#[http(skip)]`.
+    pub(crate) http: bool,
+    /// Options other than `http`, to be reported.
+    pub(crate) bad_args: Vec<Meta>,
+    /// Misplaced or malformed `#[http]` attributes, to be reported.
+    pub(crate) http_errors: Vec<syn::Error>,
     pub(crate) self_ident: Option<Ident>,
     pub(crate) methods: Vec<GrainMethod>,
     pub(crate) on_activate: Option<ImplItemFn>,
@@ -61,6 +66,8 @@ pub(crate) struct GrainMethod {
     /// Arguments whose pattern is not a plain identifier.
     pub(crate) bad_patterns: Vec<Pat>,
     pub(crate) output: Type,
+    /// `#[http]` (`Some(true)`) or `#[http(skip)]` (`Some(false)`) on the method.
+    pub(crate) http: Option<bool>,
 }
 
 impl GrainMethod {
@@ -81,6 +88,31 @@ fn is_last_segment(ty: &Type, name: &str) -> bool {
         Type::Path(p) => p.qself.is_none() && p.path.segments.last().is_some_and(|s| s.ident == name),
         _ => false,
     }
+}
+
+/// Removes `#[http]` helper attributes from the methods of an impl block.
+pub(crate) fn strip_http_attrs(item: &mut syn::ItemImpl) {
+    for impl_item in item.items.iter_mut() {
+        if let ImplItem::Fn(func) = impl_item {
+            func.attrs.retain(|a| !a.path().is_ident("http"));
+        }
+    }
+}
+
+/// Reads `#[http]` (expose) or `#[http(skip)]` (do not expose) on a method.
+fn http_attr(attrs: &[Attribute], errors: &mut Vec<syn::Error>) -> Option<bool> {
+    let mut exposed = None;
+    for attr in attrs.iter().filter(|a| a.path().is_ident("http")) {
+        match &attr.meta {
+            Meta::Path(_) => exposed = Some(true),
+            Meta::List(list) if list.tokens.to_string() == "skip" => exposed = Some(false),
+            other => errors.push(syn::Error::new_spanned(
+                other,
+                "write `#[http]` to serve this method over HTTP, or `#[http(skip)]` to keep it off HTTP",
+            )),
+        }
+    }
+    exposed
 }
 
 /// Removes the `#[state(...)]` and `#[journal(...)]` helper attributes from the struct's fields.
@@ -185,7 +217,12 @@ impl GrainStruct {
 }
 
 impl GrainImpl {
-    pub(crate) fn parse(args: TokenStream, item: syn::ItemImpl) -> syn::Result<Self> {
+    pub(crate) fn parse(args: TokenStream, mut item: syn::ItemImpl) -> syn::Result<Self> {
+        let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(args)?;
+        let (http, bad_args): (Vec<Meta>, Vec<Meta>) =
+            metas.into_iter().partition(|meta| matches!(meta, Meta::Path(p) if p.is_ident("http")));
+        let http = !http.is_empty();
+        let mut http_errors = Vec::new();
         let self_ident = match &*item.self_ty {
             Type::Path(p) if p.qself.is_none() => p.path.segments.last().map(|s| s.ident.clone()),
             _ => None,
@@ -204,7 +241,17 @@ impl GrainImpl {
                 on_deactivate = Some(func.clone());
                 continue;
             }
+            let exposed = http_attr(&func.attrs, &mut http_errors);
+            let misplaced = |what: &str| {
+                syn::Error::new_spanned(
+                    &func.sig.ident,
+                    format!("`#[http]` goes on grain methods (`pub async fn` taking `&self` or `&mut self`); {what}"),
+                )
+            };
             if matches!(func.vis, syn::Visibility::Inherited) {
+                if exposed.is_some() {
+                    http_errors.push(misplaced("this function is private"));
+                }
                 continue; // private helpers stay plain methods
             }
             let mut receiver = Receiver::None;
@@ -230,14 +277,20 @@ impl GrainImpl {
                 }
             }
             if receiver == Receiver::None {
+                if exposed.is_some() {
+                    http_errors.push(misplaced("this function takes no `self`"));
+                }
                 continue; // associated functions (constructors, helpers) are not grain methods
             }
             let output = match &func.sig.output {
                 syn::ReturnType::Default => syn::parse_quote_spanned!(func.sig.span()=> ()),
                 syn::ReturnType::Type(_, ty) => (**ty).clone(),
             };
-            methods.push(GrainMethod { func: func.clone(), receiver, args, bad_patterns, output });
+            let mut func = func.clone();
+            func.attrs.retain(|a| !a.path().is_ident("http"));
+            methods.push(GrainMethod { func, receiver, args, bad_patterns, output, http: exposed });
         }
-        Ok(Self { item, args, self_ident, methods, on_activate, on_deactivate })
+        strip_http_attrs(&mut item);
+        Ok(Self { item, http, bad_args, http_errors, self_ident, methods, on_activate, on_deactivate })
     }
 }

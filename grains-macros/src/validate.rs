@@ -71,11 +71,15 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> syn::Result<()> {
 pub(crate) fn grain_impl(model: &GrainImpl) -> syn::Result<()> {
     let mut errors = Errors::default();
     let item = &model.item;
-    if !model.args.is_empty() {
+    for arg in &model.bad_args {
         errors.push(syn::Error::new_spanned(
-            &model.args,
-            "`#[grain]` on an impl block takes no options: put them on the struct, e.g. `#[grain(idle_timeout = \"10m\")]`",
+            arg,
+            "`#[grain]` on an impl block takes only `http` (serve its methods over HTTP): put other options on the \
+             struct, e.g. `#[grain(idle_timeout = \"10m\")]`",
         ));
+    }
+    for error in &model.http_errors {
+        errors.push(error.clone());
     }
     if let Some((_, path, _)) = &item.trait_ {
         errors.push(syn::Error::new_spanned(

@@ -106,6 +106,51 @@ pub fn read_args(input: &mut &[u8], count: u32) -> Result<(), CodecError> {
     Ok(())
 }
 
+/// Reads the JSON arguments of a method whose arguments are named `names`, in order: a JSON array of exactly
+/// that many values, or an object keyed by argument name (a key left out is `null`, which an `Option` argument
+/// reads as `None`; an unknown key is refused). A method without arguments also takes an empty body or `null`.
+/// JSON nested deeper than 128 levels is refused (serde_json's limit).
+pub fn json_args(json: &[u8], names: &[&str]) -> Result<Vec<serde_json::Value>, CodecError> {
+    let blank = json.iter().all(u8::is_ascii_whitespace);
+    if blank && names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let value: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| CodecError(format!("the arguments are not JSON: {e}")))?;
+    match value {
+        serde_json::Value::Null if names.is_empty() => Ok(Vec::new()),
+        serde_json::Value::Array(values) if values.len() == names.len() => Ok(values),
+        serde_json::Value::Array(values) => {
+            Err(CodecError(format!("expected {} arguments, found {}", names.len(), values.len())))
+        }
+        serde_json::Value::Object(mut object) => {
+            let values = names.iter().map(|name| object.remove(*name).unwrap_or(serde_json::Value::Null)).collect();
+            match object.keys().next() {
+                Some(unknown) => Err(CodecError(format!(
+                    "no argument named `{unknown}`; the arguments are: {}",
+                    if names.is_empty() { "(none)".to_owned() } else { names.join(", ") }
+                ))),
+                None => Ok(values),
+            }
+        }
+        _ => Err(CodecError(format!(
+            "the arguments are a JSON array (in order) or an object (by name) of: {}",
+            if names.is_empty() { "(none)".to_owned() } else { names.join(", ") }
+        ))),
+    }
+}
+
+/// Reads argument `name` from its JSON value.
+pub fn json_value<T: DeserializeOwned>(value: Option<serde_json::Value>, name: &str) -> Result<T, CodecError> {
+    serde_json::from_value(value.unwrap_or(serde_json::Value::Null))
+        .map_err(|e| CodecError(format!("argument `{name}`: {e}")))
+}
+
+/// Writes a return value as JSON.
+pub fn json_result<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
+    serde_json::to_vec(value).map_err(|e| CodecError(format!("the result cannot be written as JSON: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +191,28 @@ mod tests {
         assert!(error.0.contains("depth"), "{error}");
         let mut input = &nested(100_000)[..];
         assert!(ValueCodec::<Nest>::new().decode(&mut input).is_err(), "an argument nests no deeper");
+    }
+
+    #[test]
+    fn json_arguments_are_an_array_in_order_or_an_object_by_name() {
+        let names = ["item", "qty"];
+        assert_eq!(json_args(br#"["apple", 2]"#, &names).unwrap(), vec![serde_json::json!("apple"), 2.into()]);
+        assert_eq!(
+            json_args(br#"{"qty": 2, "item": "apple"}"#, &names).unwrap(),
+            vec![serde_json::json!("apple"), 2.into()]
+        );
+        assert_eq!(json_args(br#"{"item": "apple"}"#, &names).unwrap()[1], serde_json::Value::Null);
+        assert!(json_args(br#"["apple"]"#, &names).unwrap_err().0.contains("expected 2 arguments, found 1"));
+        assert!(json_args(br#"{"item": "a", "qtty": 1}"#, &names).unwrap_err().0.contains("`qtty`"));
+        assert!(json_args(b"\"apple\"", &names).is_err(), "a bare value is neither form");
+        assert!(json_args(b"[1,", &names).unwrap_err().0.contains("not JSON"));
+        assert!(json_args(b"", &[]).unwrap().is_empty() && json_args(b"null", &[]).unwrap().is_empty());
+        assert!(json_args(b"", &names).is_err());
+        let deep = format!("[{}{}]", "[".repeat(200), "]".repeat(200));
+        assert!(json_args(deep.as_bytes(), &["x"]).is_err(), "nesting is bounded");
+        let qty: u32 = json_value(Some(2.into()), "qty").unwrap();
+        assert_eq!(qty, 2);
+        assert!(json_value::<u32>(Some("two".into()), "qty").unwrap_err().0.contains("argument `qty`"));
     }
 
     #[test]

@@ -71,11 +71,21 @@ pub trait GrainType: Sized + Send + 'static {
 pub trait WireMessage: Send + Sized + 'static {
     /// Encodes the body (arguments or return value) in the payload codec.
     fn encode_body(&self) -> Result<Vec<u8>, CodecError>;
+
+    /// Whether this is a reply holding the grain method's own `Err` (for a method returning a `Result`):
+    /// counted as an error by the silo's per-method metrics. `false` for requests.
+    fn is_error(&self) -> bool {
+        false
+    }
 }
 
 impl<T: WireMessage> LocalMessage for T {
     fn encode(&self) -> Result<Vec<u8>, CodecError> {
         self.encode_body()
+    }
+
+    fn is_error(&self) -> bool {
+        WireMessage::is_error(self)
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
@@ -98,6 +108,10 @@ pub trait Grain: GrainType {
 
     /// The names of the grain's methods, as callable over the wire.
     const METHODS: &'static [&'static str];
+
+    /// The methods callable over HTTP with JSON, and their JSON codecs: `None` unless the impl block says
+    /// `#[grain(http)]` or a method says `#[http]` (see [`HttpMethods`]).
+    const HTTP: Option<HttpMethods> = None;
 
     /// The method a request calls.
     fn method_name(request: &Self::Request) -> &'static str;
@@ -180,6 +194,31 @@ pub type BuildFn = fn(GrainContext) -> BoxFuture<'static, Result<Box<dyn ErasedG
 /// (an unknown method is [`CallError::UnknownMethod`], undecodable arguments [`CallError::Codec`]).
 pub type DecodeRequestFn = fn(&str, &[u8]) -> Result<Box<dyn LocalMessage>, CallError>;
 
+/// The methods of a grain type that a silo serves over HTTP with JSON (`POST /grains/{type}/{key}/{method}`),
+/// and the JSON codecs `#[grain]` generated for them. Exposure is opt-in: `#[grain(http)]` on the impl block
+/// exposes every method of the type (but those marked `#[http(skip)]`), `#[http]` on a method exposes that one.
+///
+/// The arguments are a JSON array in declaration order (`["apple", 2]`) or an object by argument name
+/// (`{"item": "apple", "qty": 2}`; a missing `Option` argument is `None`); a method without arguments also
+/// takes an empty body. The result is the return value as `serde_json` writes it (a `Result` is
+/// `{"Ok": ...}` or `{"Err": ...}`).
+#[derive(Debug, Clone, Copy)]
+pub struct HttpMethods {
+    /// The exposed methods.
+    pub methods: &'static [&'static str],
+    /// Reads the JSON arguments of an exposed method into an encoded request body (the payload codec).
+    pub json_to_args: fn(method: &str, json: &[u8]) -> Result<Vec<u8>, CodecError>,
+    /// Writes the encoded return value of an exposed method as JSON.
+    pub result_to_json: fn(method: &str, body: &[u8]) -> Result<Vec<u8>, CodecError>,
+}
+
+impl HttpMethods {
+    /// Whether `method` is exposed over HTTP.
+    pub fn exposes(&self, method: &str) -> bool {
+        self.methods.contains(&method)
+    }
+}
+
 /// A grain type linked into the binary; `#[grain]` submits one per type to the inventory.
 #[derive(Debug)]
 pub struct GrainRegistration {
@@ -194,6 +233,8 @@ pub struct GrainRegistration {
     /// Decodes a call's encoded arguments without an activation: a silo checks a call from the wire with it
     /// before it activates anything, and hands the activation the typed request.
     pub decode_request: DecodeRequestFn,
+    /// The methods served over HTTP with JSON, if any (see [`HttpMethods`]).
+    pub http: Option<HttpMethods>,
 }
 
 impl GrainRegistration {
@@ -205,6 +246,7 @@ impl GrainRegistration {
             methods: G::METHODS,
             build: build_erased::<G>,
             decode_request: decode_erased::<G>,
+            http: G::HTTP,
         }
     }
 

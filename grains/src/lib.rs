@@ -99,7 +99,8 @@ mod state;
 pub use context::GrainContext;
 pub use error::{CallError, GrainError, StateError, StorageError};
 pub use grain::{
-    BuildFn, DecodeRequestFn, ErasedGrain, Grain, GrainOptions, GrainRegistration, GrainType, Placement, WireMessage,
+    BuildFn, DecodeRequestFn, ErasedGrain, Grain, GrainOptions, GrainRegistration, GrainType, HttpMethods, Placement,
+    WireMessage,
 };
 pub use grains_macros::grain;
 pub use id::{GrainId, GrainKey};
@@ -122,12 +123,18 @@ pub mod prelude {
 #[doc(hidden)]
 pub mod __private {
     pub use crate::codec::{begin_args, read_args};
+    pub use crate::codec::{json_args, json_result, json_value};
     pub use crate::duration::duration_const;
     pub use crate::reference::mismatched_reply;
     pub use crate::{
-        CallError, Grain, GrainContext, GrainError, GrainOptions, GrainRef, GrainRegistration, GrainType, Journaled,
-        PersistentState, Placement, RefCore, WireMessage, codec::CodecError,
+        CallError, Grain, GrainContext, GrainError, GrainOptions, GrainRef, GrainRegistration, GrainType, HttpMethods,
+        Journaled, PersistentState, Placement, RefCore, WireMessage, codec::CodecError,
     };
+
+    /// Whether a grain method's `Result` return value is its own error (for the silo's error counts).
+    pub fn result_is_err<T, E>(value: &std::result::Result<T, E>) -> bool {
+        value.is_err()
+    }
     pub use inventory;
     pub use serde;
     pub use std::future::Future;

@@ -50,6 +50,10 @@ pub trait LocalMessage: Any + Send {
     fn encode(&self) -> Result<Vec<u8>, CodecError>;
     /// Unboxes into `Any` so the receiver can downcast to the concrete type.
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+    /// Whether this is a reply holding the grain method's own `Err` (see [`crate::WireMessage::is_error`]).
+    fn is_error(&self) -> bool {
+        false
+    }
 }
 
 /// The body of a request or a reply.

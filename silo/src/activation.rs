@@ -167,6 +167,11 @@ impl Mailbox {
         self.lock().closed = true;
     }
 
+    /// How many calls wait in the mailbox.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().items.len()
+    }
+
     /// Whether the mailbox refuses mail.
     pub(crate) fn is_closed(&self) -> bool {
         self.lock().closed
@@ -340,6 +345,8 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
 
     let mut panicked = false;
     let mut unrun = None;
+    // Per-method counters: found once per activation, updated with atomics per call.
+    let stats = host.metrics().grain_type(start.grain_type.type_name);
     while let Some(mail) = start.mailbox.recv().await {
         match mail {
             Mail::Call(call) => {
@@ -354,21 +361,55 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
                     let _ = call.reply.send(Err(CallError::Timeout(Duration::ZERO)));
                     continue;
                 }
-                if Instant::now() >= call.deadline {
+                // The turn's start: also the clock read its latency is measured from.
+                let started = Instant::now();
+                if started >= call.deadline {
                     // Nobody will use the answer; a queue of stale calls must not cost a turn each.
                     let _ = call.reply.send(Err(CallError::Timeout(Duration::ZERO)));
                     continue;
                 }
                 let span = tracing::debug_span!("grain.turn", grain = %id, method = %call.method);
-                let turn = run_in_turn(call.chain, id.clone(), call.metadata, grain.handle(&call.method, call.payload));
+                #[cfg(feature = "otlp")]
+                let (metadata, trace) = crate::otlp::start(
+                    || format!("{}.{}", id.grain_type(), call.method),
+                    crate::otlp::Kind::Server,
+                    call.metadata,
+                    || vec![("grains.grain", id.to_string()), ("grains.silo", host.cluster().me.to_string())],
+                );
+                #[cfg(not(feature = "otlp"))]
+                let metadata = call.metadata;
+                let turn = run_in_turn(call.chain, id.clone(), metadata, grain.handle(&call.method, call.payload));
                 let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
                 start.shared.touch(host.now_ms());
+                let method_stats = stats.and_then(|s| s.method(&call.method));
                 match outcome {
                     Ok(result) => {
+                        let failed = match &result {
+                            Ok(grains::runtime::Payload::Local(reply)) => reply.is_error(),
+                            Ok(grains::runtime::Payload::Encoded(_)) => false,
+                            Err(_) => true,
+                        };
+                        if let Some(method_stats) = method_stats {
+                            method_stats.record(started.elapsed(), failed);
+                        }
+                        #[cfg(feature = "otlp")]
+                        if let Some(trace) = trace {
+                            trace.end(match &result {
+                                Err(error) => Some(error.to_string()),
+                                Ok(_) => failed.then(|| "the method returned its error".to_owned()),
+                            });
+                        }
                         let _ = call.reply.send(result);
                     }
                     Err(panic) => {
+                        if let Some(method_stats) = method_stats {
+                            method_stats.record(started.elapsed(), true);
+                        }
                         let message = panic_message(&*panic);
+                        #[cfg(feature = "otlp")]
+                        if let Some(trace) = trace {
+                            trace.end(Some(format!("panicked: {message}")));
+                        }
                         tracing::error!(grain = %id, method = %call.method, %message, "grain method panicked; deactivating");
                         let _ = call.reply.send(Err(CallError::Panicked {
                             grain: id.to_string(),

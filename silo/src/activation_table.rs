@@ -135,6 +135,11 @@ impl ActivationTable {
         self.map.remove_if(id, |_, h| h.activation_id == activation_id);
     }
 
+    /// Every entry, for inspection (stats): one shard locked at a time.
+    pub(crate) fn iter(&self) -> dashmap::iter::Iter<'_, GrainId, ActivationHandle, FastHash> {
+        self.map.iter()
+    }
+
     /// Whether `id` has an activation here that the directory has confirmed.
     pub(crate) fn is_confirmed(&self, id: &GrainId) -> bool {
         self.map.get(id).is_some_and(|h| h.shared.is_confirmed())

@@ -13,8 +13,9 @@ use crate::cluster::{Cluster, LocalActivations, membership};
 use crate::config::{MembershipKind, SiloConfig, StorageKind};
 use crate::filter::{CallFilter, CallFilters, CallInfo};
 use crate::gateway;
+use crate::metrics::Metrics;
 use crate::peer_auth::{ClusterCredentials, PeerIdentity};
-use crate::silo::{HostedTypes, Silo, SiloInner, collect_idle};
+use crate::silo::{HostedTypes, Silo, SiloInner, SiloParts, collect_idle};
 
 /// Why a silo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +106,7 @@ impl SiloBuilder {
     pub async fn start(self) -> Result<Silo, SiloError> {
         let config = self.config;
         config.check_exposure().map_err(SiloError::Config)?;
+        crate::stats::start_trace_export(&config).map_err(SiloError::Config)?;
         let server_tls = crate::tls::server_config(&config)?;
         let peer_tls = crate::tls::peer_config(&config)?;
         let advertised_host = config.advertised_host().map_err(|e| SiloError::Config(e.to_string()))?;
@@ -171,10 +173,17 @@ impl SiloBuilder {
         let activations = table.clone() as Arc<dyn LocalActivations>;
         let timings = config.failure_detection.timings();
         let cluster = Arc::new(Cluster::new(me.clone(), timings, table_of_members, identity, activations));
-        let store: Arc<dyn GrainStateStore> = Arc::new(crate::fencing::FencedStore::new(store, cluster.clone()));
+        let metrics = Metrics::default();
+        let store: Arc<dyn GrainStateStore> =
+            Arc::new(crate::fencing::FencedStore::new(store, cluster.clone(), metrics.storage.clone()));
         let events = self.events.open(&config, pool.as_ref(), fenced, &me);
         let journal = events.journal_for_grains(cluster.clone());
-        let inner = SiloInner::new(config, types, table, store, journal, cluster, self.filters);
+        let filters = self.filters;
+        let inner = SiloInner::new(SiloParts { config, types, table, store, journal, cluster, filters, metrics });
+        if let Some(pool) = &pool {
+            let _ = inner.metrics.pool.set(pool.clone());
+        }
+        crate::stats::start_metrics_export(&inner).map_err(SiloError::Config)?;
         let mut names: Vec<_> = inner.types.keys().copied().collect();
         names.sort_unstable();
         tracing::info!(silo = %inner.config.name, address = %inner.me(), cluster = %inner.config.cluster_id, grain_types = ?names, "silo starting");

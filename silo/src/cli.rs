@@ -107,6 +107,16 @@ pub struct SiloArgs {
     /// the cluster's system calls).
     #[arg(long, env = "GRAINS_INSECURE")]
     pub insecure: bool,
+    /// The token operators present for operator actions (`POST /silo/shutdown`).
+    #[arg(long, env = "GRAINS_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Serve the HTTP/JSON API and the dashboard to other hosts, not only to loopback callers.
+    #[arg(long, env = "GRAINS_HTTP_REMOTE")]
+    pub http_remote: bool,
+    /// Export traces to this OpenTelemetry collector over OTLP/HTTP (`http://host:4318`; needs the `otlp`
+    /// feature).
+    #[arg(long, env = "GRAINS_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// The certificate chain to serve TLS with: a PEM file, or PEM text.
     #[arg(long, env = "GRAINS_TLS_CERT")]
     pub tls_cert: Option<String>,
@@ -179,6 +189,15 @@ impl SiloArgs {
             let secret = text.trim_end_matches(['\r', '\n']);
             anyhow::ensure!(!secret.is_empty(), "the cluster secret file {} is empty", path.display());
             config.cluster_secret = Some(ClusterSecret::new(secret));
+        }
+        if let Some(token) = &self.admin_token {
+            config.admin_token = Some(ClusterSecret::new(token.clone()));
+        }
+        if self.http_remote {
+            config.http_remote = true;
+        }
+        if let Some(endpoint) = &self.otlp_endpoint {
+            config.otlp_endpoint = Some(endpoint.clone());
         }
         if self.insecure {
             config.insecure = true;
@@ -254,8 +273,14 @@ pub async fn run_with_builder(
         println!("gateway listening on {addr}");
     }
     let declared_dead = silo.stopped();
+    let operator_stop = silo.shutdown_requested();
     tokio::select! {
         () = wait_for_stop_signal() => {
+            silo.shutdown(Duration::from_secs(30)).await;
+            Ok(())
+        }
+        () = operator_stop => {
+            tracing::info!("an operator asked this silo to stop (POST /silo/shutdown)");
             silo.shutdown(Duration::from_secs(30)).await;
             Ok(())
         }

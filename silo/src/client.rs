@@ -298,8 +298,24 @@ impl ClientInner {
         tokio::spawn(probe_until_answered(self.this.clone(), gateway.to_owned()));
     }
 
-    /// Sends one call through a gateway; moves to another gateway only if the call certainly did not run.
+    /// Sends one call through a gateway, as a client span when traces are exported.
     async fn send(&self, call: Call) -> Result<Payload, CallError> {
+        #[cfg(feature = "otlp")]
+        {
+            let mut call = call;
+            let span = crate::otlp::start_call(&mut call, crate::otlp::Kind::Client);
+            let result = self.send_once(call).await;
+            if let Some(span) = span {
+                span.end(result.as_ref().err().map(ToString::to_string));
+            }
+            result
+        }
+        #[cfg(not(feature = "otlp"))]
+        self.send_once(call).await
+    }
+
+    /// Sends one call through a gateway; moves to another gateway only if the call certainly did not run.
+    async fn send_once(&self, call: Call) -> Result<Payload, CallError> {
         let payload = call.payload.into_bytes()?;
         let limit = self.config.max_payload_bytes;
         if payload.len() > limit {

@@ -248,6 +248,24 @@ pub struct SiloConfig {
     /// advertises, an IP address).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_server_name: Option<String>,
+    /// Serve the HTTP/JSON API (`/grains/...`, `/cluster`, `/silo/shutdown`) and the dashboard (`/dashboard`)
+    /// on the silo's port (default: on). See the `http` module.
+    pub http_api: bool,
+    /// Serve the HTTP/JSON API and the dashboard to callers on other hosts too (default: off, loopback
+    /// callers only). JSON grain calls pass the call filters either way.
+    pub http_remote: bool,
+    /// The token an operator presents (`Authorization: Bearer ...`) for operator actions such as
+    /// `POST /silo/shutdown`; the cluster secret is accepted too. With neither, operator actions are refused
+    /// (printed as `***`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<ClusterSecret>,
+    /// Where to export traces, over OTLP/HTTP (`http://host:4318`); needs the `otlp` feature, and is ignored
+    /// with a warning without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// How often metrics are posted to `otlp_endpoint` (default 10s).
+    #[serde(with = "duration_text")]
+    pub otlp_metrics_interval: Duration,
     /// Per-grain-type overrides, keyed by grain type name: `[grain.Cart] idle_timeout = "1m"`.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub grain: BTreeMap<String, GrainTypeConfig>,
@@ -291,6 +309,11 @@ impl Default for SiloConfig {
             tls_ca: None,
             tls_client_ca: None,
             tls_server_name: None,
+            http_api: true,
+            http_remote: false,
+            admin_token: None,
+            otlp_endpoint: None,
+            otlp_metrics_interval: Duration::from_secs(10),
             grain: BTreeMap::new(),
         }
     }
@@ -307,6 +330,7 @@ impl SiloConfig {
         let mut shown = self.clone();
         shown.database_url = shown.database_url.as_deref().map(mask_password);
         shown.cluster_secret = shown.cluster_secret.map(|_| ClusterSecret::new("***"));
+        shown.admin_token = shown.admin_token.map(|_| ClusterSecret::new("***"));
         shown.tls_key = shown.tls_key.as_ref().map(PemSource::masked);
         toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}"))
     }

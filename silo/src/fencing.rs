@@ -9,6 +9,7 @@
 //! etag check in storage remains the last line: it refuses a stale writer whatever happens.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use grains_storage::{
@@ -17,16 +18,34 @@ use grains_storage::{
 };
 
 use crate::cluster::Cluster;
+use crate::metrics::{Histogram, StorageStats};
 
-/// A state store that refuses writes while the silo's membership lease is not valid.
+/// A state store that refuses writes while the silo's membership lease is not valid, and times every
+/// operation into the silo's storage histograms.
 pub(crate) struct FencedStore {
     inner: Arc<dyn GrainStateStore>,
     cluster: Arc<Cluster>,
+    stats: Arc<StorageStats>,
+}
+
+/// Records the latency of one storage operation, and whether it failed.
+async fn timed<T>(
+    stats: &StorageStats,
+    histogram: &Histogram,
+    operation: impl std::future::Future<Output = Result<T, StorageError>>,
+) -> Result<T, StorageError> {
+    let started = std::time::Instant::now();
+    let result = operation.await;
+    histogram.record(started.elapsed());
+    if result.is_err() {
+        stats.failures.fetch_add(1, Ordering::Relaxed);
+    }
+    result
 }
 
 impl FencedStore {
-    pub(crate) fn new(inner: Arc<dyn GrainStateStore>, cluster: Arc<Cluster>) -> Self {
-        Self { inner, cluster }
+    pub(crate) fn new(inner: Arc<dyn GrainStateStore>, cluster: Arc<Cluster>, stats: Arc<StorageStats>) -> Self {
+        Self { inner, cluster, stats }
     }
 
     fn check(&self) -> Result<(), StorageError> {
@@ -45,7 +64,7 @@ impl GrainStateStore for FencedStore {
     }
 
     async fn read(&self, key: &StateKey) -> Result<Option<StoredState>, StorageError> {
-        self.inner.read(key).await
+        timed(&self.stats, &self.stats.read, self.inner.read(key)).await
     }
 
     async fn write(
@@ -55,12 +74,12 @@ impl GrainStateStore for FencedStore {
         expected: Option<&str>,
     ) -> Result<ETag, StorageError> {
         self.check()?;
-        self.inner.write(key, document, expected).await
+        timed(&self.stats, &self.stats.write, self.inner.write(key, document, expected)).await
     }
 
     async fn clear(&self, key: &StateKey, expected: Option<&str>) -> Result<(), StorageError> {
         self.check()?;
-        self.inner.clear(key, expected).await
+        timed(&self.stats, &self.stats.clear, self.inner.clear(key, expected)).await
     }
 }
 

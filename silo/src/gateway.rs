@@ -26,7 +26,7 @@
 //! loop's limits, and a client that does not speak TLS is closed at it (see the `tls` module).
 //!
 //! The same port answers `GET /metrics` (HTTP/1.1 or HTTP/2) with the silo's counters in the Prometheus text
-//! format, for scraping.
+//! format, for scraping, and serves the HTTP/JSON API and the dashboard (see the `http` module).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -155,8 +155,16 @@ where
         if let Some(connection) = connection_info(request.extensions()) {
             connection.established.store(true, std::sync::atomic::Ordering::Relaxed);
         }
+        if self.silo.config.http_api && crate::http::serves(request.uri().path()) {
+            let caller = crate::http::HttpCaller {
+                remote: connection_info(request.extensions()).map(|c| c.remote),
+                certificate_subject: client_certificate_subject(request.extensions()),
+            };
+            let served = crate::http::serve(self.silo.clone(), caller, request);
+            return Box::pin(async move { Ok(served.await) });
+        }
         if request.uri().path() == METRICS_PATH {
-            let text = self.silo.metrics_snapshot().to_prometheus();
+            let text = crate::stats::prometheus(&self.silo);
             return Box::pin(async move {
                 let mut response = http::Response::new(Body::new(text));
                 response
@@ -363,5 +371,6 @@ fn system_call_name(request: &SystemRequest) -> &'static str {
         SystemRequest::Recover { .. } => "Recover",
         SystemRequest::Evict { .. } => "Evict",
         SystemRequest::Draining { .. } => "Draining",
+        SystemRequest::Stats => "Stats",
     }
 }

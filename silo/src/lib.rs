@@ -42,12 +42,16 @@ pub mod events;
 mod fencing;
 pub mod filter;
 pub mod gateway;
+pub mod http;
 mod metrics;
+#[cfg(feature = "otlp")]
+mod otlp;
 mod peer_auth;
 mod routing;
 mod serve;
 mod silo;
 pub mod sim;
+mod stats;
 pub mod tls;
 pub mod wire;
 
@@ -61,3 +65,11 @@ pub use metrics::MetricsSnapshot;
 pub use peer_auth::{ClusterCredentials, ClusterSecret, PROOF_WINDOW};
 pub use silo::Silo;
 pub use tls::PemSource;
+
+/// Exports this process's spans (turns, client calls, HTTP calls) to an OpenTelemetry collector over OTLP/HTTP
+/// (`http://host:4318`), unless it already does (a silo with `otlp_endpoint` installs the exporter itself; a
+/// process that only runs a [`Client`] calls this). Must run inside a tokio runtime.
+#[cfg(feature = "otlp")]
+pub fn export_traces(endpoint: &str, service_name: &str) -> Result<(), String> {
+    otlp::install(endpoint, service_name)
+}

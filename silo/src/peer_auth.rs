@@ -75,6 +75,12 @@ impl ClusterSecret {
         Self(text.into())
     }
 
+    /// Whether `presented` is this secret, compared in constant time (for a given length).
+    pub(crate) fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |diff, (x, y)| diff | (x ^ y)) == 0
+    }
+
     fn mac(&self) -> Hmac<Sha256> {
         match Hmac::<Sha256>::new_from_slice(self.0.as_bytes()) {
             Ok(mac) => mac,

@@ -142,6 +142,7 @@ impl SiloInner {
                     .map_err(|e| CallError::Unavailable(e.to_string()))?;
                 SystemResponse::Table(answer)
             }
+            SystemRequest::Stats => SystemResponse::Stats(Box::new(crate::stats::local(self))),
         })
     }
 

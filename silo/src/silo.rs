@@ -38,6 +38,18 @@ use crate::routing::wait_reply;
 /// The grain types a silo hosts, with each one's idle timeout.
 pub(crate) type HostedTypes = HashMap<&'static str, (&'static GrainRegistration, Duration), FastHash>;
 
+/// What a silo is built from (see `builder.rs`).
+pub(crate) struct SiloParts {
+    pub(crate) config: SiloConfig,
+    pub(crate) types: HostedTypes,
+    pub(crate) table: Arc<ActivationTable>,
+    pub(crate) store: Arc<dyn GrainStateStore>,
+    pub(crate) journal: Arc<dyn grains_storage::EventJournal>,
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) filters: CallFilters,
+    pub(crate) metrics: Metrics,
+}
+
 pub(crate) struct SiloInner {
     pub(crate) config: SiloConfig,
     pub(crate) types: HostedTypes,
@@ -49,6 +61,8 @@ pub(crate) struct SiloInner {
     coarse_now_ms: AtomicU64,
     /// Set when a graceful shutdown begins: new calls are refused.
     shutting_down: AtomicBool,
+    /// Set when an operator asks the silo to stop (`POST /silo/shutdown`); its owner carries it out.
+    pub(crate) shutdown_requested: tokio::sync::watch::Sender<bool>,
     pub(crate) metrics: Metrics,
     pub(crate) filters: CallFilters,
     this: Weak<SiloInner>,
@@ -56,15 +70,8 @@ pub(crate) struct SiloInner {
 
 impl SiloInner {
     /// The silo made of these parts.
-    pub(crate) fn new(
-        config: SiloConfig,
-        types: HostedTypes,
-        table: Arc<ActivationTable>,
-        store: Arc<dyn GrainStateStore>,
-        journal: Arc<dyn grains_storage::EventJournal>,
-        cluster: Arc<Cluster>,
-        filters: CallFilters,
-    ) -> Arc<Self> {
+    pub(crate) fn new(parts: SiloParts) -> Arc<Self> {
+        let SiloParts { config, types, table, store, journal, cluster, filters, metrics } = parts;
         Arc::new_cyclic(|this| SiloInner {
             config,
             types,
@@ -75,7 +82,8 @@ impl SiloInner {
             clock_origin: Instant::now(),
             coarse_now_ms: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
-            metrics: Metrics::default(),
+            shutdown_requested: tokio::sync::watch::Sender::new(false),
+            metrics,
             filters,
             this: this.clone(),
         })
@@ -346,6 +354,15 @@ impl Silo {
     /// Resolves when the silo stops serving on its own (declared dead by the cluster).
     pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.inner.cluster.stopped()
+    }
+
+    /// Resolves when an operator has asked this silo to stop through the HTTP API (`POST /silo/shutdown`).
+    /// Whoever owns the silo then calls [`Silo::shutdown`]; the silo binary (`cli::run`) does.
+    pub fn shutdown_requested(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut requested = self.inner.shutdown_requested.subscribe();
+        async move {
+            let _ = requested.wait_for(|r| *r).await;
+        }
     }
 
     /// Leaves the cluster gracefully, in the order that keeps one activation per grain:

@@ -12,6 +12,7 @@ use grains_silo::{Silo, SiloConfig};
 use grains_storage::GrainStateStore;
 
 pub mod es;
+pub mod http_client;
 pub mod netns;
 pub mod pg;
 pub mod process;

@@ -195,6 +195,8 @@ pub(crate) struct Cluster {
     activations: Arc<dyn LocalActivations>,
     /// Set once this silo serves no more: declared dead by the cluster, or shut down.
     stopped: watch::Sender<bool>,
+    /// The membership changes this silo has seen, for the dashboard.
+    pub(crate) events: crate::stats::MembershipEvents,
 }
 
 impl Cluster {
@@ -227,6 +229,7 @@ impl Cluster {
             draining: FastDashMap::default(),
             activations,
             stopped: watch::Sender::new(false),
+            events: Default::default(),
         }
     }
 
@@ -319,6 +322,7 @@ impl Cluster {
             }
         };
         self.fence_newly_dead(&old, &view);
+        self.events.record(&old, &view);
         if old.ring_id != view.ring_id {
             tracing::info!(version = view.version, active = ?view.active.iter().map(ToString::to_string).collect::<Vec<_>>(), "membership view changed");
             self.close_peers_not_in(&view);

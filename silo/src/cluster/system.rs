@@ -75,6 +75,8 @@ pub(crate) enum SystemRequest {
     Activations,
     /// An operation on the membership table a seed silo holds (development clustering).
     Table(super::seed::TableOp),
+    /// The silo's stats, for the dashboard.
+    Stats,
 }
 
 /// The answer of a system target.
@@ -96,6 +98,8 @@ pub(crate) enum SystemResponse {
     Activations(Vec<GrainId>),
     /// Answer to `Table`.
     Table(super::seed::TableAnswer),
+    /// Answer to `Stats`.
+    Stats(Box<crate::stats::SiloStats>),
     /// Done.
     Done,
 }

@@ -48,7 +48,7 @@ pub use reminders::PostgresReminderTable;
 pub use sqlx::PgConnection;
 pub use sqlx::postgres::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
-pub use state::PostgresStateStore;
+pub use state::{PostgresStateStore, batch_sizes};
 
 use crate::{SiloAddress, StorageError};
 

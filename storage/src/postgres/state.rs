@@ -64,6 +64,25 @@ pub struct PostgresStateStore {
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 512;
 
+/// How many batches of each size the group-commit writers of this process have committed: bucket `i` counts
+/// batches of at most `2^i` writes (and more than `2^(i-1)`), up to [`MAX_BATCH`].
+static BATCH_SIZES: [std::sync::atomic::AtomicU64; 10] = [const { std::sync::atomic::AtomicU64::new(0) }; 10];
+
+/// The group-commit batch sizes of every Postgres state store in this process, for metrics: pairs of (at most
+/// this many writes, batches), ascending, cumulative counts not included (each bucket counts its own batches).
+pub fn batch_sizes() -> Vec<(usize, u64)> {
+    BATCH_SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, count)| (1usize << i, count.load(std::sync::atomic::Ordering::Relaxed)))
+        .collect()
+}
+
+fn record_batch(writes: usize) {
+    let bucket = writes.max(1).next_power_of_two().trailing_zeros() as usize;
+    BATCH_SIZES[bucket.min(BATCH_SIZES.len() - 1)].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Writer tasks committing batches concurrently.
 const WRITERS: usize = 2;
 
@@ -141,6 +160,7 @@ async fn run_writer(pool: PgPool, fence: Option<Arc<Fence>>, queue: Arc<Mutex<Ba
                 None => return,
             }
         };
+        record_batch(batch.len());
         let outcomes = commit_isolating_rejections(&pool, fence.as_deref(), &batch).await;
         for (write, outcome) in batch.into_iter().zip(outcomes) {
             let result = match outcome {
