@@ -8,13 +8,16 @@ use std::time::Duration;
 use grains::{CallError, GrainId, GrainRef};
 use grains_silo::{Client, ClientConfig, Silo, SiloConfig};
 use grains_storage::{MembershipTable, SiloStatus};
-use grains_tests::{Counter, LIFECYCLE, Peer, start_cluster, test_config};
+use grains_tests::{Counter, LIFECYCLE, Peer, scaled, start_cluster, test_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_grains_spread_over_three_silos_and_call_each_other_across_them() {
     let silos = start_cluster(3).await;
     let urls: Vec<String> = silos.iter().map(|s| format!("http://{}", s.gateway_addr().unwrap())).collect();
-    let client = Client::connect_cluster(&urls, ClientConfig::default()).await.unwrap();
+    // 10,000 calls in flight at once keep the gateways busy; on a machine short of CPU a pong can take longer
+    // than the default liveness timeout (1 s), which is about frozen gateways, not this test.
+    let config = ClientConfig { gateway_liveness_timeout: scaled(Duration::from_secs(5)), ..ClientConfig::default() };
+    let client = Client::connect_cluster(&urls, config).await.unwrap();
     assert_eq!(client.gateways().len(), 3, "the client learned every gateway");
 
     let calls: Vec<_> = (0..10_000i64)
