@@ -5,13 +5,16 @@
 //! - [`shopping`]: the cart again, event-sourced, with a projection keeping a "popular items" table.
 //! - [`bank`]: event-sourced bank accounts, and transfers between them as a saga grain.
 //! - [`auth`]: a call filter that admits clients by bearer token.
+//! - [`abandoned_cart`]: a cart that empties itself when left alone, with a durable reminder.
 
+pub mod abandoned_cart;
 pub mod auth;
 pub mod bank;
 pub mod cart;
 pub mod hello;
 pub mod shopping;
 
+pub use abandoned_cart::{AbandonableCart, AbandonableCartRef};
 pub use bank::{Account, AccountRef, BankError, Transfer, TransferRef};
 pub use cart::{Cart, CartError, CartRef, Catalog, CatalogRef};
 pub use hello::{Hello, HelloRef};

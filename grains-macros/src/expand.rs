@@ -165,6 +165,22 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
         },
     );
 
+    // A grain with an `on_reminder` hook handles reminders: ticks reach it through `Grain::on_reminder`.
+    let reminder_hook = model.on_reminder.as_ref().map(|_| {
+        quote! {
+            const REMINDABLE: bool = true;
+
+            fn on_reminder(
+                &mut self,
+                tick: ::grains::__private::ReminderTick,
+            ) -> impl ::grains::__private::Future<
+                Output = ::grains::__private::Result<(), ::grains::__private::GrainError>,
+            > + ::core::marker::Send + '_ {
+                #grain::on_reminder(self, tick)
+            }
+        }
+    });
+
     quote! {
         #item
 
@@ -316,6 +332,8 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
             }
 
             #(#hooks)*
+
+            #reminder_hook
         }
 
         ::grains::__private::inventory::submit! {

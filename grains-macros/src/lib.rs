@@ -27,7 +27,8 @@ mod validate;
 /// On the impl block: every `pub` (or `pub(crate)`, ...) `async fn` taking `&self` or `&mut self` becomes a
 /// grain method, and
 /// `on_activate` / `on_deactivate` (`async fn(&mut self, &GrainContext) -> Result<(), GrainError>`) are
-/// lifecycle hooks. The macro generates `XRequest` and `XResponse` enums and the typed reference `XRef`.
+/// lifecycle hooks; `on_reminder` (`async fn(&mut self, ReminderTick) -> Result<(), GrainError>`) receives the
+/// grain's reminder ticks. The macro generates `XRequest` and `XResponse` enums and the typed reference `XRef`.
 ///
 /// HTTP: `#[grain(http)]` on the impl block serves every grain method of the type over the silo's HTTP/JSON API
 /// (`POST /grains/{type}/{key}/{method}`), except those marked `#[http(skip)]`; without it, `#[http]` on a

@@ -47,6 +47,8 @@ pub(crate) struct GrainImpl {
     pub(crate) methods: Vec<GrainMethod>,
     pub(crate) on_activate: Option<ImplItemFn>,
     pub(crate) on_deactivate: Option<ImplItemFn>,
+    /// `async fn on_reminder(&mut self, tick: ReminderTick) -> Result<(), GrainError>`: reminder ticks.
+    pub(crate) on_reminder: Option<ImplItemFn>,
 }
 
 /// The receiver of a method, as written.
@@ -230,6 +232,7 @@ impl GrainImpl {
         let mut methods = Vec::new();
         let mut on_activate = None;
         let mut on_deactivate = None;
+        let mut on_reminder = None;
         for impl_item in &item.items {
             let ImplItem::Fn(func) = impl_item else { continue };
             let name = func.sig.ident.to_string();
@@ -239,6 +242,10 @@ impl GrainImpl {
             }
             if name == "on_deactivate" {
                 on_deactivate = Some(func.clone());
+                continue;
+            }
+            if name == "on_reminder" {
+                on_reminder = Some(func.clone());
                 continue;
             }
             let exposed = http_attr(&func.attrs, &mut http_errors);
@@ -291,6 +298,6 @@ impl GrainImpl {
             methods.push(GrainMethod { func, receiver, args, bad_patterns, output, http: exposed });
         }
         strip_http_attrs(&mut item);
-        Ok(Self { item, http, bad_args, http_errors, self_ident, methods, on_activate, on_deactivate })
+        Ok(Self { item, http, bad_args, http_errors, self_ident, methods, on_activate, on_deactivate, on_reminder })
     }
 }

@@ -121,6 +121,14 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> syn::Result<()> {
             ));
         }
     }
+    if let Some(hook) = &model.on_reminder
+        && hook.sig.asyncness.is_none()
+    {
+        errors.push(syn::Error::new_spanned(
+            hook.sig.fn_token,
+            "the reminder hook is async: write `async fn on_reminder(&mut self, tick: ReminderTick) -> Result<(), GrainError>`",
+        ));
+    }
     errors.finish()
 }
 

@@ -8,7 +8,9 @@ use grains_storage::{EventJournal, GrainStateStore};
 use crate::grain::Grain;
 use crate::id::{GrainId, GrainKey};
 use crate::reference::{GrainRef, RefCore};
+use crate::reminder::ReminderRegistry;
 use crate::runtime::{GrainRuntime, RequestMetadata};
+use crate::timer::TimerHost;
 
 /// The activation's view of itself and the cluster: its id, a way to call other grains, and lifecycle requests.
 ///
@@ -24,6 +26,25 @@ struct ContextInner {
     store: Arc<dyn GrainStateStore>,
     journal: Option<Arc<dyn EventJournal>>,
     deactivate_requested: AtomicBool,
+    services: ActivationServices,
+}
+
+/// What a runtime offers an activation beyond calls and state: its timers and the reminder service.
+#[derive(Clone, Default)]
+pub struct ActivationServices {
+    /// Runs the activation's timers as its turns (see [`GrainContext::register_timer`]).
+    pub timers: Option<Arc<dyn TimerHost>>,
+    /// The reminder service (see [`GrainContext::register_reminder`]).
+    pub reminders: Option<Arc<dyn ReminderRegistry>>,
+}
+
+impl std::fmt::Debug for ActivationServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivationServices")
+            .field("timers", &self.timers.is_some())
+            .field("reminders", &self.reminders.is_some())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for GrainContext {
@@ -35,8 +56,18 @@ impl std::fmt::Debug for GrainContext {
 impl GrainContext {
     /// A context for the activation of `id`. Called by the runtime.
     pub fn new(id: GrainId, runtime: Arc<dyn GrainRuntime>, store: Arc<dyn GrainStateStore>) -> Self {
-        let inner = ContextInner { id, runtime, store, journal: None, deactivate_requested: AtomicBool::new(false) };
-        Self { inner: Arc::new(inner) }
+        Self::with_services(id, runtime, store, ActivationServices::default())
+    }
+
+    /// A context for the activation of `id` with timers and reminders. Called by the runtime.
+    pub fn with_services(
+        id: GrainId,
+        runtime: Arc<dyn GrainRuntime>,
+        store: Arc<dyn GrainStateStore>,
+        services: ActivationServices,
+    ) -> Self {
+        let deactivate_requested = AtomicBool::new(false);
+        Self { inner: Arc::new(ContextInner { id, runtime, store, journal: None, deactivate_requested, services }) }
     }
 
     /// This context with `journal` as the event journal of its `Journaled` fields. Called by the runtime.
@@ -49,8 +80,19 @@ impl GrainContext {
                 store: inner.store.clone(),
                 journal: Some(journal),
                 deactivate_requested: AtomicBool::new(inner.deactivate_requested.load(Ordering::Relaxed)),
+                services: inner.services.clone(),
             }),
         }
+    }
+
+    /// The activation's timer host, if it runs timers.
+    pub(crate) fn timer_host(&self) -> Option<&Arc<dyn TimerHost>> {
+        self.inner.services.timers.as_ref()
+    }
+
+    /// The reminder service, if the runtime has one.
+    pub(crate) fn reminder_service(&self) -> Option<&Arc<dyn ReminderRegistry>> {
+        self.inner.services.reminders.as_ref()
     }
 
     /// This grain's id.

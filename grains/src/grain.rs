@@ -12,6 +12,7 @@ use crate::codec::CodecError;
 use crate::context::GrainContext;
 use crate::error::{CallError, GrainError};
 use crate::reference::GrainRef;
+use crate::reminder::{REMINDER_METHOD, ReminderAck, ReminderTick};
 use crate::runtime::{BoxFuture, LocalMessage, Payload};
 
 /// Per-type options set with `#[grain(...)]` on the struct.
@@ -113,6 +114,9 @@ pub trait Grain: GrainType {
     /// `#[grain(http)]` or a method says `#[http]` (see [`HttpMethods`]).
     const HTTP: Option<HttpMethods> = None;
 
+    /// Whether the grain handles reminders (its impl block has an `on_reminder` hook).
+    const REMINDABLE: bool = false;
+
     /// The method a request calls.
     fn method_name(request: &Self::Request) -> &'static str;
 
@@ -142,6 +146,17 @@ pub trait Grain: GrainType {
         let _ = ctx;
         std::future::ready(Ok(()))
     }
+
+    /// Runs one tick of one of the grain's reminders, as a turn (see [`crate::reminder`]). An error leaves the
+    /// tick undelivered: it is retried with backoff. Without the hook, every tick fails (and registering a
+    /// reminder is refused).
+    fn on_reminder(&mut self, tick: ReminderTick) -> impl Future<Output = Result<(), GrainError>> + Send + '_ {
+        std::future::ready(Err(GrainError::failed(format!(
+            "grain type `{}` has no on_reminder hook; reminder `{}` cannot be delivered",
+            Self::TYPE_NAME,
+            tick.name
+        ))))
+    }
 }
 
 /// A live activation, with its type erased so the silo can drive every grain type alike.
@@ -155,11 +170,17 @@ pub trait ErasedGrain: Send {
 
     /// Runs the grain's `on_deactivate`.
     fn on_deactivate<'a>(&'a mut self, ctx: &'a GrainContext) -> BoxFuture<'a, Result<(), GrainError>>;
+
+    /// The grain itself, for a timer callback written for its concrete type.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
 impl<G: Grain> ErasedGrain for G {
     fn handle<'a>(&'a mut self, method: &'a str, payload: Payload) -> BoxFuture<'a, Result<Payload, CallError>> {
         Box::pin(async move {
+            if method == REMINDER_METHOD {
+                return deliver_reminder(self, payload).await;
+            }
             match payload {
                 Payload::Local(message) => {
                     let request = message
@@ -185,6 +206,27 @@ impl<G: Grain> ErasedGrain for G {
     fn on_deactivate<'a>(&'a mut self, ctx: &'a GrainContext) -> BoxFuture<'a, Result<(), GrainError>> {
         Box::pin(Grain::on_deactivate(self, ctx))
     }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// Runs a reminder tick through the grain's `on_reminder`; the reply takes the payload's form (local or
+/// encoded).
+async fn deliver_reminder<G: Grain>(grain: &mut G, payload: Payload) -> Result<Payload, CallError> {
+    let (tick, encoded) = match payload {
+        Payload::Local(message) => {
+            let tick = message
+                .into_any()
+                .downcast::<ReminderTick>()
+                .map_err(|_| CallError::Protocol(format!("a local {REMINDER_METHOD} call without a tick")))?;
+            (*tick, false)
+        }
+        Payload::Encoded(body) => (crate::codec::decode::<ReminderTick>(&body)?, true),
+    };
+    let ack = ReminderAck(Grain::on_reminder(grain, tick).await.map_err(|e| e.to_string()));
+    Ok(if encoded { Payload::Encoded(ack.encode_body()?.into()) } else { Payload::Local(Box::new(ack)) })
 }
 
 /// Builds an activation of one grain type: state loaded, `on_activate` not yet run.
@@ -228,6 +270,8 @@ pub struct GrainRegistration {
     pub options: GrainOptions,
     /// The callable method names.
     pub methods: &'static [&'static str],
+    /// Whether the type handles reminders (has an `on_reminder` hook).
+    pub remindable: bool,
     /// Builds an activation (state loaded, `on_activate` not yet run).
     pub build: BuildFn,
     /// Decodes a call's encoded arguments without an activation: a silo checks a call from the wire with it
@@ -244,6 +288,7 @@ impl GrainRegistration {
             type_name: G::TYPE_NAME,
             options: G::OPTIONS,
             methods: G::METHODS,
+            remindable: G::REMINDABLE,
             build: build_erased::<G>,
             decode_request: decode_erased::<G>,
             http: G::HTTP,
@@ -273,6 +318,9 @@ fn build_erased<G: Grain>(ctx: GrainContext) -> BoxFuture<'static, Result<Box<dy
 }
 
 fn decode_erased<G: Grain>(method: &str, body: &[u8]) -> Result<Box<dyn LocalMessage>, CallError> {
+    if method == REMINDER_METHOD {
+        return Ok(Box::new(crate::codec::decode::<ReminderTick>(body)?));
+    }
     Ok(Box::new(G::decode_request(method, body)?))
 }
 

@@ -84,6 +84,10 @@
 //!   A grain that calls back into a grain waiting on it (A → B → A) gets [`CallError::Deadlock`] at once.
 //! - **At most once.** The runtime never retries a call that may have reached a grain; a timeout means the
 //!   outcome is unknown.
+//! - **Timers and reminders.** [`GrainContext::register_timer`] runs a callback as a turn of the activation
+//!   (it ends with the activation); [`GrainContext::register_reminder`] stores a durable periodic wake-up,
+//!   delivered to the grain's `on_reminder` hook at least once per period wherever it lives (see [`timer`] and
+//!   [`reminder`]).
 
 pub mod codec;
 mod context;
@@ -93,10 +97,12 @@ mod grain;
 mod id;
 pub mod journaled;
 mod reference;
+pub mod reminder;
 pub mod runtime;
 mod state;
+pub mod timer;
 
-pub use context::GrainContext;
+pub use context::{ActivationServices, GrainContext};
 pub use error::{CallError, GrainError, StateError, StorageError};
 pub use grain::{
     BuildFn, DecodeRequestFn, ErasedGrain, Grain, GrainOptions, GrainRegistration, GrainType, HttpMethods, Placement,
@@ -106,15 +112,17 @@ pub use grains_macros::grain;
 pub use id::{GrainId, GrainKey};
 pub use journaled::{EventSourced, Journaled, Recovery};
 pub use reference::{GrainRef, RefCore};
+pub use reminder::{Reminder, ReminderError, ReminderTick};
 pub use runtime::RequestMetadata;
 pub use state::PersistentState;
+pub use timer::{TimerError, TimerHandle};
 pub use uuid::Uuid;
 
 /// The names a grain author needs: `use grains::prelude::*;`.
 pub mod prelude {
     pub use crate::{
         CallError, EventSourced, Grain, GrainContext, GrainError, GrainId, GrainKey, GrainRef, GrainType, Journaled,
-        PersistentState, StateError, grain,
+        PersistentState, ReminderTick, StateError, grain,
     };
     pub use serde::{Deserialize, Serialize};
 }
@@ -128,7 +136,7 @@ pub mod __private {
     pub use crate::reference::mismatched_reply;
     pub use crate::{
         CallError, Grain, GrainContext, GrainError, GrainOptions, GrainRef, GrainRegistration, GrainType, HttpMethods,
-        Journaled, PersistentState, Placement, RefCore, WireMessage, codec::CodecError,
+        Journaled, PersistentState, Placement, RefCore, ReminderTick, WireMessage, codec::CodecError,
     };
 
     /// Whether a grain method's `Result` return value is its own error (for the silo's error counts).

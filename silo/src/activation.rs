@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use grains::runtime::{Call, CallChain, Payload, RequestMetadata, run_in_turn};
+use grains::runtime::{Call, CallChain, Payload, RequestMetadata, current_chain, run_in_turn};
+use grains::timer::TimerHost;
 use grains::{CallError, ErasedGrain, GrainContext, GrainError, GrainId, GrainRegistration, StorageError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -27,6 +28,7 @@ use tracing::Instrument;
 use crate::activation_table::ActivationTable;
 use crate::cluster::{Cluster, Registration};
 use crate::metrics::Metrics;
+use crate::timers::{ActivationTimers, TimerTick};
 
 /// What an activation needs from the silo that hosts it: the one way from this module to the rest.
 pub(crate) trait ActivationHost: Send + Sync + 'static {
@@ -34,8 +36,8 @@ pub(crate) trait ActivationHost: Send + Sync + 'static {
     fn cluster(&self) -> &Arc<Cluster>;
     /// The table the activation removes itself from when it ends.
     fn activations(&self) -> &ActivationTable;
-    /// The context a grain of `id` runs with (its calls, its state store).
-    fn context(&self, id: GrainId) -> GrainContext;
+    /// The context a grain of `id` runs with (its calls, its state store, its timers, reminders).
+    fn context(&self, id: GrainId, timers: Arc<dyn TimerHost>) -> GrainContext;
     /// The silo's counters.
     fn metrics(&self) -> &Metrics;
     /// The coarse clock idleness is judged by (milliseconds since the silo started).
@@ -75,6 +77,8 @@ pub(crate) enum Mail {
         /// Deactivate even if not idle.
         force: bool,
     },
+    /// Run a tick of one of the activation's timers.
+    Timer(TimerTick),
 }
 
 /// An activation's queue of calls: a deque behind a lock, and a wake-up for the activation task.
@@ -101,6 +105,7 @@ impl std::fmt::Debug for Mail {
         match self {
             Mail::Call(call) => write!(f, "Call({})", call.method),
             Mail::Deactivate { force } => write!(f, "Deactivate {{ force: {force} }}"),
+            Mail::Timer(tick) => write!(f, "Timer({})", tick.timer),
         }
     }
 }
@@ -322,11 +327,13 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
         return;
     }
     start.shared.confirmed.store(true, Ordering::Release);
-    let ctx = host.context(id.clone());
+    let timers = ActivationTimers::new(&start.mailbox);
+    let ctx = host.context(id.clone(), timers.clone());
 
     let mut grain = match Box::pin(activate(&start, &ctx)).await {
         Ok(grain) => grain,
         Err(error) => {
+            timers.end();
             tracing::warn!(grain = %id, %error, "activation failed");
             host.metrics().activation_failures.fetch_add(1, Ordering::Relaxed);
             host.cluster().unregister(id.clone(), start.registration.clone()).await;
@@ -429,8 +436,38 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
                     break;
                 }
             }
+            Mail::Timer(tick) => {
+                if start.shared.is_evicted() || host.cluster().is_stopped() {
+                    break;
+                }
+                if !host.cluster().lease.is_valid() {
+                    host.cluster().refresh_now.notify_one();
+                    continue; // not sure it is still a member: no turn runs, and the timer ticks on
+                }
+                let Some((mut callback, keep_alive)) = timers.take(tick.timer) else { continue };
+                let span = tracing::debug_span!("grain.timer", grain = %id, timer = tick.timer);
+                let turn =
+                    run_in_turn(current_chain(), id.clone(), RequestMetadata::new(), callback(grain.as_any_mut()));
+                let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
+                timers.put_back(tick.timer, callback);
+                drop(tick); // its ticker goes on
+                if keep_alive {
+                    start.shared.touch(host.now_ms());
+                }
+                if let Err(panic) = outcome {
+                    let message = panic_message(&*panic);
+                    tracing::error!(grain = %id, %message, "grain timer panicked; deactivating");
+                    panicked = true;
+                    break;
+                }
+                if ctx.deactivation_requested() {
+                    break;
+                }
+            }
         }
     }
+    // Timers end with the activation: no tick runs from here on.
+    timers.end();
 
     // A grain that panicked may hold broken state, and a duplicate's state is not the grain's: they are
     // dropped without their on_deactivate hook.

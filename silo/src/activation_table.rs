@@ -93,7 +93,7 @@ impl ActivationTable {
         }
         match mail {
             Mail::Call(invocation) => Err(invocation),
-            Mail::Deactivate { .. } => unreachable!("only calls are delivered"),
+            _ => unreachable!("only calls are delivered"),
         }
     }
 
@@ -124,7 +124,7 @@ impl ActivationTable {
                     self.map.remove_if(id, |_, h| h.mailbox.is_closed());
                     invocation = back;
                 }
-                Err(Mail::Deactivate { .. }) => unreachable!("only calls are delivered"),
+                Err(_) => unreachable!("only calls are delivered"),
             }
         }
         Err(invocation)

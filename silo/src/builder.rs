@@ -5,8 +5,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use grains::{CallError, GrainRegistration};
-use grains_storage::postgres::{self, PostgresMembershipTable, PostgresOptions};
-use grains_storage::{GrainStateStore, MembershipTable, MemoryMembershipTable, MemoryStateStore, SiloAddress};
+use grains_storage::postgres::{self, PostgresMembershipTable, PostgresOptions, PostgresReminderTable};
+use grains_storage::{
+    GrainStateStore, MembershipTable, MemoryMembershipTable, MemoryReminderTable, MemoryStateStore, ReminderTable,
+    SiloAddress,
+};
 
 use crate::activation_table::ActivationTable;
 use crate::cluster::{Cluster, LocalActivations, membership};
@@ -15,6 +18,7 @@ use crate::filter::{CallFilter, CallFilters, CallInfo};
 use crate::gateway;
 use crate::metrics::Metrics;
 use crate::peer_auth::{ClusterCredentials, PeerIdentity};
+use crate::reminders::{self, ReminderService, ReminderSettings};
 use crate::silo::{HostedTypes, Silo, SiloInner, SiloParts, collect_idle};
 
 /// Why a silo could not start.
@@ -44,6 +48,7 @@ pub struct SiloBuilder {
     config: SiloConfig,
     store: Option<Arc<dyn GrainStateStore>>,
     membership: Option<Arc<dyn MembershipTable>>,
+    reminders: Option<Arc<dyn ReminderTable>>,
     filters: CallFilters,
     pub(crate) events: crate::events::EventsSetup,
 }
@@ -55,6 +60,7 @@ impl Silo {
             config: SiloConfig::default(),
             store: None,
             membership: None,
+            reminders: None,
             filters: CallFilters::default(),
             events: Default::default(),
         }
@@ -101,8 +107,16 @@ impl SiloBuilder {
         self
     }
 
-    /// Starts the silo: binds its endpoint, joins the cluster, starts the idle collector and the membership
-    /// agent.
+    /// Uses `table` as the reminders table instead of the one the config implies (Postgres with
+    /// `storage = "postgres"`, else in memory), e.g. one in-memory table shared by several silos in one
+    /// process.
+    pub fn reminder_table(mut self, table: Arc<dyn ReminderTable>) -> Self {
+        self.reminders = Some(table);
+        self
+    }
+
+    /// Starts the silo: binds its endpoint, joins the cluster, starts the idle collector, the membership
+    /// agent and the reminder service.
     pub async fn start(self) -> Result<Silo, SiloError> {
         let config = self.config;
         config.check_exposure().map_err(SiloError::Config)?;
@@ -176,10 +190,33 @@ impl SiloBuilder {
         let metrics = Metrics::default();
         let store: Arc<dyn GrainStateStore> =
             Arc::new(crate::fencing::FencedStore::new(store, cluster.clone(), metrics.storage.clone()));
+        let reminder_table: Arc<dyn ReminderTable> = match (self.reminders, config.storage, &pool) {
+            (Some(table), _, _) => table,
+            (None, StorageKind::Postgres, Some(pool)) if fenced => {
+                Arc::new(PostgresReminderTable::fenced(pool.clone(), config.cluster_id.clone(), me.clone()))
+            }
+            (None, StorageKind::Postgres, Some(pool)) => Arc::new(PostgresReminderTable::new(pool.clone())),
+            (None, _, _) => Arc::new(MemoryReminderTable::new()),
+        };
+        let reminder_table = Arc::new(crate::fencing::FencedReminderTable::new(reminder_table, cluster.clone()));
+        let remindable = types.values().filter(|(r, _)| r.remindable).map(|(r, _)| r.type_name);
+        let settings =
+            ReminderSettings { refresh_interval: config.reminder_refresh_interval, call_timeout: config.call_timeout };
+        let reminder_service = ReminderService::new(cluster.clone(), reminder_table, remindable, settings);
         let events = self.events.open(&config, pool.as_ref(), fenced, &me);
         let journal = events.journal_for_grains(cluster.clone());
         let filters = self.filters;
-        let inner = SiloInner::new(SiloParts { config, types, table, store, journal, cluster, filters, metrics });
+        let inner = SiloInner::new(SiloParts {
+            config,
+            types,
+            table,
+            store,
+            journal,
+            cluster,
+            reminders: reminder_service.clone(),
+            filters,
+            metrics,
+        });
         if let Some(pool) = &pool {
             let _ = inner.metrics.pool.set(pool.clone());
         }
@@ -199,9 +236,11 @@ impl SiloBuilder {
         membership::join(&inner.cluster, &inner.config.name, gateway_address).await?;
         membership::refresh_view(&inner.cluster).await;
         inner.cluster.broadcast_membership_changed();
+        let runtime: std::sync::Weak<dyn grains::runtime::GrainRuntime> = Arc::downgrade(&inner) as _;
         let mut tasks = vec![
             tokio::spawn(collect_idle(Arc::downgrade(&inner))),
             tokio::spawn(membership::run_agent(Arc::downgrade(&inner.cluster))),
+            tokio::spawn(reminders::run(reminder_service, runtime)),
         ];
         tasks.extend(events.spawn_projections(&inner));
         Ok(Silo { inner, tasks, gateway })

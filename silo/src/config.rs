@@ -179,6 +179,11 @@ pub struct SiloConfig {
     /// How often the idle collector looks for activations to passivate (default 1m).
     #[serde(with = "duration_text")]
     pub collection_interval: Duration,
+    /// How often the reminder service reads the reminders due in the ring ranges this silo owns (default 30s;
+    /// also at once whenever the ranges change). It holds in memory those due within twice this; a reminder
+    /// whose owner was not told of its registration starts firing within this (file only).
+    #[serde(with = "duration_text")]
+    pub reminder_refresh_interval: Duration,
     /// The deadline of calls that do not set their own (default 30s).
     #[serde(with = "duration_text")]
     pub call_timeout: Duration,
@@ -289,6 +294,7 @@ impl Default for SiloConfig {
             directory_cache_size: 100_000,
             default_idle_timeout: Duration::from_secs(15 * 60),
             collection_interval: Duration::from_secs(60),
+            reminder_refresh_interval: Duration::from_secs(30),
             call_timeout: grains::runtime::DEFAULT_CALL_TIMEOUT,
             max_payload_bytes: 4 * 1024 * 1024,
             max_mailbox_length: 10_000,

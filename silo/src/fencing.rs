@@ -1,4 +1,5 @@
-//! Fencing: a silo writes grain state and appends events only while it holds its membership lease.
+//! Fencing: a silo writes grain state, appends events and writes reminders only while it holds its membership
+//! lease.
 //!
 //! A silo that was frozen (SIGSTOP, a VM pause) or cut off from the membership table may have been declared
 //! dead, and its grains re-activated elsewhere, without knowing it. Its lease (see `cluster::Lease`) runs out
@@ -13,8 +14,8 @@ use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use grains_storage::{
-    ETag, EventJournal, EventSelector, GrainStateStore, NewEvent, Snapshot, StateKey, StorageError, StoredEvent,
-    StoredState,
+    ETag, EventJournal, EventSelector, GrainStateStore, NewEvent, ReminderEntry, ReminderProgress, ReminderRow,
+    ReminderTable, RingRange, Snapshot, StateKey, StorageError, StoredEvent, StoredState,
 };
 
 use crate::cluster::Cluster;
@@ -49,11 +50,71 @@ impl FencedStore {
     }
 
     fn check(&self) -> Result<(), StorageError> {
-        if self.cluster.lease.is_valid() {
-            return Ok(());
-        }
-        self.cluster.refresh_now.notify_one();
-        Err(StorageError::Fenced { silo: self.cluster.me.to_string() })
+        lease_held(&self.cluster)
+    }
+}
+
+/// `Ok` while the silo holds its membership lease; `Fenced` (and a prompt re-read of membership) otherwise.
+fn lease_held(cluster: &Cluster) -> Result<(), StorageError> {
+    if cluster.lease.is_valid() {
+        return Ok(());
+    }
+    cluster.refresh_now.notify_one();
+    Err(StorageError::Fenced { silo: cluster.me.to_string() })
+}
+
+/// A reminders table that refuses writes (registrations, removals, recorded progress) while the silo's
+/// membership lease is not valid: a silo that may have been declared dead neither registers reminders for
+/// grains that live elsewhere now, nor moves the progress of reminders another silo fires now. With the
+/// table and membership in one Postgres, `PostgresReminderTable::fenced` also fences each write by the
+/// silo's membership row.
+pub(crate) struct FencedReminderTable {
+    inner: Arc<dyn ReminderTable>,
+    cluster: Arc<Cluster>,
+}
+
+impl FencedReminderTable {
+    pub(crate) fn new(inner: Arc<dyn ReminderTable>, cluster: Arc<Cluster>) -> Self {
+        Self { inner, cluster }
+    }
+}
+
+#[async_trait]
+impl ReminderTable for FencedReminderTable {
+    async fn read_grain(&self, grain_type: &str, grain_key: &str) -> Result<Vec<ReminderRow>, StorageError> {
+        self.inner.read_grain(grain_type, grain_key).await
+    }
+
+    async fn read_row(
+        &self,
+        grain_type: &str,
+        grain_key: &str,
+        name: &str,
+    ) -> Result<Option<ReminderRow>, StorageError> {
+        self.inner.read_row(grain_type, grain_key, name).await
+    }
+
+    async fn read_range(&self, begin: u32, end: u32) -> Result<Vec<ReminderRow>, StorageError> {
+        self.inner.read_range(begin, end).await
+    }
+
+    async fn read_due(&self, ranges: &[RingRange], due_by_ms: i64) -> Result<Vec<ReminderRow>, StorageError> {
+        self.inner.read_due(ranges, due_by_ms).await
+    }
+
+    async fn upsert(&self, entry: &ReminderEntry) -> Result<ETag, StorageError> {
+        lease_held(&self.cluster)?;
+        self.inner.upsert(entry).await
+    }
+
+    async fn remove(&self, grain_type: &str, grain_key: &str, name: &str, etag: &str) -> Result<bool, StorageError> {
+        lease_held(&self.cluster)?;
+        self.inner.remove(grain_type, grain_key, name, etag).await
+    }
+
+    async fn advance(&self, progress: &[ReminderProgress]) -> Result<(), StorageError> {
+        lease_held(&self.cluster)?;
+        self.inner.advance(progress).await
     }
 }
 

@@ -372,5 +372,6 @@ fn system_call_name(request: &SystemRequest) -> &'static str {
         SystemRequest::Evict { .. } => "Evict",
         SystemRequest::Draining { .. } => "Draining",
         SystemRequest::Stats => "Stats",
+        SystemRequest::ReminderChanged { .. } => "ReminderChanged",
     }
 }

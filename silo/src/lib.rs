@@ -47,11 +47,13 @@ mod metrics;
 #[cfg(feature = "otlp")]
 mod otlp;
 mod peer_auth;
+mod reminders;
 mod routing;
 mod serve;
 mod silo;
 pub mod sim;
 mod stats;
+mod timers;
 pub mod tls;
 pub mod wire;
 
@@ -63,6 +65,7 @@ pub use events::{EventStorage, Projection, ProjectionError, ReadModel};
 pub use filter::{BearerToken, CallInfo, CallerIdentity, ClientIdentity};
 pub use metrics::MetricsSnapshot;
 pub use peer_auth::{ClusterCredentials, ClusterSecret, PROOF_WINDOW};
+pub use reminders::ReminderStats;
 pub use silo::Silo;
 pub use tls::PemSource;
 

@@ -63,6 +63,13 @@ impl SiloInner {
             chain: chain.into(),
             metadata: RequestMetadata::from_map(envelope.metadata),
         };
+        if call.method.starts_with('$') && !matches!(caller, CallerIdentity::Member(_)) {
+            // Reserved methods (reminder ticks) come from the cluster's silos only.
+            return Err(CallError::PermissionDenied(format!(
+                "{}.{} is called by the cluster's silos only",
+                call.target, call.method
+            )));
+        }
         self.check(&mut call)?;
         let mode = Mode::try_from(envelope.mode).unwrap_or(Mode::Route);
         // A call enters the cluster routed; one delivered here by a peer was filtered where it entered.
@@ -136,6 +143,10 @@ impl SiloInner {
                 SystemResponse::Done
             }
             SystemRequest::Activations => SystemResponse::Activations(self.table.confirmed()),
+            SystemRequest::ReminderChanged { grain, name } => {
+                self.reminders.changed(&grain, &name).await.map_err(|e| CallError::Unavailable(e.to_string()))?;
+                SystemResponse::Done
+            }
             SystemRequest::Table(op) => {
                 let answer = crate::cluster::seed::serve(self.cluster.table.as_ref(), op)
                     .await

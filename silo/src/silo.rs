@@ -9,6 +9,8 @@
 //! - serving (`serve.rs`): requests arriving on the endpoint, and the server side of system calls;
 //! - the [`Cluster`] (`cluster/`): membership view, directory partition, lease, peers; it owns view
 //!   application and stops the silo's activations itself when the cluster declares the silo dead;
+//! - the reminder service (`reminders.rs`): fires the durable reminders of the ring ranges this silo owns,
+//!   through the silo's call path;
 //! - the builder (`builder.rs`), which wires them together.
 
 use std::collections::HashMap;
@@ -18,8 +20,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
+use grains::reminder::ReminderRegistry;
 use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload};
-use grains::{CallError, Grain, GrainContext, GrainId, GrainKey, GrainRef, GrainRegistration, Placement, RefCore};
+use grains::timer::TimerHost;
+use grains::{
+    ActivationServices, CallError, Grain, GrainContext, GrainId, GrainKey, GrainRef, GrainRegistration, Placement,
+    RefCore,
+};
 use grains_storage::{GrainStateStore, SiloAddress, SiloStatus};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -33,6 +40,7 @@ use crate::config::SiloConfig;
 use crate::filter::{CallFilters, CallerIdentity};
 use crate::gateway::GatewayHandle;
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::reminders::{ReminderService, ReminderStats};
 use crate::routing::wait_reply;
 
 /// The grain types a silo hosts, with each one's idle timeout.
@@ -46,6 +54,7 @@ pub(crate) struct SiloParts {
     pub(crate) store: Arc<dyn GrainStateStore>,
     pub(crate) journal: Arc<dyn grains_storage::EventJournal>,
     pub(crate) cluster: Arc<Cluster>,
+    pub(crate) reminders: Arc<ReminderService>,
     pub(crate) filters: CallFilters,
     pub(crate) metrics: Metrics,
 }
@@ -57,6 +66,7 @@ pub(crate) struct SiloInner {
     pub(crate) store: Arc<dyn GrainStateStore>,
     pub(crate) journal: Arc<dyn grains_storage::EventJournal>,
     pub(crate) cluster: Arc<Cluster>,
+    pub(crate) reminders: Arc<ReminderService>,
     clock_origin: Instant,
     coarse_now_ms: AtomicU64,
     /// Set when a graceful shutdown begins: new calls are refused.
@@ -71,7 +81,7 @@ pub(crate) struct SiloInner {
 impl SiloInner {
     /// The silo made of these parts.
     pub(crate) fn new(parts: SiloParts) -> Arc<Self> {
-        let SiloParts { config, types, table, store, journal, cluster, filters, metrics } = parts;
+        let SiloParts { config, types, table, store, journal, cluster, reminders, filters, metrics } = parts;
         Arc::new_cyclic(|this| SiloInner {
             config,
             types,
@@ -79,6 +89,7 @@ impl SiloInner {
             store,
             journal,
             cluster,
+            reminders,
             clock_origin: Instant::now(),
             coarse_now_ms: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
@@ -203,8 +214,10 @@ impl ActivationHost for SiloInner {
         &self.table
     }
 
-    fn context(&self, id: GrainId) -> GrainContext {
-        GrainContext::new(id, self.runtime(), self.store.clone()).with_journal(self.journal.clone())
+    fn context(&self, id: GrainId, timers: Arc<dyn TimerHost>) -> GrainContext {
+        let reminders = self.reminders.clone() as Arc<dyn ReminderRegistry>;
+        let services = ActivationServices { timers: Some(timers), reminders: Some(reminders) };
+        GrainContext::with_services(id, self.runtime(), self.store.clone(), services).with_journal(self.journal.clone())
     }
 
     fn metrics(&self) -> &Metrics {
@@ -341,6 +354,11 @@ impl Silo {
         self.inner.metrics_snapshot()
     }
 
+    /// The counters of this silo's reminder service: the reminders it holds, ticks delivered and missed.
+    pub fn reminder_stats(&self) -> ReminderStats {
+        self.inner.reminders.stats()
+    }
+
     /// Asks every idle activation to passivate now, as the idle collector does on each tick.
     pub fn collect_idle_now(&self) {
         self.inner.signal_all(false);
@@ -367,8 +385,8 @@ impl Silo {
 
     /// Leaves the cluster gracefully, in the order that keeps one activation per grain:
     ///
-    /// 1. refuse new calls with `ShuttingDown` (callers send them elsewhere) and tell peers to place nothing
-    ///    new here;
+    /// 1. refuse new calls with `ShuttingDown` (callers send them elsewhere), tell peers to place nothing
+    ///    new here, and stop firing reminders (writing what they delivered);
     /// 2. let every activation finish its turn, run `on_deactivate` (grains flush state) and remove its
     ///    directory entry — calls still queued move to the grains' next activations, elsewhere;
     /// 3. past `grace`, stop what is left where it stands (no further turn runs);
@@ -383,6 +401,9 @@ impl Silo {
         if announced {
             inner.cluster.broadcast(SystemRequest::Draining { silo: inner.me().clone() });
         }
+        // Reminders fire here no more (this silo takes no calls); what they delivered is written now, while the
+        // lease holds. Their ranges move once the ShuttingDown status is out.
+        inner.reminders.stop().await;
         inner.signal_all(true);
         while !inner.table.is_empty() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;

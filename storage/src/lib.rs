@@ -34,7 +34,9 @@ pub use membership::{
 };
 pub use memory::{MemoryMembershipTable, MemoryReminderTable, MemoryStateStore};
 pub use memory_journal::{MemoryJournal, MemoryProjectionClaim, MemoryProjectionStore};
-pub use reminders::{ReminderEntry, ReminderRow, ReminderTable, in_ring_range};
+pub use reminders::{
+    RING_BUCKET_SHIFT, ReminderEntry, ReminderProgress, ReminderRow, ReminderTable, RingRange, in_ring_range,
+};
 pub use state::{ETag, GrainStateStore, StateKey, StoredState};
 
 /// Why a storage operation failed.

@@ -210,11 +210,40 @@ impl crate::MembershipTable for MemoryMembershipTable {
     }
 }
 
-/// The in-memory reminders table.
+/// The in-memory reminders table: rows by key, and an index by `(ring bucket, next due time)` (see
+/// [`RING_BUCKET_SHIFT`](crate::RING_BUCKET_SHIFT)), so that a silo's read of its due reminders visits only
+/// what is due in the buckets of its ranges, as the Postgres index does.
 #[derive(Debug, Default)]
 pub struct MemoryReminderTable {
-    rows: DashMap<(String, String, String), crate::ReminderRow>,
+    inner: std::sync::Mutex<MemoryReminders>,
     next_etag: AtomicU64,
+}
+
+/// A reminder's key: grain type, grain key, name.
+type ReminderKey = (String, String, String);
+
+#[derive(Debug, Default)]
+struct MemoryReminders {
+    rows: std::collections::HashMap<ReminderKey, crate::ReminderRow>,
+    by_bucket_and_due: std::collections::BTreeSet<(u32, i64, ReminderKey)>,
+}
+
+fn bucket(hash: u32) -> u32 {
+    hash >> crate::RING_BUCKET_SHIFT
+}
+
+impl MemoryReminders {
+    fn insert(&mut self, key: ReminderKey, row: crate::ReminderRow) {
+        self.remove(&key);
+        self.by_bucket_and_due.insert((bucket(row.entry.grain_hash), row.next_due_ms, key.clone()));
+        self.rows.insert(key, row);
+    }
+
+    fn remove(&mut self, key: &ReminderKey) -> Option<crate::ReminderRow> {
+        let row = self.rows.remove(key)?;
+        self.by_bucket_and_due.remove(&(bucket(row.entry.grain_hash), row.next_due_ms, key.clone()));
+        Some(row)
+    }
 }
 
 impl MemoryReminderTable {
@@ -222,16 +251,25 @@ impl MemoryReminderTable {
     pub fn new() -> Self {
         Self::default()
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryReminders> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn reminder_key(grain_type: &str, grain_key: &str, name: &str) -> ReminderKey {
+    (grain_type.to_owned(), grain_key.to_owned(), name.to_owned())
 }
 
 #[async_trait]
 impl crate::ReminderTable for MemoryReminderTable {
     async fn read_grain(&self, grain_type: &str, grain_key: &str) -> Result<Vec<crate::ReminderRow>, StorageError> {
         let mut rows: Vec<_> = self
+            .lock()
             .rows
             .iter()
-            .filter(|r| r.key().0 == grain_type && r.key().1 == grain_key)
-            .map(|r| r.value().clone())
+            .filter(|(k, _)| k.0 == grain_type && k.1 == grain_key)
+            .map(|(_, row)| row.clone())
             .collect();
         rows.sort_by(|a, b| a.entry.name.cmp(&b.entry.name));
         Ok(rows)
@@ -243,16 +281,16 @@ impl crate::ReminderTable for MemoryReminderTable {
         grain_key: &str,
         name: &str,
     ) -> Result<Option<crate::ReminderRow>, StorageError> {
-        let key = (grain_type.to_owned(), grain_key.to_owned(), name.to_owned());
-        Ok(self.rows.get(&key).map(|r| r.value().clone()))
+        Ok(self.lock().rows.get(&reminder_key(grain_type, grain_key, name)).cloned())
     }
 
     async fn read_range(&self, begin: u32, end: u32) -> Result<Vec<crate::ReminderRow>, StorageError> {
         let mut rows: Vec<_> = self
+            .lock()
             .rows
-            .iter()
+            .values()
             .filter(|r| crate::in_ring_range(r.entry.grain_hash, begin, end))
-            .map(|r| r.value().clone())
+            .cloned()
             .collect();
         rows.sort_by(|a, b| {
             (&a.entry.grain_type, &a.entry.grain_key, &a.entry.name).cmp(&(
@@ -264,15 +302,63 @@ impl crate::ReminderTable for MemoryReminderTable {
         Ok(rows)
     }
 
+    async fn read_due(
+        &self,
+        ranges: &[crate::RingRange],
+        due_by_ms: i64,
+    ) -> Result<Vec<crate::ReminderRow>, StorageError> {
+        let inner = self.lock();
+        let mut rows = Vec::new();
+        let mut seen = std::collections::HashSet::new(); // ranges that overlap would name a row twice
+        let lowest = || (String::new(), String::new(), String::new());
+        for (bucket, low, high) in ranges.iter().flat_map(crate::RingRange::bucket_intervals) {
+            // One seek per bucket, up to the due time: rows further ahead are not visited.
+            let end = match due_by_ms.checked_add(1) {
+                Some(after) => (bucket, after, lowest()),
+                None => (bucket + 1, i64::MIN, lowest()),
+            };
+            let due = inner.by_bucket_and_due.range((bucket, i64::MIN, lowest())..end);
+            for (_, _, key) in due {
+                if let Some(row) = inner.rows.get(key)
+                    && (low..=high).contains(&row.entry.grain_hash)
+                    && seen.insert(key)
+                {
+                    rows.push(row.clone());
+                }
+            }
+        }
+        rows.sort_by_key(|r| r.next_due_ms);
+        Ok(rows)
+    }
+
     async fn upsert(&self, entry: &crate::ReminderEntry) -> Result<ETag, StorageError> {
         let etag = (self.next_etag.fetch_add(1, Ordering::Relaxed) + 1).to_string();
-        let key = (entry.grain_type.clone(), entry.grain_key.clone(), entry.name.clone());
-        self.rows.insert(key, crate::ReminderRow { entry: entry.clone(), etag: etag.clone() });
+        let key = reminder_key(&entry.grain_type, &entry.grain_key, &entry.name);
+        let row = crate::ReminderRow { entry: entry.clone(), etag: etag.clone(), next_due_ms: entry.start_at_ms };
+        self.lock().insert(key, row);
         Ok(etag)
     }
 
     async fn remove(&self, grain_type: &str, grain_key: &str, name: &str, etag: &str) -> Result<bool, StorageError> {
-        let key = (grain_type.to_owned(), grain_key.to_owned(), name.to_owned());
-        Ok(self.rows.remove_if(&key, |_, row| row.etag == etag).is_some())
+        let key = reminder_key(grain_type, grain_key, name);
+        let mut inner = self.lock();
+        if inner.rows.get(&key).is_none_or(|row| row.etag != etag) {
+            return Ok(false);
+        }
+        Ok(inner.remove(&key).is_some())
+    }
+
+    async fn advance(&self, progress: &[crate::ReminderProgress]) -> Result<(), StorageError> {
+        let mut inner = self.lock();
+        for step in progress {
+            let key = reminder_key(&step.grain_type, &step.grain_key, &step.name);
+            let Some(row) = inner.rows.get(&key) else { continue };
+            if row.etag != step.etag || row.next_due_ms >= step.next_due_ms {
+                continue;
+            }
+            let row = crate::ReminderRow { next_due_ms: step.next_due_ms, ..row.clone() };
+            inner.insert(key, row);
+        }
+        Ok(())
     }
 }

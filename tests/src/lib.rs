@@ -247,14 +247,16 @@ pub async fn start_cluster_with(n: usize, adjust: impl Fn(SiloConfig) -> SiloCon
     silos
 }
 
-/// The membership table and state store that in-process silos of one test cluster share, so that a test can
-/// add silos to a running cluster.
+/// The membership table, state store and reminders table that in-process silos of one test cluster share, so
+/// that a test can add silos to a running cluster.
 #[derive(Clone)]
 pub struct SharedCluster {
     /// The membership table.
     pub table: Arc<dyn grains_storage::MembershipTable>,
     /// The grain state store.
     pub store: Arc<dyn GrainStateStore>,
+    /// The reminders table.
+    pub reminders: Arc<dyn grains_storage::ReminderTable>,
 }
 
 impl Default for SharedCluster {
@@ -264,11 +266,12 @@ impl Default for SharedCluster {
 }
 
 impl SharedCluster {
-    /// An empty in-memory table and store.
+    /// An empty in-memory membership table, state store and reminders table.
     pub fn new() -> Self {
         Self {
             table: Arc::new(grains_storage::MemoryMembershipTable::new()),
             store: Arc::new(grains_storage::MemoryStateStore::new()),
+            reminders: Arc::new(grains_storage::MemoryReminderTable::new()),
         }
     }
 
@@ -286,6 +289,7 @@ impl SharedCluster {
             .config(config)
             .state_store(self.store.clone())
             .membership_table(self.table.clone())
+            .reminder_table(self.reminders.clone())
             .start()
             .await
             .unwrap_or_else(|e| panic!("silo {i} failed to start: {e}"))
@@ -319,4 +323,293 @@ pub struct Hashed;
 impl Hashed {
     /// Nothing: the test looks at where the activation lands.
     pub async fn touch(&self) {}
+}
+
+/// When each turn of a grain (by key) began and ended, and what it was: the timer tests check that no two
+/// overlap.
+pub static TURNS: LazyLock<Mutex<HashMap<String, Vec<TurnRecord>>>> = LazyLock::new(Mutex::default);
+
+/// One turn of a [`Ticker`].
+#[derive(Debug, Clone, Copy)]
+pub struct TurnRecord {
+    /// `"timer"` or `"method"`.
+    pub kind: &'static str,
+    /// When it began.
+    pub began: std::time::Instant,
+    /// When it ended.
+    pub ended: std::time::Instant,
+}
+
+/// Timer ticks run per grain key, over every activation (a timer's own count dies with its activation).
+pub static TIMER_TICKS: LazyLock<Mutex<HashMap<String, u64>>> = LazyLock::new(Mutex::default);
+
+/// How many timer ticks the grain with this key has run, over all its activations.
+pub fn timer_ticks(key: &str) -> u64 {
+    TIMER_TICKS.lock().unwrap_or_else(|e| e.into_inner()).get(key).copied().unwrap_or(0)
+}
+
+/// A grain with a timer, whose turns (timer and method alike) hold `busy` and yield to the runtime mid-turn:
+/// two turns overlapping would find it set. Every turn is logged in [`TURNS`].
+#[grain(idle_timeout = "10m")]
+pub struct Ticker {
+    ctx: GrainContext,
+    busy: bool,
+    ticks: u64,
+    overlaps: u64,
+    timer: Option<grains::TimerHandle>,
+}
+
+impl Ticker {
+    /// One turn: marks the grain busy, yields for `pause_ms`, and logs the turn.
+    async fn turn(&mut self, kind: &'static str, pause_ms: u64) {
+        let began = std::time::Instant::now();
+        if self.busy {
+            self.overlaps += 1;
+        }
+        self.busy = true;
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        self.busy = false;
+        let record = TurnRecord { kind, began, ended: std::time::Instant::now() };
+        TURNS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(self.ctx.id().key().to_string())
+            .or_default()
+            .push(record);
+    }
+
+    async fn tick(&mut self) {
+        self.turn("timer", 3).await;
+        self.ticks += 1;
+        *TIMER_TICKS.lock().unwrap_or_else(|e| e.into_inner()).entry(self.ctx.id().key().to_string()).or_default() += 1;
+    }
+}
+
+#[grain]
+impl Ticker {
+    /// Starts a timer ticking every `every_ms` (first after `every_ms`); `keep_alive`: its ticks count as
+    /// activity.
+    pub async fn start(&mut self, every_ms: u64, keep_alive: bool) -> Result<(), String> {
+        let every = Duration::from_millis(every_ms);
+        let timer = self
+            .ctx
+            .register_timer(every, Some(every), |ticker: &mut Ticker| Box::pin(ticker.tick()))
+            .map_err(|e| e.to_string())?;
+        timer.keep_grain_alive(keep_alive);
+        self.timer = Some(timer);
+        Ok(())
+    }
+
+    /// Starts a one-shot timer firing after `after_ms`.
+    pub async fn start_once(&mut self, after_ms: u64) -> Result<(), String> {
+        let after = Duration::from_millis(after_ms);
+        self.ctx
+            .register_timer(after, None, |ticker: &mut Ticker| Box::pin(ticker.tick()))
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Starts a timer whose first tick panics.
+    pub async fn start_panicking(&mut self, after_ms: u64) -> Result<(), String> {
+        let after = Duration::from_millis(after_ms);
+        self.ctx
+            .register_timer(after, Some(after), |_: &mut Ticker| {
+                Box::pin(async { panic!("timer exploded on purpose") })
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Registers a timer written for another grain type: refused.
+    pub async fn start_for_another_type(&mut self) -> Result<(), String> {
+        let every = Some(Duration::from_millis(10));
+        match self.ctx.register_timer(Duration::ZERO, every, |_: &mut Counter| Box::pin(async {})) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Tries to register a reminder, which this grain (no `on_reminder`) cannot receive.
+    pub async fn try_reminder(&self) -> Result<(), String> {
+        let second = Duration::from_secs(1);
+        self.ctx.register_reminder("never", second, second).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Cancels the timer started by `start`; whether it was running.
+    pub async fn stop(&mut self) -> bool {
+        self.timer.take().is_some_and(|t| t.cancel())
+    }
+
+    /// A method turn lasting `ms`.
+    pub async fn work(&mut self, ms: u64) {
+        self.turn("method", ms).await;
+    }
+
+    /// (ticks this activation ran, overlapping turns it saw).
+    pub async fn counts(&self) -> (u64, u64) {
+        (self.ticks, self.overlaps)
+    }
+
+    /// Asks to be deactivated after this turn.
+    pub async fn leave(&self) {
+        self.ctx.deactivate_on_idle();
+    }
+
+    async fn on_activate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
+        LIFECYCLE.activated(ctx.id().key().to_string());
+        Ok(())
+    }
+
+    async fn on_deactivate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
+        LIFECYCLE.deactivated(ctx.id().key().to_string());
+        Ok(())
+    }
+}
+
+/// What a [`Remindful`] grain stores: its reminder ticks, counted.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct RemindfulState {
+    /// Ticks delivered.
+    pub ticks: u64,
+    /// Missed ticks reported by the delivered ones.
+    pub missed: u64,
+    /// The most missed ticks one delivery reported.
+    pub most_missed: u64,
+    /// The longest wall-clock gap between two delivered ticks, in ms.
+    pub longest_gap_ms: u64,
+    /// When the last tick was delivered (Unix ms).
+    pub last_delivered_ms: u64,
+    /// The due time of the last tick delivered (Unix ms).
+    pub last_due_ms: u64,
+    /// How many of the next ticks to refuse (to test retries).
+    pub refuse: u32,
+}
+
+/// One reminder tick as a [`Remindful`] grain saw it (in-process tests read these from [`REMINDER_TICKS`]).
+#[derive(Debug, Clone)]
+pub struct TickRecord {
+    /// The reminder.
+    pub name: String,
+    /// When the tick was due.
+    pub due: std::time::SystemTime,
+    /// When it arrived.
+    pub at: std::time::SystemTime,
+    /// The missed ticks it reported.
+    pub missed: u64,
+    /// Whether the grain refused it.
+    pub refused: bool,
+}
+
+/// Every reminder tick [`Remindful`] grains received in this process, by grain key.
+pub static REMINDER_TICKS: LazyLock<Mutex<HashMap<String, Vec<TickRecord>>>> = LazyLock::new(Mutex::default);
+
+/// The ticks the [`Remindful`] grain with this key received in this process.
+pub fn reminder_ticks(key: &str) -> Vec<TickRecord> {
+    REMINDER_TICKS.lock().unwrap_or_else(|e| e.into_inner()).get(key).cloned().unwrap_or_default()
+}
+
+fn unix_ms(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A grain that registers reminders and counts their ticks in persistent state.
+#[grain(idle_timeout = "10m")]
+pub struct Remindful {
+    ctx: GrainContext,
+    state: PersistentState<RemindfulState>,
+}
+
+#[grain]
+impl Remindful {
+    /// Registers reminder `name`: first due in `due_ms`, then every `period_ms`. Returns its next due time
+    /// (Unix ms).
+    pub async fn remind(&self, name: String, due_ms: u64, period_ms: u64) -> Result<u64, String> {
+        let due = Duration::from_millis(due_ms);
+        let reminder = self
+            .ctx
+            .register_reminder(&name, due, Duration::from_millis(period_ms))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(unix_ms(reminder.next_due))
+    }
+
+    /// Unregisters reminder `name`; whether it existed.
+    pub async fn forget(&self, name: String) -> Result<bool, String> {
+        self.ctx.unregister_reminder(&name).await.map_err(|e| e.to_string())
+    }
+
+    /// The grain's reminders: (name, next due in Unix ms, period in ms).
+    pub async fn reminders(&self) -> Result<Vec<(String, u64, u64)>, String> {
+        let listed = self.ctx.reminders().await.map_err(|e| e.to_string())?;
+        Ok(listed.into_iter().map(|r| (r.name, unix_ms(r.next_due), r.period.as_millis() as u64)).collect())
+    }
+
+    /// What the grain has stored about its ticks.
+    pub async fn stored(&self) -> RemindfulState {
+        self.state.get().clone()
+    }
+
+    /// Refuses the next `n` ticks (their `on_reminder` fails).
+    pub async fn refuse(&mut self, n: u32) -> Result<(), StateError> {
+        self.state.refuse = n;
+        self.state.write().await
+    }
+
+    async fn on_reminder(&mut self, tick: ReminderTick) -> Result<(), GrainError> {
+        let at = std::time::SystemTime::now();
+        let refused = self.state.refuse > 0;
+        let record = TickRecord { name: tick.name.clone(), due: tick.due, at, missed: tick.missed, refused };
+        let key = self.ctx.id().key().to_string();
+        REMINDER_TICKS.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().push(record);
+        if refused {
+            self.state.refuse -= 1;
+            self.state.write().await?;
+            return Err(GrainError::failed("refused on purpose"));
+        }
+        let now = unix_ms(at);
+        let state = self.state.get_mut();
+        if state.last_delivered_ms > 0 {
+            state.longest_gap_ms = state.longest_gap_ms.max(now.saturating_sub(state.last_delivered_ms));
+        }
+        state.ticks += 1;
+        state.missed += tick.missed;
+        state.most_missed = state.most_missed.max(tick.missed);
+        state.last_delivered_ms = now;
+        state.last_due_ms = unix_ms(tick.due);
+        self.state.write().await?;
+        Ok(())
+    }
+}
+
+/// A stateless grain for reminder load: each tick is logged in [`BEACON_TICKS`] (grain key, due, arrival).
+#[grain(idle_timeout = "10m")]
+pub struct Beacon {
+    ctx: GrainContext,
+}
+
+/// `(grain key, tick due, tick arrived)` for every tick a [`Beacon`] received in this process.
+pub static BEACON_TICKS: LazyLock<Mutex<Vec<(i64, std::time::SystemTime, std::time::SystemTime)>>> =
+    LazyLock::new(Mutex::default);
+
+#[grain]
+impl Beacon {
+    /// Registers reminder `beacon`, first due in `due_ms`, then every `period_ms`.
+    pub async fn arm(&self, due_ms: u64, period_ms: u64) -> Result<(), String> {
+        let (due, period) = (Duration::from_millis(due_ms), Duration::from_millis(period_ms));
+        self.ctx.register_reminder("beacon", due, period).await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Unregisters reminder `beacon`.
+    pub async fn disarm(&self) -> Result<bool, String> {
+        self.ctx.unregister_reminder("beacon").await.map_err(|e| e.to_string())
+    }
+
+    async fn on_reminder(&mut self, tick: ReminderTick) -> Result<(), GrainError> {
+        let key = match self.ctx.id().key() {
+            GrainKey::Int(i) => *i,
+            _ => -1,
+        };
+        BEACON_TICKS.lock().unwrap_or_else(|e| e.into_inner()).push((key, tick.due, std::time::SystemTime::now()));
+        Ok(())
+    }
 }

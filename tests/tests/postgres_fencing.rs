@@ -219,3 +219,41 @@ async fn a_silo_with_state_and_membership_in_postgres_stops_writing_state_once_d
     silo.shutdown(Duration::from_secs(5)).await;
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silo_declared_dead_commits_no_reminder_write() {
+    use grains_storage::postgres::PostgresReminderTable;
+    use grains_storage::{ReminderEntry, ReminderProgress, ReminderTable};
+
+    let db = TestDatabase::create().await;
+    let pool = db.pool().await;
+    let (table, _) = cluster(&pool, &[silo(1), silo(2)]).await;
+    let dead = PostgresReminderTable::fenced(pool.clone(), CLUSTER, silo(1).silo);
+    let entry = |name: &str| ReminderEntry {
+        grain_type: "Cart".into(),
+        grain_key: "s:a".into(),
+        name: name.into(),
+        grain_hash: 7,
+        start_at_ms: 1_700_000_000_000,
+        period_ms: 1_000,
+    };
+    let etag = dead.upsert(&entry("kept")).await.expect("alive: the registration commits");
+    let step = |next_due_ms| ReminderProgress {
+        grain_type: "Cart".into(),
+        grain_key: "s:a".into(),
+        name: "kept".into(),
+        etag: etag.clone(),
+        next_due_ms,
+    };
+    dead.advance(&[step(1_700_000_001_000)]).await.expect("alive: progress commits");
+
+    set_status(&table, &silo(1).silo, SiloStatus::Dead).await;
+    assert_fenced(dead.upsert(&entry("new")).await, "registration");
+    assert_fenced(dead.advance(&[step(1_700_000_009_000)]).await, "progress");
+    assert_fenced(dead.remove("Cart", "s:a", "kept", &etag).await, "removal");
+    let row = dead.read_row("Cart", "s:a", "kept").await.unwrap().expect("reads are not fenced; the row stays");
+    assert_eq!(row.next_due_ms, 1_700_000_001_000, "the refused progress is not stored");
+    assert_eq!(dead.read_row("Cart", "s:a", "new").await.unwrap(), None);
+    let alive = PostgresReminderTable::fenced(pool, CLUSTER, silo(2).silo);
+    assert!(alive.remove("Cart", "s:a", "kept", &etag).await.unwrap(), "a live silo still writes");
+}

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use grains_storage::postgres::{PostgresMembershipTable, PostgresReminderTable, PostgresStateStore};
 use grains_storage::{
     GrainStateStore, MembershipEntry, MembershipTable, MemoryMembershipTable, MemoryReminderTable, MemoryStateStore,
-    ReminderEntry, ReminderTable, SiloAddress, SiloStatus, StateKey, StorageError, Suspicion,
+    ReminderEntry, ReminderProgress, ReminderTable, RingRange, SiloAddress, SiloStatus, StateKey, StorageError,
+    Suspicion,
 };
 use grains_tests::pg::TestDatabase;
 use serde_json::json;
@@ -90,6 +91,10 @@ conformance!(
     reminders_upsert_replaces_and_changes_the_etag,
     reminders_remove_is_etag_checked,
     reminders_read_range_handles_wrap_around,
+    reminders_read_due_returns_what_is_due_in_the_ranges_by_due_time,
+    reminders_a_reminder_due_in_60_days_keeps_its_due_time_and_stays_out_of_near_reads,
+    reminders_advance_moves_the_next_tick_forward_only_for_its_definition,
+    reminders_upsert_restarts_the_progress,
 );
 
 fn key(name: &str) -> StateKey {
@@ -481,4 +486,98 @@ async fn reminders_read_range_handles_wrap_around(p: Providers) {
     assert_eq!(keys(p.reminders.read_range(10, 4_000_000_000).await.unwrap()), set(&["b", "c"]));
     assert_eq!(keys(p.reminders.read_range(4_000_000_000, 10).await.unwrap()), set(&["d", "a"]));
     assert_eq!(keys(p.reminders.read_range(5, 5).await.unwrap()), set(&["a", "b", "c", "d"]));
+}
+
+fn due_at(key: &str, hash: u32, due_ms: i64) -> ReminderEntry {
+    ReminderEntry { start_at_ms: due_ms, ..reminder(key, "r", hash) }
+}
+
+fn progress(key: &str, etag: &str, next_due_ms: i64) -> ReminderProgress {
+    ReminderProgress {
+        grain_type: "Cart".into(),
+        grain_key: key.into(),
+        name: "r".into(),
+        etag: etag.into(),
+        next_due_ms,
+    }
+}
+
+async fn reminders_read_due_returns_what_is_due_in_the_ranges_by_due_time(p: Providers) {
+    let t = 1_700_000_000_000;
+    for (key, hash, due) in [
+        ("a", 10u32, t + 30),
+        ("b", 1_000, t + 10),
+        ("c", 4_000_000_000, t + 20),
+        ("d", u32::MAX, t),
+        ("late", 1_500, t + 1_000_000),
+        ("elsewhere", 2_000_000_000, t),
+    ] {
+        p.reminders.upsert(&due_at(key, hash, due)).await.unwrap();
+    }
+    let keys = |rows: Vec<grains_storage::ReminderRow>| -> Vec<String> {
+        rows.into_iter().map(|r| r.entry.grain_key).collect()
+    };
+    // (3_000_000_000, 2_000] wraps around zero; (500, 1_000] is a second range.
+    let ranges = [RingRange::new(3_000_000_000, 2_000), RingRange::new(500, 1_000)];
+    assert_eq!(keys(p.reminders.read_due(&ranges, t + 100).await.unwrap()), ["d", "b", "c", "a"], "by due time");
+    assert_eq!(keys(p.reminders.read_due(&ranges, t + 15).await.unwrap()), ["d", "b"], "due by then only");
+    let all = keys(p.reminders.read_due(&ranges, t + 2_000_000).await.unwrap());
+    assert_eq!(all, ["d", "b", "c", "a", "late"]);
+    let whole = [RingRange::new(7, 7)];
+    assert_eq!(p.reminders.read_due(&whole, t).await.unwrap().len(), 2, "the whole ring: d and elsewhere");
+    let overlapping = [RingRange::new(0, 2_000), RingRange::new(5, 1_000)];
+    assert_eq!(keys(p.reminders.read_due(&overlapping, t + 100).await.unwrap()), ["b", "a"], "each row once");
+    assert!(p.reminders.read_due(&[], t + 100).await.unwrap().is_empty());
+}
+
+async fn reminders_a_reminder_due_in_60_days_keeps_its_due_time_and_stays_out_of_near_reads(p: Providers) {
+    let now = 1_700_000_000_123;
+    let sixty_days = 60 * 86_400_000;
+    let entry = ReminderEntry { period_ms: 86_400_000, ..due_at("far", 42, now + sixty_days) };
+    p.reminders.upsert(&entry).await.unwrap();
+    let row = p.reminders.read_row("Cart", "far", "r").await.unwrap().unwrap();
+    assert_eq!((row.entry.start_at_ms, row.next_due_ms), (now + sixty_days, now + sixty_days), "to the millisecond");
+    let whole = [RingRange::new(0, 0)];
+    assert!(p.reminders.read_due(&whole, now + 60_000).await.unwrap().is_empty(), "not due within a minute");
+    assert_eq!(p.reminders.read_due(&whole, now + sixty_days).await.unwrap().len(), 1);
+}
+
+async fn reminders_advance_moves_the_next_tick_forward_only_for_its_definition(p: Providers) {
+    let t = 1_700_000_000_000;
+    let a = p.reminders.upsert(&due_at("a", 1, t)).await.unwrap();
+    let b = p.reminders.upsert(&due_at("b", 2, t)).await.unwrap();
+    let next_due = |key: &'static str| {
+        let reminders = p.reminders.clone();
+        async move { reminders.read_row("Cart", key, "r").await.unwrap().unwrap().next_due_ms }
+    };
+    // One batch: a twice (the later wins), b once.
+    let batch = [progress("a", &a, t + 120_000), progress("a", &a, t + 60_000), progress("b", &b, t + 60_000)];
+    p.reminders.advance(&batch).await.unwrap();
+    assert_eq!((next_due("a").await, next_due("b").await), (t + 120_000, t + 60_000));
+    p.reminders.advance(&[progress("a", &a, t + 60_000)]).await.unwrap();
+    assert_eq!(next_due("a").await, t + 120_000, "progress never goes back");
+    p.reminders.advance(&[progress("a", "31337", t + 600_000), progress("gone", &a, t)]).await.unwrap();
+    assert_eq!(next_due("a").await, t + 120_000, "another definition's progress does not apply");
+    let row = p.reminders.read_row("Cart", "a", "r").await.unwrap().unwrap();
+    assert_eq!(row.etag, a, "progress leaves the etag alone");
+    assert!(
+        p.reminders
+            .read_due(&[RingRange::new(0, 0)], t + 100_000)
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.entry.grain_key == "b")
+    );
+    p.reminders.advance(&[]).await.unwrap();
+}
+
+async fn reminders_upsert_restarts_the_progress(p: Providers) {
+    let t = 1_700_000_000_000;
+    let first = p.reminders.upsert(&due_at("a", 1, t)).await.unwrap();
+    p.reminders.advance(&[progress("a", &first, t + 600_000)]).await.unwrap();
+    let second = p.reminders.upsert(&due_at("a", 1, t + 5_000)).await.unwrap();
+    let row = p.reminders.read_row("Cart", "a", "r").await.unwrap().unwrap();
+    assert_eq!((row.etag, row.next_due_ms), (second, t + 5_000), "registered again: due at its new start");
+    p.reminders.advance(&[progress("a", &first, t + 900_000)]).await.unwrap();
+    assert_eq!(p.reminders.read_row("Cart", "a", "r").await.unwrap().unwrap().next_due_ms, t + 5_000);
 }

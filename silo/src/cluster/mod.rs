@@ -261,6 +261,11 @@ impl Cluster {
         self.view.borrow().clone()
     }
 
+    /// Every view this silo adopts from now on, as it adopts it.
+    pub(crate) fn watch_view(&self) -> watch::Receiver<Arc<ClusterView>> {
+        self.view.subscribe()
+    }
+
     /// Waits until the view is at least `version`, or `deadline`.
     async fn wait_for_version(&self, version: i64, deadline: Instant) {
         let mut views = self.view.subscribe();

@@ -7,7 +7,7 @@
 //! read the same membership view computes the same ring.
 
 use grains::{GrainId, GrainKey};
-use grains_storage::SiloAddress;
+use grains_storage::{RingRange, SiloAddress};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Points per silo on the ring.
@@ -94,6 +94,30 @@ impl HashRing {
     pub fn owner(&self, id: &GrainId) -> Option<&SiloAddress> {
         self.owner_of_hash(grain_hash(id))
     }
+
+    /// The ranges of hashes `silo` owns (those [`owner_of_hash`](Self::owner_of_hash) names it for), adjacent
+    /// ones merged; one range `(h, h]`, the whole ring, when it owns every point.
+    pub fn ranges_of(&self, silo: &SiloAddress) -> Vec<RingRange> {
+        let n = self.points.len();
+        let mut ranges: Vec<RingRange> = Vec::new();
+        for i in 0..n {
+            let (end, owner) = &self.points[i];
+            let begin = self.points[(i + n - 1) % n].0;
+            if owner != silo || (n > 1 && begin == *end) {
+                continue; // another's, or a point sharing its hash with the one before (which owns it)
+            }
+            match ranges.last_mut() {
+                Some(last) if last.end == begin => last.end = *end,
+                _ => ranges.push(RingRange::new(begin, *end)),
+            }
+        }
+        // The last range may run on into the first, across the wrap.
+        if ranges.len() > 1 && ranges[ranges.len() - 1].end == ranges[0].begin {
+            let last = ranges.pop().map_or(0, |r| r.begin);
+            ranges[0].begin = last;
+        }
+        ranges
+    }
 }
 
 #[cfg(test)]
@@ -151,6 +175,38 @@ mod tests {
             let share = n as f64 / ids.len() as f64;
             assert!((0.22..=0.45).contains(&share), "{silo} owns {share:.3}");
         }
+    }
+
+    #[test]
+    fn ranges_cover_exactly_what_each_silo_owns() {
+        let silos = [silo(1), silo(2), silo(3)];
+        let ring = HashRing::new(&silos);
+        let ranges: Vec<Vec<RingRange>> = silos.iter().map(|s| ring.ranges_of(s)).collect();
+        let mut probes: Vec<u32> = (0..20_000u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        probes.extend(ring.points().flat_map(|p| [p, p.wrapping_add(1), p.wrapping_sub(1)]));
+        probes.extend([0, u32::MAX]);
+        for hash in probes {
+            let owner = ring.owner_of_hash(hash).unwrap();
+            for (silo, ranges) in silos.iter().zip(&ranges) {
+                let inside = ranges.iter().filter(|r| r.contains(hash)).count();
+                assert_eq!(inside, usize::from(silo == owner), "hash {hash}: {silo} holds it in {inside} ranges");
+            }
+        }
+        assert!(
+            ranges.iter().all(|r| r.len() > 10 && r.len() <= VIRTUAL_NODES as usize),
+            "{:?}",
+            ranges.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_silo_alone_owns_the_whole_ring_in_one_range() {
+        let ring = HashRing::new(&[silo(1)]);
+        let ranges = ring.ranges_of(&silo(1));
+        assert_eq!(ranges.len(), 1);
+        assert_eq!(ranges[0].begin, ranges[0].end, "(h, h] is the whole ring");
+        assert!(ring.ranges_of(&silo(2)).is_empty());
+        assert!(HashRing::default().ranges_of(&silo(1)).is_empty());
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub(crate) enum SystemRequest {
     Table(super::seed::TableOp),
     /// The silo's stats, for the dashboard.
     Stats,
+    /// Reminder `name` of `grain`, in the receiver's ring ranges, was registered or removed: read it again.
+    ReminderChanged { grain: GrainId, name: String },
 }
 
 /// The answer of a system target.
