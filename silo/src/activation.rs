@@ -190,7 +190,8 @@ pub(crate) struct ActivationShared {
     last_active_ms: AtomicU64,
     /// How long this activation may idle.
     pub(crate) idle_timeout: Duration,
-    /// Set once the directory has confirmed this activation as the grain's one activation.
+    /// Set once the directory has confirmed this activation as the grain's one activation; cleared once it
+    /// has run its last turn (it is leaving: unregistering, then out of the table).
     confirmed: std::sync::atomic::AtomicBool,
     /// Set when the directory finds this activation a duplicate: it runs no further turn.
     evicted: std::sync::atomic::AtomicBool,
@@ -220,7 +221,8 @@ impl ActivationShared {
         self.last_active_ms.store(now_ms, Ordering::Relaxed);
     }
 
-    /// Whether the directory has confirmed this activation (a losing duplicate never is, and never runs a turn).
+    /// Whether the directory has confirmed this activation and it may still run turns (a losing duplicate
+    /// never is, and never runs a turn; a leaving activation is not any more).
     pub(crate) fn is_confirmed(&self) -> bool {
         self.confirmed.load(Ordering::Acquire)
     }
@@ -480,6 +482,9 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
         }
     }
     drop(grain);
+    // No turn runs from here on: the activation no longer counts as this grain's (its unregistration may wait
+    // on a remote directory, and the grain may be activated elsewhere as soon as it lands).
+    start.shared.confirmed.store(false, Ordering::Release);
     host.cluster().unregister(id.clone(), start.registration.clone()).await;
     host.activations().remove(&id, start.activation_id);
     start.mailbox.close();

@@ -208,6 +208,7 @@ impl Peer {
 
 /// A silo config for tests: no gateway, fast idle collection.
 pub fn test_config() -> SiloConfig {
+    init_logging();
     SiloConfig { gateway: false, collection_interval: Duration::from_millis(50), ..SiloConfig::default() }
 }
 
@@ -224,6 +225,17 @@ pub async fn start_silo_with_store(config: SiloConfig, store: Arc<dyn GrainState
     match Silo::builder().config(config).state_store(store).start().await {
         Ok(silo) => silo,
         Err(e) => panic!("silo failed to start: {e}"),
+    }
+}
+
+/// Sends the silos' `tracing` output to stderr when `GRAINS_TEST_LOG` holds a filter (for example
+/// `GRAINS_TEST_LOG=grains_silo=info`): a failing test's log shows what the cluster saw.
+pub fn init_logging() {
+    if let Ok(filter) = std::env::var("GRAINS_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
     }
 }
 

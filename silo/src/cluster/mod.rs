@@ -13,6 +13,7 @@
 //! A single silo is a cluster of one (with the in-memory membership table by default): every path is the same.
 
 pub(crate) mod directory;
+pub(crate) mod health;
 pub(crate) mod membership;
 pub(crate) mod placement;
 pub mod ring;
@@ -187,6 +188,8 @@ pub(crate) struct Cluster {
     probes: ConnectionPool,
     pub(crate) refresh_now: Notify,
     pub(crate) lease: Lease,
+    /// How late this silo's own runtime runs: probes that time out while it is late do not count.
+    pub(crate) health: Arc<health::LocalHealth>,
     /// Silos declared dead that may still serve until the instant given (their lease, seen from here).
     fenced: Mutex<FastHashMap<SiloAddress, Instant>>,
     /// Silos that announced they are stopping: no new activations go there.
@@ -225,6 +228,7 @@ impl Cluster {
             probes: ConnectionPool::new(PeerKind::Silo, timings.connect_timeout, Some(identity)),
             refresh_now: Notify::new(),
             lease: Lease::new(timings.lease),
+            health: Arc::new(health::LocalHealth::new(timings.probe_timeout)),
             fenced: Mutex::new(FastHashMap::default()),
             draining: FastDashMap::default(),
             activations,
