@@ -9,7 +9,7 @@
 //!   both wrote), and every acknowledged increment is in storage at the end;
 //! - every call ends (reply, error or timeout) by its deadline plus a small slack: none hangs.
 //!
-//! `GRAINS_SIM_SEEDS=N` runs N seeds (CI runs the default); `GRAINS_SIM_SEED=S` replays one seed, and a failing
+//! `GRAINS_SIM_SEEDS=N` runs N seeds (CI runs the default), from `GRAINS_SIM_FIRST_SEED` (1) on; `GRAINS_SIM_SEED=S` replays one seed, and a failing
 //! run prints that command. The silos reach the network and the wall clock through `grains_silo::sim`, so the
 //! runtime code under test is the production code.
 //!
@@ -613,8 +613,9 @@ fn seeds() -> Vec<u64> {
     if let Some(seed) = std::env::var("GRAINS_SIM_SEED").ok().and_then(|s| s.parse().ok()) {
         return vec![seed];
     }
-    let n = std::env::var("GRAINS_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
-    (1..=n).collect()
+    let n: u64 = std::env::var("GRAINS_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+    let first: u64 = std::env::var("GRAINS_SIM_FIRST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    (first..first + n).collect()
 }
 
 #[test]
