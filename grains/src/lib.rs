@@ -31,8 +31,8 @@
 //!     Storage(String),
 //! }
 //!
-//! impl From<StateError> for CartError {
-//!     fn from(e: StateError) -> Self {
+//! impl From<StorageError> for CartError {
+//!     fn from(e: StorageError) -> Self {
 //!         CartError::Storage(e.to_string())
 //!     }
 //! }
@@ -69,8 +69,11 @@
 //! silo or an external client (`grains_silo::Client`), or from inside a grain through its [`GrainContext`]:
 //! `ctx.grain::<Cart>("alice").add("apple".into(), 2).await`. Every call returns
 //! `Result<R, CallError>`, where `R` is what the grain method returns and [`CallError`] is a failure of the
-//! call itself (timeout, unknown grain type, codec, ...). Calls time out after 30 s unless the reference sets
-//! its own deadline (`cart.with_timeout(...)`).
+//! call itself (timeout, unknown grain type, codec, ...). For a method returning `Result<T, E>`,
+//! [`flatten_call`](CallResultExt::flatten_call) gives `Result<T, GrainCallError<E>>`, so one `?` reaches
+//! `T` while [`GrainCallError::Call`] and [`GrainCallError::Grain`] keep "the call failed" apart from "the
+//! grain said no". Calls time out after 30 s unless the reference sets its own deadline
+//! (`cart.with_timeout(...)`).
 //!
 //! ## Run it
 //!
@@ -103,7 +106,7 @@ mod state;
 pub mod timer;
 
 pub use context::{ActivationServices, GrainContext};
-pub use error::{CallError, GrainError, StateError, StorageError};
+pub use error::{CallError, CallResultExt, GrainCallError, GrainError, MissingService, StorageError};
 pub use grain::{
     BuildFn, DecodeRequestFn, ErasedGrain, Grain, GrainOptions, GrainRegistration, GrainType, HttpMethods, Placement,
     WireMessage,
@@ -121,8 +124,8 @@ pub use uuid::Uuid;
 /// The names a grain author needs: `use grains::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        CallError, EventSourced, Grain, GrainContext, GrainError, GrainId, GrainKey, GrainRef, GrainType, Journaled,
-        PersistentState, ReminderTick, StateError, grain,
+        CallError, CallResultExt, EventSourced, Grain, GrainCallError, GrainContext, GrainError, GrainId, GrainKey,
+        GrainRef, GrainType, Journaled, PersistentState, ReminderTick, StorageError, grain,
     };
     pub use serde::{Deserialize, Serialize};
 }
@@ -132,6 +135,7 @@ pub mod prelude {
 pub mod __private {
     pub use crate::codec::{begin_args, read_args};
     pub use crate::codec::{json_args, json_result, json_value};
+    pub use crate::context::Services;
     pub use crate::duration::duration_const;
     pub use crate::reference::mismatched_reply;
     pub use crate::{

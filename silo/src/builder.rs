@@ -50,6 +50,7 @@ pub struct SiloBuilder {
     membership: Option<Arc<dyn MembershipTable>>,
     reminders: Option<Arc<dyn ReminderTable>>,
     filters: CallFilters,
+    services: grains::__private::Services,
     pub(crate) events: crate::events::EventsSetup,
 }
 
@@ -62,6 +63,7 @@ impl Silo {
             membership: None,
             reminders: None,
             filters: CallFilters::default(),
+            services: Default::default(),
             events: Default::default(),
         }
     }
@@ -85,6 +87,24 @@ impl SiloBuilder {
         filter: impl Fn(&CallInfo<'_>) -> Result<(), CallError> + Send + Sync + 'static,
     ) -> Self {
         self.filters.outgoing.push(Arc::new(filter) as CallFilter);
+        self
+    }
+
+    /// Gives this silo's grains `value` as the application service of type `T`: a grain reads it with
+    /// [`GrainContext::service::<T>()`](grains::GrainContext::service) (after Orleans' dependency injection).
+    /// Register a handle that is cheap to share — a connection pool, a client, settings; a second service of
+    /// the same type replaces the first.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), grains_silo::SiloError> {
+    /// /// What grains read from the silo's environment.
+    /// pub struct Prices { pub vat_percent: u32 }
+    ///
+    /// let silo = grains_silo::Silo::builder().service(Prices { vat_percent: 20 }).start().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn service<T: Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.services.insert(value);
         self
     }
 
@@ -207,6 +227,7 @@ impl SiloBuilder {
         let journal = events.journal_for_grains(cluster.clone());
         let filters = self.filters;
         let inner = SiloInner::new(SiloParts {
+            services: self.services,
             config,
             types,
             table,

@@ -1,6 +1,30 @@
 //! The silo binary's command line: a user's silo is `fn main() -> ExitCode { grains_silo::cli::run() }`,
 //! hosting every `#[grain]` type linked into that binary.
 //!
+//! A silo whose grains need application services (a database pool, a client of another system) registers them
+//! on the builder that [`run_customized`] and [`run_with_builder`] pass through; a service that takes `.await`
+//! to build is built in the binary's own runtime before [`run_with_builder`]:
+//!
+//! ```no_run
+//! use std::process::ExitCode;
+//! use grains_silo::cli::{self, SiloArgs};
+//!
+//! /// Shared by every grain of the silo; a grain reads it with `ctx.service::<Prices>()`.
+//! pub struct Prices { pub vat_percent: u32 }
+//!
+//! #[tokio::main]
+//! async fn main() -> ExitCode {
+//!     let prices = Prices { vat_percent: 20 }; // or a pool: `sqlx::PgPool::connect(url).await?`
+//!     match cli::run_with_builder(SiloArgs::from_command_line(), |builder, _| builder.service(prices)).await {
+//!         Ok(()) => ExitCode::SUCCESS,
+//!         Err(e) => {
+//!             eprintln!("silo failed: {e:#}");
+//!             ExitCode::FAILURE
+//!         }
+//!     }
+//! }
+//! ```
+//!
 //! Settings come from defaults, then a TOML file (`--config`), then `GRAINS_*` environment variables, then
 //! flags; the effective configuration is printed at start-up. The silo runs until Ctrl-C or SIGTERM, then
 //! shuts down gracefully (grains deactivate and may flush their state).
@@ -138,6 +162,12 @@ pub struct SiloArgs {
 }
 
 impl SiloArgs {
+    /// The flags of this process's command line (and their `GRAINS_*` variables); prints help or an error and
+    /// exits on `--help` or a bad flag.
+    pub fn from_command_line() -> Self {
+        Self::parse()
+    }
+
     /// The effective configuration: defaults, then the file, then these flags (which include env vars).
     pub fn to_config(&self) -> anyhow::Result<SiloConfig> {
         let mut config = match &self.config {
@@ -225,7 +255,8 @@ pub fn run() -> ExitCode {
 }
 
 /// [`run`], with the silo's builder passed through `customize` before the silo starts: a silo binary adds its
-/// projections, call filters or storage there, seeing the effective configuration.
+/// projections, call filters, storage or application services
+/// ([`SiloBuilder::service`](crate::SiloBuilder::service)) there, seeing the effective configuration.
 ///
 /// ```no_run
 /// fn main() -> std::process::ExitCode {
@@ -236,7 +267,7 @@ pub fn run() -> ExitCode {
 /// }
 /// ```
 pub fn run_customized(customize: impl FnOnce(SiloBuilder, &SiloConfig) -> SiloBuilder) -> ExitCode {
-    let args = SiloArgs::parse();
+    let args = SiloArgs::from_command_line();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -128,7 +128,7 @@ pub struct SimCounter {
 #[grain]
 impl SimCounter {
     /// Adds one, stores it, returns it.
-    pub async fn increment(&mut self) -> Result<u64, StateError> {
+    pub async fn increment(&mut self) -> Result<u64, StorageError> {
         let _turn = TurnOracle::enter(&self.key, self.token.0);
         let next = self.state.value + 1;
         tokio::time::sleep(Duration::from_millis(3)).await;
