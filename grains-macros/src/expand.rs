@@ -12,11 +12,13 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> TokenStream {
     let item = &model.item;
     let ident = &item.ident;
     let type_name = model.name.clone().unwrap_or_else(|| LitStr::new(&ident.to_string(), ident.span()));
-    let idle_timeout = match &model.idle_timeout {
-        Some(lit) => {
-            quote_spanned!(lit.span()=> ::core::option::Option::Some(::grains::__private::duration_const(#lit)))
+    // Validated: an unparsable text never gets here.
+    let idle_timeout = match model.idle_timeout.as_ref().map(|lit| crate::duration::parse_duration(&lit.value())) {
+        Some(Ok(timeout)) => {
+            let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+            quote!(::core::option::Option::Some(::grains::__private::Duration::from_millis(#ms)))
         }
-        None => quote!(::core::option::Option::None),
+        _ => quote!(::core::option::Option::None),
     };
     let placement = match model.placement.as_ref().map(LitStr::value).as_deref() {
         Some("prefer_local") => quote!(PreferLocal),

@@ -50,6 +50,14 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> syn::Result<()> {
             "unknown placement: write one of \"random\", \"prefer_local\", \"hash\", \"fewest_activations\"",
         ));
     }
+    if let Some(lit) = &model.idle_timeout
+        && let Err(reason) = crate::duration::parse_duration(&lit.value())
+    {
+        errors.push(syn::Error::new_spanned(
+            lit,
+            format!("invalid idle_timeout: {reason}; write e.g. \"30s\", \"10m\" or \"1h30m\""),
+        ));
+    }
     if let Some(lit) = &model.name
         && lit.value().trim().is_empty()
     {
@@ -66,6 +74,12 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> syn::Result<()> {
         errors.push(syn::Error::new_spanned(attr, message));
     }
     errors.finish()
+}
+
+/// Whether a struct refused by [`grain_struct`] can still be expanded, its invalid options taking their
+/// defaults: it is not generic and has no misplaced field attribute.
+pub(crate) fn expandable(model: &GrainStruct) -> bool {
+    model.item.generics.params.is_empty() && model.fields.iter().all(|f| f.misplaced.is_empty())
 }
 
 pub(crate) fn grain_impl(model: &GrainImpl) -> syn::Result<()> {
@@ -214,5 +228,43 @@ fn unowned_type(ty: &Type) -> Option<String> {
             _ => None,
         }),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use crate::parse::GrainStruct;
+
+    /// The messages `#[grain(<args>)]` on `pub struct Cart;` is refused with (none if accepted).
+    fn struct_errors(args: proc_macro2::TokenStream) -> Vec<String> {
+        let item: syn::ItemStruct = syn::parse_quote!(
+            pub struct Cart;
+        );
+        let model = GrainStruct::parse(args, item).unwrap_or_else(|e| panic!("does not parse: {e}"));
+        match super::grain_struct(&model) {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors.into_iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_valid_idle_timeout_and_placement_are_accepted() {
+        assert_eq!(struct_errors(quote!(idle_timeout = "1h30m", placement = "hash")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_idle_timeout_in_words_is_refused_with_the_reason_and_an_example() {
+        let errors = struct_errors(quote!(idle_timeout = "10 minutes"));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("invalid idle_timeout: unknown duration unit"), "{errors:?}");
+        assert!(errors[0].contains("\"10m\""), "says what to write: {errors:?}");
+    }
+
+    #[test]
+    fn every_invalid_option_is_reported_at_once() {
+        let errors = struct_errors(quote!(idle_timeout = "soon", placement = "closest", name = " "));
+        assert_eq!(errors.len(), 3, "{errors:?}");
     }
 }

@@ -98,11 +98,13 @@ impl std::fmt::Debug for GrainContext {
 }
 
 impl GrainContext {
+    #[doc(hidden)]
     /// A context for the activation of `id`. Called by the runtime.
     pub fn new(id: GrainId, runtime: Arc<dyn GrainRuntime>, store: Arc<dyn GrainStateStore>) -> Self {
         Self::with_services(id, runtime, store, ActivationServices::default())
     }
 
+    #[doc(hidden)]
     /// A context for the activation of `id` with timers and reminders. Called by the runtime.
     pub fn with_services(
         id: GrainId,
@@ -114,6 +116,7 @@ impl GrainContext {
         Self { inner: Arc::new(ContextInner { id, runtime, store, journal: None, deactivate_requested, services }) }
     }
 
+    #[doc(hidden)]
     /// This context with `journal` as the event journal of its `Journaled` fields. Called by the runtime.
     pub fn with_journal(self, journal: Arc<dyn EventJournal>) -> Self {
         let inner = &self.inner;
@@ -177,16 +180,19 @@ impl GrainContext {
         self.inner.services.app.get::<T>()
     }
 
+    #[doc(hidden)]
     /// The runtime this grain runs on.
     pub fn runtime(&self) -> &Arc<dyn GrainRuntime> {
         &self.inner.runtime
     }
 
+    #[doc(hidden)]
     /// The storage provider for this grain's persistent state.
     pub fn state_store(&self) -> &Arc<dyn GrainStateStore> {
         &self.inner.store
     }
 
+    #[doc(hidden)]
     /// The event journal of this grain's `Journaled` fields (`None` outside a runtime that provides one).
     pub fn journal(&self) -> Option<&Arc<dyn EventJournal>> {
         self.inner.journal.as_ref()
@@ -203,6 +209,7 @@ impl GrainContext {
         self.inner.deactivate_requested.store(true, Ordering::Relaxed);
     }
 
+    #[doc(hidden)]
     /// Whether [`deactivate_on_idle`](Self::deactivate_on_idle) was called. Read by the runtime.
     pub fn deactivation_requested(&self) -> bool {
         self.inner.deactivate_requested.load(Ordering::Relaxed)

@@ -38,19 +38,6 @@ pub enum Placement {
     FewestActivations,
 }
 
-impl Placement {
-    /// Parses the attribute spelling (`random`, `prefer_local`, `hash`, `fewest_activations`).
-    pub const fn parse(text: &str) -> Option<Self> {
-        match text.as_bytes() {
-            b"random" => Some(Placement::Random),
-            b"prefer_local" => Some(Placement::PreferLocal),
-            b"hash" => Some(Placement::Hash),
-            b"fewest_activations" => Some(Placement::FewestActivations),
-            _ => None,
-        }
-    }
-}
-
 /// The struct half of a grain, implemented by `#[grain]` on the struct.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a grain struct",

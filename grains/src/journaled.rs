@@ -123,6 +123,7 @@ pub struct Journaled<S: EventSourced> {
 }
 
 impl<S: EventSourced> Journaled<S> {
+    #[doc(hidden)]
     /// Recovers the journal called `name` of the grain behind `ctx`: the latest snapshot, then the events after
     /// it. Snapshots are taken every `snapshot_every` events (0: never).
     pub async fn load(ctx: &GrainContext, name: &str, snapshot_every: u64) -> Result<Self, StorageError> {

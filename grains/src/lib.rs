@@ -101,20 +101,17 @@ mod id;
 pub mod journaled;
 mod reference;
 pub mod reminder;
-pub mod runtime;
+mod runtime;
 mod state;
 pub mod timer;
 
-pub use context::{ActivationServices, GrainContext};
+pub use context::GrainContext;
 pub use error::{CallError, CallResultExt, GrainCallError, GrainError, MissingService, StorageError};
-pub use grain::{
-    BuildFn, DecodeRequestFn, ErasedGrain, Grain, GrainOptions, GrainRegistration, GrainType, HttpMethods, Placement,
-    WireMessage,
-};
+pub use grain::{Grain, GrainType, Placement};
 pub use grains_macros::grain;
 pub use id::{GrainId, GrainKey};
 pub use journaled::{EventSourced, Journaled, Recovery};
-pub use reference::{GrainRef, RefCore};
+pub use reference::GrainRef;
 pub use reminder::{Reminder, ReminderError, ReminderTick};
 pub use runtime::RequestMetadata;
 pub use state::PersistentState;
@@ -130,18 +127,27 @@ pub mod prelude {
     pub use serde::{Deserialize, Serialize};
 }
 
-/// Items used by code that `#[grain]` generates. Not public API: names and shapes change without notice.
+/// Items used by code that `#[grain]` generates, and by the runtime (`grains-silo`). Not public API: names
+/// and shapes change without notice.
 #[doc(hidden)]
 pub mod __private {
-    pub use crate::codec::{begin_args, read_args};
-    pub use crate::codec::{json_args, json_result, json_value};
-    pub use crate::context::Services;
-    pub use crate::duration::duration_const;
-    pub use crate::reference::mismatched_reply;
-    pub use crate::{
-        CallError, Grain, GrainContext, GrainError, GrainOptions, GrainRef, GrainRegistration, GrainType, HttpMethods,
-        Journaled, PersistentState, Placement, RefCore, ReminderTick, WireMessage, codec::CodecError,
+    pub use crate::codec::{ValueCodec, begin_args, json_args, json_result, json_value, read_args};
+    pub use crate::context::{ActivationServices, Services};
+    pub use crate::grain::{
+        BuildFn, DecodeRequestFn, ErasedGrain, GrainOptions, GrainRegistration, HttpMethods, WireMessage,
     };
+    pub use crate::reference::{RefCore, mismatched_reply};
+    pub use crate::reminder::{REMINDER_METHOD, ReminderAck, ReminderRegistry};
+    pub use crate::timer::{TimerCallback, TimerHost};
+    pub use crate::{
+        CallError, Grain, GrainContext, GrainError, GrainRef, GrainType, Journaled, PersistentState, Placement,
+        ReminderTick, codec::CodecError,
+    };
+
+    /// The seam between grain references and runtimes: calls, payloads, call chains (see the module's docs).
+    pub mod runtime {
+        pub use crate::runtime::*;
+    }
 
     /// Whether a grain method's `Result` return value is its own error (for the silo's error counts).
     pub fn result_is_err<T, E>(value: &std::result::Result<T, E>) -> bool {

@@ -41,6 +41,7 @@ impl<T> PersistentState<T>
 where
     T: Serialize + DeserializeOwned + Default + Send + Sync + 'static,
 {
+    #[doc(hidden)]
     /// Loads the state called `name` of the grain behind `ctx` (default `T` when none is stored).
     pub async fn load(ctx: &GrainContext, name: &str) -> Result<Self, StorageError> {
         let key = ctx.id().state_key(name);

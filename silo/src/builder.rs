@@ -4,7 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use grains::{CallError, GrainRegistration};
+use grains::__private::GrainRegistration;
+use grains::CallError;
 use grains_storage::postgres::{self, PostgresMembershipTable, PostgresOptions, PostgresReminderTable};
 use grains_storage::{
     GrainStateStore, MembershipTable, MemoryMembershipTable, MemoryReminderTable, MemoryStateStore, ReminderTable,
@@ -257,7 +258,7 @@ impl SiloBuilder {
         membership::join(&inner.cluster, &inner.config.name, gateway_address).await?;
         membership::refresh_view(&inner.cluster).await;
         inner.cluster.broadcast_membership_changed();
-        let runtime: std::sync::Weak<dyn grains::runtime::GrainRuntime> = Arc::downgrade(&inner) as _;
+        let runtime: std::sync::Weak<dyn grains::__private::runtime::GrainRuntime> = Arc::downgrade(&inner) as _;
         let mut tasks = vec![
             tokio::spawn(collect_idle(Arc::downgrade(&inner))),
             tokio::spawn(membership::run_agent(Arc::downgrade(&inner.cluster))),

@@ -18,7 +18,7 @@
 //!     match cli::run_with_builder(SiloArgs::from_command_line(), |builder, _| builder.service(prices)).await {
 //!         Ok(()) => ExitCode::SUCCESS,
 //!         Err(e) => {
-//!             eprintln!("silo failed: {e:#}");
+//!             eprintln!("silo failed: {e}");
 //!             ExitCode::FAILURE
 //!         }
 //!     }
@@ -34,14 +34,44 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::Parser;
 
-use crate::builder::SiloBuilder;
+use crate::builder::{SiloBuilder, SiloError};
 use crate::config::{FailureDetection, MembershipKind, SiloConfig, StorageKind};
 use crate::peer_auth::ClusterSecret;
 use crate::silo::Silo;
 use crate::tls::PemSource;
+
+/// Why a silo run from the command line did not start, or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CliError {
+    /// A file named by a flag (`--config`, `--cluster-secret-file`) could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid TOML for [`SiloConfig`].
+    #[error("cannot parse {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: toml::de::Error,
+    },
+    /// The cluster secret file holds no secret.
+    #[error("the cluster secret file {0} is empty")]
+    EmptySecret(PathBuf),
+    /// The silo could not start.
+    #[error(transparent)]
+    Start(#[from] SiloError),
+    /// The cluster declared this silo dead; it stopped serving (its grains now live elsewhere).
+    #[error("this silo was declared dead by the cluster and stopped serving")]
+    DeclaredDead,
+}
 
 fn duration_arg(text: &str) -> Result<Duration, String> {
     grains::duration::parse_duration(text).map_err(str::to_owned)
@@ -169,11 +199,12 @@ impl SiloArgs {
     }
 
     /// The effective configuration: defaults, then the file, then these flags (which include env vars).
-    pub fn to_config(&self) -> anyhow::Result<SiloConfig> {
+    pub fn to_config(&self) -> Result<SiloConfig, CliError> {
         let mut config = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                SiloConfig::from_toml(&text).with_context(|| format!("parsing {}", path.display()))?
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| CliError::Read { path: path.clone(), source })?;
+                SiloConfig::from_toml(&text).map_err(|source| CliError::Parse { path: path.clone(), source })?
             }
             None => SiloConfig::default(),
         };
@@ -214,10 +245,11 @@ impl SiloArgs {
             config.cluster_secret = Some(ClusterSecret::new(secret.clone()));
         }
         if let Some(path) = &self.cluster_secret_file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the cluster secret {}", path.display()))?;
+            let text = std::fs::read_to_string(path).map_err(|source| CliError::Read { path: path.clone(), source })?;
             let secret = text.trim_end_matches(['\r', '\n']);
-            anyhow::ensure!(!secret.is_empty(), "the cluster secret file {} is empty", path.display());
+            if secret.is_empty() {
+                return Err(CliError::EmptySecret(path.clone()));
+            }
             config.cluster_secret = Some(ClusterSecret::new(secret));
         }
         if let Some(token) = &self.admin_token {
@@ -278,14 +310,14 @@ pub fn run_customized(customize: impl FnOnce(SiloBuilder, &SiloConfig) -> SiloBu
     match runtime.block_on(run_with_builder(args, customize)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("silo failed: {e:#}");
+            eprintln!("silo failed: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
 /// Runs a silo with `args` until Ctrl-C or SIGTERM (for binaries that build their own runtime).
-pub async fn run_with(args: SiloArgs) -> anyhow::Result<()> {
+pub async fn run_with(args: SiloArgs) -> Result<(), CliError> {
     run_with_builder(args, |builder, _| builder).await
 }
 
@@ -293,7 +325,7 @@ pub async fn run_with(args: SiloArgs) -> anyhow::Result<()> {
 pub async fn run_with_builder(
     args: SiloArgs,
     customize: impl FnOnce(SiloBuilder, &SiloConfig) -> SiloBuilder,
-) -> anyhow::Result<()> {
+) -> Result<(), CliError> {
     init_logging(&args.log);
     let config = args.to_config()?;
     println!("# effective silo configuration\n{}", config.to_toml());
@@ -317,7 +349,7 @@ pub async fn run_with_builder(
         }
         () = declared_dead => {
             // Zombie safety: the cluster has moved this silo's grains elsewhere; it must not serve them.
-            anyhow::bail!("this silo was declared dead by the cluster and stopped serving")
+            Err(CliError::DeclaredDead)
         }
     }
 }

@@ -58,6 +58,7 @@ pub mod tls;
 pub mod wire;
 
 pub use builder::{SiloBuilder, SiloError};
+pub use cli::CliError;
 pub use client::{Client, ClientConfig, ConnectError};
 pub use cluster::ClusterView;
 pub use config::{ClusterTimings, FailureDetection, GrainTypeConfig, MembershipKind, SiloConfig, StorageKind};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use grains::GrainRegistration;
+use grains::__private::GrainRegistration;
 use serde::{Deserialize, Serialize};
 
 /// Live counters, updated with relaxed atomics on the call path.

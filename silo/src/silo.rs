@@ -20,13 +20,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use grains::reminder::ReminderRegistry;
-use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload};
-use grains::timer::TimerHost;
-use grains::{
-    ActivationServices, CallError, Grain, GrainContext, GrainId, GrainKey, GrainRef, GrainRegistration, Placement,
-    RefCore,
-};
+use grains::__private::runtime::{BoxFuture, Call, GrainRuntime, Payload};
+use grains::__private::{ActivationServices, GrainRegistration, RefCore, ReminderRegistry, TimerHost};
+use grains::{CallError, Grain, GrainContext, GrainId, GrainKey, GrainRef, Placement};
 use grains_storage::{GrainStateStore, SiloAddress, SiloStatus};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use grains::runtime::{Call, Payload};
+use grains::__private::runtime::{Call, Payload};
 use grains::{CallError, GrainId};
 use grains_silo::wire::{Envelope, Kind, WireGrainId};
 use grains_silo::{Client, Silo, SiloConfig};
