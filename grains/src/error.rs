@@ -42,8 +42,14 @@ pub enum CallError {
     /// through the directory; callers see this only when every retry was refused.
     #[error("grain not hosted here: {0}")]
     NotHere(String),
-    /// No silo hosts a grain type of this name.
-    #[error("unknown grain type `{0}`")]
+    /// No silo hosts a grain type of this name. A silo hosts the `#[grain]` types linked into its binary: a
+    /// type defined in a library the silo's `main` names nothing from is dropped by the linker (call a function
+    /// of that library from `main`, e.g. `my_grains::link()`).
+    #[error(
+        "unknown grain type `{0}`: no silo hosts it. A silo hosts the #[grain] types linked into its binary; if \
+         `{0}` is defined in a library crate, make the silo's main call a function of that crate (e.g. \
+         `my_grains::link()`) so that the linker keeps its registration"
+    )]
     UnknownGrainType(String),
     /// The grain type has no method of this name.
     #[error("grain type `{grain_type}` has no method `{method}`")]

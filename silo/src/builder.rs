@@ -245,6 +245,13 @@ impl SiloBuilder {
         crate::stats::start_metrics_export(&inner).map_err(SiloError::Config)?;
         let mut names: Vec<_> = inner.types.keys().copied().collect();
         names.sort_unstable();
+        if names.is_empty() {
+            tracing::warn!(
+                "this silo hosts no grain types: every call to it will fail with UnknownGrainType. A silo hosts the \
+                 #[grain] types linked into its binary; if they live in a library crate, make main call a function \
+                 of that crate (e.g. `my_grains::link()`) so that the linker keeps their registrations"
+            );
+        }
         tracing::info!(silo = %inner.config.name, address = %inner.me(), cluster = %inner.config.cluster_id, grain_types = ?names, "silo starting");
         tracing::info!(provider = inner.store.name(), membership = ?inner.config.membership, "storage");
 
