@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use grains::__private::GrainRegistration;
 use grains::CallError;
+#[cfg(feature = "postgres")]
 use grains_storage::postgres::{self, PostgresMembershipTable, PostgresOptions, PostgresReminderTable};
 use grains_storage::{
     GrainStateStore, MembershipTable, MemoryMembershipTable, MemoryReminderTable, MemoryStateStore, ReminderTable,
@@ -21,6 +22,13 @@ use crate::metrics::Metrics;
 use crate::peer_auth::{ClusterCredentials, PeerIdentity};
 use crate::reminders::{self, ReminderService, ReminderSettings};
 use crate::silo::{HostedTypes, Silo, SiloInner, SiloParts, collect_idle};
+
+/// The database pool of a silo with Postgres storage or membership.
+#[cfg(feature = "postgres")]
+pub(crate) type Pool = postgres::PgPool;
+/// No pool: this build has no Postgres providers (the `postgres` feature is off).
+#[cfg(not(feature = "postgres"))]
+pub(crate) type Pool = std::convert::Infallible;
 
 /// Why a silo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +199,7 @@ impl SiloBuilder {
                     identity.clone(),
                 ))
             }
+            #[cfg(feature = "postgres")]
             (None, MembershipKind::Postgres, Some(pool)) => {
                 Arc::new(PostgresMembershipTable::new(pool.clone(), config.cluster_id.clone()))
             }
@@ -198,9 +207,11 @@ impl SiloBuilder {
         };
         let store: Arc<dyn GrainStateStore> = match (self.store, config.storage, &pool) {
             (Some(store), _, _) => store,
+            #[cfg(feature = "postgres")]
             (None, StorageKind::Postgres, Some(pool)) if fenced => {
                 Arc::new(postgres::PostgresStateStore::fenced(pool.clone(), config.cluster_id.clone(), me.clone()))
             }
+            #[cfg(feature = "postgres")]
             (None, StorageKind::Postgres, Some(pool)) => Arc::new(postgres::PostgresStateStore::new(pool.clone())),
             (None, _, _) => Arc::new(MemoryStateStore::new()),
         };
@@ -213,9 +224,11 @@ impl SiloBuilder {
             Arc::new(crate::fencing::FencedStore::new(store, cluster.clone(), metrics.storage.clone()));
         let reminder_table: Arc<dyn ReminderTable> = match (self.reminders, config.storage, &pool) {
             (Some(table), _, _) => table,
+            #[cfg(feature = "postgres")]
             (None, StorageKind::Postgres, Some(pool)) if fenced => {
                 Arc::new(PostgresReminderTable::fenced(pool.clone(), config.cluster_id.clone(), me.clone()))
             }
+            #[cfg(feature = "postgres")]
             (None, StorageKind::Postgres, Some(pool)) => Arc::new(PostgresReminderTable::new(pool.clone())),
             (None, _, _) => Arc::new(MemoryReminderTable::new()),
         };
@@ -239,6 +252,7 @@ impl SiloBuilder {
             filters,
             metrics,
         });
+        #[cfg(feature = "postgres")]
         if let Some(pool) = &pool {
             let _ = inner.metrics.pool.set(pool.clone());
         }
@@ -277,7 +291,8 @@ impl SiloBuilder {
 }
 
 /// Opens the Postgres pool the configuration names: connect with retries, then migrate.
-async fn open_pool(config: &SiloConfig) -> Result<postgres::PgPool, SiloError> {
+#[cfg(feature = "postgres")]
+async fn open_pool(config: &SiloConfig) -> Result<Pool, SiloError> {
     let url = config.database_url.as_deref().ok_or_else(|| {
         SiloError::Config("postgres storage or membership needs database_url (or GRAINS_DATABASE_URL)".into())
     })?;
@@ -286,4 +301,28 @@ async fn open_pool(config: &SiloConfig) -> Result<postgres::PgPool, SiloError> {
     let pool = postgres::connect_with_retry(url, &options, config.database_start_timeout).await?;
     postgres::migrate(&pool).await?;
     Ok(pool)
+}
+
+/// Refuses a configuration that needs Postgres in a build without it.
+#[cfg(not(feature = "postgres"))]
+async fn open_pool(_: &SiloConfig) -> Result<Pool, SiloError> {
+    Err(SiloError::Config(
+        "storage or membership \"postgres\" needs grains-silo's `postgres` feature, which this build leaves out".into(),
+    ))
+}
+
+#[cfg(all(test, not(feature = "postgres")))]
+mod tests {
+    use crate::config::{SiloConfig, StorageKind};
+    use crate::{Silo, SiloError};
+
+    #[tokio::test]
+    async fn a_build_without_postgres_refuses_postgres_storage_naming_the_feature() {
+        let config = SiloConfig { storage: StorageKind::Postgres, gateway: false, ..SiloConfig::default() };
+        match Silo::builder().config(config).start().await {
+            Err(SiloError::Config(message)) => assert!(message.contains("`postgres` feature"), "{message}"),
+            Err(other) => panic!("expected a configuration error, got {other}"),
+            Ok(_) => panic!("a silo without the postgres feature started with postgres storage"),
+        }
+    }
 }

@@ -77,6 +77,16 @@ fn duration_arg(text: &str) -> Result<Duration, String> {
     grains::duration::parse_duration(text).map_err(str::to_owned)
 }
 
+/// `Type=duration`, as in `--grain-idle-timeout Cart=1m`.
+fn type_duration_arg(text: &str) -> Result<(String, Duration), String> {
+    let (grain_type, duration) =
+        text.split_once('=').ok_or_else(|| format!("expected `Type=duration` (e.g. `Cart=1m`), got `{text}`"))?;
+    if grain_type.trim().is_empty() {
+        return Err(format!("no grain type before `=` in `{text}`"));
+    }
+    Ok((grain_type.trim().to_owned(), duration_arg(duration.trim())?))
+}
+
 /// Command-line flags of a silo. Every flag can also be set through its `GRAINS_*` environment variable.
 #[derive(Debug, Clone, Default, Parser)]
 #[command(name = "grains-silo", version, about = "A Grains silo: hosts virtual grains and serves clients")]
@@ -108,6 +118,25 @@ pub struct SiloArgs {
     /// Failure-detection timings.
     #[arg(long, env = "GRAINS_FAILURE_DETECTION", value_enum)]
     pub failure_detection: Option<FailureDetection>,
+    /// Whether the silo listens on its port (`false`: an in-process silo that serves no clients or peers).
+    #[arg(long, env = "GRAINS_GATEWAY")]
+    pub gateway: Option<bool>,
+    /// How many grain locations the directory cache keeps.
+    #[arg(long, env = "GRAINS_DIRECTORY_CACHE_SIZE")]
+    pub directory_cache_size: Option<usize>,
+    /// How often the reminder service re-reads the reminders of the ring ranges it owns (e.g. 1m).
+    #[arg(long, env = "GRAINS_REMINDER_REFRESH_INTERVAL", value_parser = duration_arg)]
+    pub reminder_refresh_interval: Option<Duration>,
+    /// Whether the HTTP/JSON API and dashboard are served on the port.
+    #[arg(long, env = "GRAINS_HTTP_API")]
+    pub http_api: Option<bool>,
+    /// How often metrics are exported over OTLP (e.g. 10s).
+    #[arg(long, env = "GRAINS_OTLP_METRICS_INTERVAL", value_parser = duration_arg)]
+    pub otlp_metrics_interval: Option<Duration>,
+    /// A grain type's own idle timeout, `Type=duration` (e.g. `Cart=1m`); repeat the flag, or separate
+    /// pairs with commas in the variable (`GRAINS_GRAIN_IDLE_TIMEOUT=Cart=1m,Hello=30s`).
+    #[arg(long, env = "GRAINS_GRAIN_IDLE_TIMEOUT", value_parser = type_duration_arg, value_delimiter = ',')]
+    pub grain_idle_timeout: Vec<(String, Duration)>,
     /// Idle time before passivation for grain types without their own (e.g. 15m).
     #[arg(long, env = "GRAINS_DEFAULT_IDLE_TIMEOUT", value_parser = duration_arg)]
     pub default_idle_timeout: Option<Duration>,
@@ -147,6 +176,9 @@ pub struct SiloArgs {
     /// Maximum Postgres connections.
     #[arg(long, env = "GRAINS_DATABASE_POOL_SIZE")]
     pub database_pool_size: Option<u32>,
+    /// How long a storage operation waits for a free Postgres connection (e.g. 5s).
+    #[arg(long, env = "GRAINS_DATABASE_ACQUIRE_TIMEOUT", value_parser = duration_arg)]
+    pub database_acquire_timeout: Option<Duration>,
     /// How long to keep retrying to reach Postgres at start-up (e.g. 2m).
     #[arg(long, env = "GRAINS_DATABASE_START_TIMEOUT", value_parser = duration_arg)]
     pub database_start_timeout: Option<Duration>,
@@ -230,8 +262,17 @@ impl SiloArgs {
             max_calls_per_connection,
             storage,
             database_pool_size,
-            database_start_timeout
+            database_start_timeout,
+            database_acquire_timeout,
+            gateway,
+            directory_cache_size,
+            reminder_refresh_interval,
+            http_api,
+            otlp_metrics_interval
         );
+        for (grain_type, timeout) in &self.grain_idle_timeout {
+            config.grain.entry(grain_type.clone()).or_default().idle_timeout = Some(*timeout);
+        }
         if let Some(url) = &self.database_url {
             config.database_url = Some(url.clone());
         }
@@ -400,6 +441,48 @@ mod tests {
         assert_eq!(config.name, "from-file");
         assert_eq!(config.call_timeout, Duration::from_secs(5));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn every_configuration_key_has_a_grains_variable() {
+        use clap::CommandFactory;
+        let command = SiloArgs::command();
+        let variables: Vec<String> = command
+            .get_arguments()
+            .filter_map(|arg| arg.get_env())
+            .map(|env| env.to_string_lossy().into_owned())
+            .collect();
+        let mut config = SiloConfig::default();
+        config.grain.insert("Cart".into(), crate::config::GrainTypeConfig { idle_timeout: Some(Duration::ZERO) });
+        let printed: toml::Table = toml::from_str(&config.to_toml()).unwrap();
+        let missing: Vec<_> = printed
+            .keys()
+            .map(|key| match key.as_str() {
+                "grain" => "GRAINS_GRAIN_IDLE_TIMEOUT".to_owned(),
+                key => format!("GRAINS_{}", key.to_uppercase()),
+            })
+            .filter(|variable| !variables.contains(variable))
+            .collect();
+        assert_eq!(missing, Vec::<String>::new(), "configuration keys without a variable");
+    }
+
+    #[test]
+    fn idle_timeouts_per_type_come_from_flags_and_lists() {
+        let args = SiloArgs::parse_from([
+            "silo",
+            "--gateway",
+            "false",
+            "--grain-idle-timeout",
+            "Cart=1m",
+            "--grain-idle-timeout",
+            "Hello=30s,Cart=2m",
+        ]);
+        let config = args.to_config().unwrap();
+        assert!(!config.gateway);
+        assert_eq!(config.idle_timeout_for("Cart", None), Duration::from_secs(120), "the last one wins");
+        assert_eq!(config.idle_timeout_for("Hello", None), Duration::from_secs(30));
+        assert!(SiloArgs::try_parse_from(["silo", "--grain-idle-timeout", "Cart"]).is_err());
+        assert!(SiloArgs::try_parse_from(["silo", "--grain-idle-timeout", "Cart=soon"]).is_err());
     }
 
     #[test]
