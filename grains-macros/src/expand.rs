@@ -20,12 +20,13 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> TokenStream {
         }
         _ => quote!(::core::option::Option::None),
     };
-    let placement = match model.placement.as_ref().map(LitStr::value).as_deref() {
-        Some("prefer_local") => quote!(PreferLocal),
-        Some("hash") => quote!(Hash),
-        Some("fewest_activations") => quote!(FewestActivations),
-        _ => quote!(Random),
-    };
+    // Validated: an unknown name never gets here.
+    let variant = model
+        .placement
+        .as_ref()
+        .and_then(|lit| crate::validate::PLACEMENTS.iter().find(|(name, _)| *name == lit.value()))
+        .map_or("Random", |(_, variant)| variant);
+    let placement = Ident::new(variant, Span::call_site());
     let body = match &item.fields {
         syn::Fields::Named(_) => {
             let inits = model.fields.iter().map(|field| {

@@ -26,8 +26,14 @@ impl Errors {
     }
 }
 
-/// The placement strategies `#[grain(placement = "...")]` accepts.
-const PLACEMENTS: &[&str] = &["random", "prefer_local", "hash", "fewest_activations"];
+/// The placement strategies `#[grain(placement = "...")]` accepts, with their `grains::Placement` variants:
+/// the one list the check, its message and the expansion read.
+pub(crate) const PLACEMENTS: &[(&str, &str)] = &[
+    ("random", "Random"),
+    ("prefer_local", "PreferLocal"),
+    ("hash", "Hash"),
+    ("fewest_activations", "FewestActivations"),
+];
 
 /// Names the generated reference already uses for its own methods.
 const RESERVED: &[&str] = &["id", "with_timeout", "core", "from_core"];
@@ -43,12 +49,10 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> syn::Result<()> {
         ));
     }
     if let Some(lit) = &model.placement
-        && !PLACEMENTS.contains(&lit.value().as_str())
+        && !PLACEMENTS.iter().any(|(name, _)| *name == lit.value())
     {
-        errors.push(syn::Error::new_spanned(
-            lit,
-            "unknown placement: write one of \"random\", \"prefer_local\", \"hash\", \"fewest_activations\"",
-        ));
+        let names: Vec<_> = PLACEMENTS.iter().map(|(name, _)| format!("{name:?}")).collect();
+        errors.push(syn::Error::new_spanned(lit, format!("unknown placement: write one of {}", names.join(", "))));
     }
     if let Some(lit) = &model.idle_timeout
         && let Err(reason) = crate::duration::parse_duration(&lit.value())
