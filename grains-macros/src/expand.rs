@@ -152,8 +152,10 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
 
     let hooks = [("on_activate", &model.on_activate), ("on_deactivate", &model.on_deactivate)].into_iter().filter_map(
         |(hook, func)| {
-            func.as_ref().map(|_| {
+            func.as_ref().map(|func| {
                 let hook = Ident::new(hook, Span::call_site());
+                // Spanned at the user's hook, so a type error in its signature points there.
+                let call = quote_spanned!(func.sig.span()=> #grain::#hook(self, ctx));
                 quote! {
                     fn #hook<'a>(
                         &'a mut self,
@@ -161,7 +163,7 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
                     ) -> impl ::grains::__private::Future<
                         Output = ::grains::__private::Result<(), ::grains::__private::GrainError>,
                     > + ::core::marker::Send + 'a {
-                        #grain::#hook(self, ctx)
+                        #call
                     }
                 }
             })
@@ -169,7 +171,8 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
     );
 
     // A grain with an `on_reminder` hook handles reminders: ticks reach it through `Grain::on_reminder`.
-    let reminder_hook = model.on_reminder.as_ref().map(|_| {
+    let reminder_hook = model.on_reminder.as_ref().map(|func| {
+        let call = quote_spanned!(func.sig.span()=> #grain::on_reminder(self, tick));
         quote! {
             const REMINDABLE: bool = true;
 
@@ -179,7 +182,7 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
             ) -> impl ::grains::__private::Future<
                 Output = ::grains::__private::Result<(), ::grains::__private::GrainError>,
             > + ::core::marker::Send + '_ {
-                #grain::on_reminder(self, tick)
+                #call
             }
         }
     });

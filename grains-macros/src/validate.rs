@@ -129,25 +129,69 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> syn::Result<()> {
         }
     }
     for hook in [&model.on_activate, &model.on_deactivate].into_iter().flatten() {
-        if hook.sig.asyncness.is_none() {
-            errors.push(syn::Error::new_spanned(
-                hook.sig.fn_token,
-                format!(
-                    "lifecycle hooks are async: write `async fn {}(&mut self, ctx: &GrainContext) -> Result<(), GrainError>`",
-                    hook.sig.ident
-                ),
-            ));
-        }
+        check_hook(hook, HookArg::Context, &mut errors);
     }
-    if let Some(hook) = &model.on_reminder
-        && hook.sig.asyncness.is_none()
-    {
-        errors.push(syn::Error::new_spanned(
-            hook.sig.fn_token,
-            "the reminder hook is async: write `async fn on_reminder(&mut self, tick: ReminderTick) -> Result<(), GrainError>`",
-        ));
+    if let Some(hook) = &model.on_reminder {
+        check_hook(hook, HookArg::Tick, &mut errors);
     }
     errors.finish()
+}
+
+/// What a lifecycle hook takes after `&mut self`.
+#[derive(Clone, Copy)]
+enum HookArg {
+    /// `ctx: &GrainContext` (`on_activate`, `on_deactivate`).
+    Context,
+    /// `tick: ReminderTick` (`on_reminder`).
+    Tick,
+}
+
+/// Checks a lifecycle hook's signature, so that a mistake is reported at the hook, with the signature to write,
+/// rather than as a type error in generated code.
+fn check_hook(hook: &syn::ImplItemFn, arg: HookArg, errors: &mut Errors) {
+    let sig = &hook.sig;
+    let name = &sig.ident;
+    let signature = match arg {
+        HookArg::Context => format!("async fn {name}(&mut self, ctx: &GrainContext) -> Result<(), GrainError>"),
+        HookArg::Tick => format!("async fn {name}(&mut self, tick: ReminderTick) -> Result<(), GrainError>"),
+    };
+    if sig.asyncness.is_none() {
+        errors.push(syn::Error::new_spanned(sig.fn_token, format!("lifecycle hooks are async: write `{signature}`")));
+    }
+    let mut inputs = sig.inputs.iter();
+    let receiver_ok = matches!(inputs.next(), Some(syn::FnArg::Receiver(r)) if r.reference.is_some());
+    let rest: Vec<_> = inputs.collect();
+    let arg_ok = match rest.as_slice() {
+        [syn::FnArg::Typed(typed)] => match (arg, &*typed.ty) {
+            (HookArg::Context, Type::Reference(r)) => {
+                r.mutability.is_none() && last_segment_is(&r.elem, "GrainContext")
+            }
+            (HookArg::Tick, ty) => last_segment_is(ty, "ReminderTick"),
+            _ => false,
+        },
+        _ => false,
+    };
+    if !receiver_ok || !arg_ok {
+        let takes = match arg {
+            HookArg::Context => "`&mut self` and `ctx: &GrainContext`",
+            HookArg::Tick => "`&mut self` and `tick: ReminderTick`",
+        };
+        errors.push(syn::Error::new(
+            sig.paren_token.span.join(),
+            format!("the `{name}` hook takes {takes}: write `{signature}`"),
+        ));
+    }
+    if let syn::ReturnType::Default = sig.output {
+        errors.push(syn::Error::new_spanned(
+            name,
+            format!("the `{name}` hook returns `Result<(), GrainError>`: write `{signature}`"),
+        ));
+    }
+}
+
+/// Whether `ty` is a path whose last segment is `name` (`GrainContext`, `grains::GrainContext`).
+fn last_segment_is(ty: &Type, name: &str) -> bool {
+    matches!(ty, Type::Path(path) if path.path.segments.last().is_some_and(|s| s.ident == name))
 }
 
 fn check_method(method: &GrainMethod, errors: &mut Errors) {
@@ -264,6 +308,58 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].starts_with("invalid idle_timeout: unknown duration unit"), "{errors:?}");
         assert!(errors[0].contains("\"10m\""), "says what to write: {errors:?}");
+    }
+
+    /// The messages `#[grain] impl Cart { <hook> }` is refused with.
+    fn impl_errors(hook: proc_macro2::TokenStream) -> Vec<String> {
+        let item: syn::ItemImpl = syn::parse_quote!(
+            impl Cart {
+                #hook
+            }
+        );
+        let model = crate::parse::GrainImpl::parse(quote!(), item).unwrap_or_else(|e| panic!("does not parse: {e}"));
+        match super::grain_impl(&model) {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors.into_iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn hooks_with_the_documented_signatures_are_accepted() {
+        let errors = impl_errors(quote!(
+            async fn on_activate(&mut self, ctx: &grains::GrainContext) -> Result<(), GrainError> {
+                Ok(())
+            }
+            async fn on_deactivate(&mut self, _: &GrainContext) -> Result<(), GrainError> {
+                Ok(())
+            }
+            async fn on_reminder(&mut self, tick: ReminderTick) -> Result<(), GrainError> {
+                Ok(())
+            }
+        ));
+        assert_eq!(errors, Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_hook_without_its_context_is_refused_with_the_signature_to_write() {
+        let errors = impl_errors(quote!(
+            async fn on_activate(&mut self) -> Result<(), GrainError> {
+                Ok(())
+            }
+        ));
+        assert_eq!(
+            errors,
+            ["the `on_activate` hook takes `&mut self` and `ctx: &GrainContext`: write \
+              `async fn on_activate(&mut self, ctx: &GrainContext) -> Result<(), GrainError>`"]
+        );
+    }
+
+    #[test]
+    fn every_mistake_of_a_hook_is_reported_at_once() {
+        let errors = impl_errors(quote!(
+            fn on_reminder(self, tick: u64) {}
+        ));
+        assert_eq!(errors.len(), 3, "not async, wrong arguments, no result: {errors:?}");
     }
 
     #[test]
