@@ -63,22 +63,86 @@
 //! }
 //! ```
 //!
+//! ## Lifecycle hooks
+//!
+//! Three optional methods of the impl block, with these signatures (the macro reports any other at the hook):
+//!
+//! - `async fn on_activate(&mut self, ctx: &GrainContext) -> Result<(), GrainError>` runs after the state is
+//!   loaded, before the first call; an `Err` fails that call with [`CallError::ActivationFailed`] and leaves
+//!   no activation behind.
+//! - `async fn on_deactivate(&mut self, ctx: &GrainContext) -> Result<(), GrainError>` runs when the grain is
+//!   passivated (idle past its `idle_timeout`, [`GrainContext::deactivate_on_idle`], or silo shutdown).
+//! - `async fn on_reminder(&mut self, tick: ReminderTick) -> Result<(), GrainError>` receives the grain's
+//!   durable reminders (see [`reminder`]).
+//!
 //! ## Call it
 //!
 //! `#[grain]` generates `CartRef`, a typed reference with one async method per grain method. Get one from a
 //! silo or an external client (`grains_silo::Client`), or from inside a grain through its [`GrainContext`]:
-//! `ctx.grain::<Cart>("alice").add("apple".into(), 2).await`. Every call returns
-//! `Result<R, CallError>`, where `R` is what the grain method returns and [`CallError`] is a failure of the
-//! call itself (timeout, unknown grain type, codec, ...). For a method returning `Result<T, E>`,
-//! [`flatten_call`](CallResultExt::flatten_call) gives `Result<T, GrainCallError<E>>`, so one `?` reaches
-//! `T` while [`GrainCallError::Call`] and [`GrainCallError::Grain`] keep "the call failed" apart from "the
-//! grain said no". Calls time out after 30 s unless the reference sets its own deadline
-//! (`cart.with_timeout(...)`).
+//! `ctx.grain::<Cart>("alice")`. Every call returns `Result<R, CallError>`, where `R` is what the grain method
+//! returns and [`CallError`] is a failure of the call itself (timeout, unknown grain type, codec, ...).
+//!
+//! For a method returning `Result<T, E>`, [`flatten_call`](CallResultExt::flatten_call) gives
+//! `Result<T, GrainCallError<E>>`: one `?` reaches `T`, while [`GrainCallError::Call`] and
+//! [`GrainCallError::Grain`] keep "the call failed" apart from "the grain said no". Calls time out after 30 s
+//! unless the reference sets its own deadline (`cart.with_timeout(...)`).
+//!
+//! ```
+//! # use grains::prelude::*;
+//! # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+//! # pub enum CartError { #[error("no such item")] UnknownItem }
+//! # #[grain] pub struct Cart;
+//! # #[grain] impl Cart {
+//! #     pub async fn add(&mut self, item: String, qty: u32) -> Result<u32, CartError> { Ok(qty) }
+//! #     pub async fn items(&self) -> Vec<(String, u32)> { Vec::new() }
+//! # }
+//! /// Adds two apples, unless the catalog has none; any other failure goes to the caller.
+//! async fn two_apples(cart: &CartRef) -> Result<bool, GrainCallError<CartError>> {
+//!     match cart.add("apple".into(), 2).await.flatten_call() {
+//!         Ok(_) => Ok(true),
+//!         Err(GrainCallError::Grain(CartError::UnknownItem)) => Ok(false), // the grain said no
+//!         Err(failed) => Err(failed), // the call failed: see `may_have_run` before retrying
+//!     }
+//! }
+//!
+//! /// A method that cannot fail on its own needs one `?`, for the call.
+//! async fn count(cart: &CartRef) -> Result<usize, CallError> {
+//!     Ok(cart.items().await?.len())
+//! }
+//! ```
+//!
+//! ## State
+//!
+//! A [`PersistentState<T>`] field derefs to `T`. It is read once at activation; [`PersistentState::write`]
+//! stores it when the grain decides (write-through per call, or batched), [`PersistentState::clear`] deletes
+//! it, and [`PersistentState::read`] reloads it. Every write carries the etag it read: a write that finds
+//! another in the store fails with [`StorageError::Conflict`] instead of overwriting it. Event-sourced state
+//! ([`Journaled<S>`]) records events instead (see [`journaled`]).
+//!
+//! ## Errors
+//!
+//! - [`CallError`]: the call failed; [`CallError::may_have_run`] says whether the grain may have run it
+//!   anyway (a timeout, a lost connection), so that a retry could run it twice.
+//! - Your method's own error type, inside `Ok`: the grain ran and said no. It crosses the wire, so it derives
+//!   `Serialize` and `Deserialize`.
+//! - [`GrainError`]: a lifecycle hook failed; [`StorageError`]: a state operation failed;
+//!   [`MissingService`]: the silo was not given a service the grain asked for.
+//!
+//! ## Application services
+//!
+//! Grains reach shared resources — a database pool, a client of another system, settings — through
+//! [`GrainContext::service`], by type, after Orleans' dependency injection. The silo's `main` registers them
+//! (`SiloBuilder::service(value)`, also through `grains_silo::cli::run_customized`).
 //!
 //! ## Run it
 //!
 //! A silo binary is a `main` that calls `grains_silo::cli::run()`; it hosts every `#[grain]` type linked into
-//! it. See the `grains-silo` crate.
+//! it. If the grains live in a library crate, the linker keeps their registrations only when `main` calls
+//! something of that crate: give it a `pub fn link() {}` and call it from `main` (a call to a type no silo
+//! hosts fails with [`CallError::UnknownGrainType`]). One silo with in-memory storage is a whole development
+//! cluster; a production cluster is several silos sharing a Postgres membership table and storage
+//! (`--membership postgres --storage postgres --database-url ...`). See the `grains-silo` crate and its
+//! `README`.
 //!
 //! ## Semantics
 //! - **Single activation.** A grain id has at most one activation in a silo; concurrent first calls queue
