@@ -11,17 +11,17 @@ use crate::parse::{GrainImpl, GrainMethod, GrainStruct, Receiver};
 
 /// Collects errors, to report them all at once.
 #[derive(Default)]
-struct Errors(Option<syn::Error>);
+pub(crate) struct Errors(Option<syn::Error>);
 
 impl Errors {
-    fn push(&mut self, error: syn::Error) {
+    pub(crate) fn push(&mut self, error: syn::Error) {
         match &mut self.0 {
             Some(all) => all.combine(error),
             None => self.0 = Some(error),
         }
     }
 
-    fn finish(self) -> syn::Result<()> {
+    pub(crate) fn finish(self) -> syn::Result<()> {
         self.0.map_or(Ok(()), Err)
     }
 }
@@ -308,6 +308,23 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].starts_with("invalid idle_timeout: unknown duration unit"), "{errors:?}");
         assert!(errors[0].contains("\"10m\""), "says what to write: {errors:?}");
+    }
+
+    #[test]
+    fn every_parse_error_of_a_struct_is_reported_at_once() {
+        let item: syn::ItemStruct = syn::parse_quote!(
+            pub struct Cart {
+                #[state(nom = "items")]
+                items: PersistentState<u32>,
+                #[journal(every = 3)]
+                log: Journaled<u32>,
+            }
+        );
+        let errors = match GrainStruct::parse(quote!(colour = "red", idle_timeout = 10), item) {
+            Ok(_) => panic!("parsed"),
+            Err(errors) => errors.into_iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        };
+        assert_eq!(errors.len(), 4, "the option, the value, the state and the journal attribute: {errors:?}");
     }
 
     /// The messages `#[grain] impl Cart { <hook> }` is refused with.
