@@ -109,8 +109,8 @@ pub enum BankError {
     Unavailable(String),
 }
 
-impl From<StateError> for BankError {
-    fn from(e: StateError) -> Self {
+impl From<StorageError> for BankError {
+    fn from(e: StorageError) -> Self {
         BankError::Unavailable(e.to_string())
     }
 }

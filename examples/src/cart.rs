@@ -31,8 +31,8 @@ pub enum CartError {
     Catalog(String),
 }
 
-impl From<StateError> for CartError {
-    fn from(e: StateError) -> Self {
+impl From<StorageError> for CartError {
+    fn from(e: StorageError) -> Self {
         CartError::Storage(e.to_string())
     }
 }

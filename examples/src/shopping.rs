@@ -110,8 +110,8 @@ pub enum ShoppingError {
     Storage(String),
 }
 
-impl From<StateError> for ShoppingError {
-    fn from(e: StateError) -> Self {
+impl From<StorageError> for ShoppingError {
+    fn from(e: StorageError) -> Self {
         ShoppingError::Storage(e.to_string())
     }
 }

@@ -10,7 +10,8 @@
 
 use std::sync::LazyLock;
 
-use grains::{CallError, GrainRegistration};
+use grains::CallError;
+use grains::__private::GrainRegistration;
 use libfuzzer_sys::fuzz_target;
 
 static METHODS: LazyLock<Vec<(&'static GrainRegistration, &'static str)>> = LazyLock::new(grains_fuzz::methods);

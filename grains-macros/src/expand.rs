@@ -12,18 +12,21 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> TokenStream {
     let item = &model.item;
     let ident = &item.ident;
     let type_name = model.name.clone().unwrap_or_else(|| LitStr::new(&ident.to_string(), ident.span()));
-    let idle_timeout = match &model.idle_timeout {
-        Some(lit) => {
-            quote_spanned!(lit.span()=> ::core::option::Option::Some(::grains::__private::duration_const(#lit)))
+    // Validated: an unparsable text never gets here.
+    let idle_timeout = match model.idle_timeout.as_ref().map(|lit| crate::duration::parse_duration(&lit.value())) {
+        Some(Ok(timeout)) => {
+            let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+            quote!(::core::option::Option::Some(::grains::__private::Duration::from_millis(#ms)))
         }
-        None => quote!(::core::option::Option::None),
+        _ => quote!(::core::option::Option::None),
     };
-    let placement = match model.placement.as_ref().map(LitStr::value).as_deref() {
-        Some("prefer_local") => quote!(PreferLocal),
-        Some("hash") => quote!(Hash),
-        Some("fewest_activations") => quote!(FewestActivations),
-        _ => quote!(Random),
-    };
+    // Validated: an unknown name never gets here.
+    let variant = model
+        .placement
+        .as_ref()
+        .and_then(|lit| crate::validate::PLACEMENTS.iter().find(|(name, _)| *name == lit.value()))
+        .map_or("Random", |(_, variant)| variant);
+    let placement = Ident::new(variant, Span::call_site());
     let body = match &item.fields {
         syn::Fields::Named(_) => {
             let inits = model.fields.iter().map(|field| {
@@ -149,8 +152,10 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
 
     let hooks = [("on_activate", &model.on_activate), ("on_deactivate", &model.on_deactivate)].into_iter().filter_map(
         |(hook, func)| {
-            func.as_ref().map(|_| {
+            func.as_ref().map(|func| {
                 let hook = Ident::new(hook, Span::call_site());
+                // Spanned at the user's hook, so a type error in its signature points there.
+                let call = quote_spanned!(func.sig.span()=> #grain::#hook(self, ctx));
                 quote! {
                     fn #hook<'a>(
                         &'a mut self,
@@ -158,7 +163,7 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
                     ) -> impl ::grains::__private::Future<
                         Output = ::grains::__private::Result<(), ::grains::__private::GrainError>,
                     > + ::core::marker::Send + 'a {
-                        #grain::#hook(self, ctx)
+                        #call
                     }
                 }
             })
@@ -166,7 +171,8 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
     );
 
     // A grain with an `on_reminder` hook handles reminders: ticks reach it through `Grain::on_reminder`.
-    let reminder_hook = model.on_reminder.as_ref().map(|_| {
+    let reminder_hook = model.on_reminder.as_ref().map(|func| {
+        let call = quote_spanned!(func.sig.span()=> #grain::on_reminder(self, tick));
         quote! {
             const REMINDABLE: bool = true;
 
@@ -176,7 +182,7 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> TokenStream {
             ) -> impl ::grains::__private::Future<
                 Output = ::grains::__private::Result<(), ::grains::__private::GrainError>,
             > + ::core::marker::Send + '_ {
-                #grain::on_reminder(self, tick)
+                #call
             }
         }
     });

@@ -13,6 +13,14 @@ mod expand;
 mod parse;
 mod validate;
 
+/// The duration parser of `grains::duration`, shared as source (a proc-macro crate cannot depend on `grains`).
+#[allow(unreachable_pub, dead_code)]
+mod duration {
+    use std::time::Duration;
+
+    include!("../../grains/src/duration_text.rs");
+}
+
 /// Turns a struct into a virtual grain type, or an impl block into its callable methods.
 ///
 /// See the `grains` crate documentation for the full story and an example.
@@ -44,9 +52,20 @@ fn expand_grain(args: TokenStream2, input: TokenStream2) -> TokenStream2 {
         Err(e) => return e.to_compile_error(),
     };
     let result = match item {
-        syn::Item::Struct(item) => parse::GrainStruct::parse(args, item)
-            .and_then(|model| validate::grain_struct(&model).map(|()| model))
-            .map(|model| expand::grain_struct(&model)),
+        syn::Item::Struct(item) => match parse::GrainStruct::parse(args, item) {
+            Ok(model) => match validate::grain_struct(&model) {
+                Ok(()) => Ok(expand::grain_struct(&model)),
+                // Bad option values (a duration, a placement, a name) still leave a well-formed grain type:
+                // expand it with defaults beside the errors, so its impl block reports nothing more.
+                Err(errors) if validate::expandable(&model) => {
+                    let mut out = errors.to_compile_error();
+                    out.extend(expand::grain_struct(&model));
+                    return out;
+                }
+                Err(errors) => Err(errors),
+            },
+            Err(errors) => Err(errors),
+        },
         syn::Item::Impl(item) => parse::GrainImpl::parse(args, item)
             .and_then(|model| validate::grain_impl(&model).map(|()| model))
             .map(|model| expand::grain_impl(&model)),

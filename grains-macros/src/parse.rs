@@ -166,29 +166,33 @@ fn journal_options(attrs: &[Attribute], default: &Ident) -> syn::Result<FieldIni
 impl GrainStruct {
     pub(crate) fn parse(args: TokenStream, mut item: syn::ItemStruct) -> syn::Result<Self> {
         let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(args)?;
+        // Every mistake is collected and reported at once (a field's bad attribute beside a bad option).
+        let mut errors = crate::validate::Errors::default();
         let mut name = None;
         let mut idle_timeout = None;
         let mut placement = None;
         for meta in metas {
-            match &meta {
-                Meta::NameValue(nv) if nv.path.is_ident("name") => name = Some(lit_str(&nv.value, "name")?),
-                Meta::NameValue(nv) if nv.path.is_ident("idle_timeout") => {
-                    idle_timeout = Some(lit_str(&nv.value, "idle_timeout")?)
-                }
-                Meta::NameValue(nv) if nv.path.is_ident("placement") => {
-                    placement = Some(lit_str(&nv.value, "placement")?)
-                }
+            let (slot, key) = match &meta {
+                Meta::NameValue(nv) if nv.path.is_ident("name") => (&mut name, "name"),
+                Meta::NameValue(nv) if nv.path.is_ident("idle_timeout") => (&mut idle_timeout, "idle_timeout"),
+                Meta::NameValue(nv) if nv.path.is_ident("placement") => (&mut placement, "placement"),
                 other => {
-                    return Err(syn::Error::new_spanned(
+                    errors.push(syn::Error::new_spanned(
                         other,
                         "unknown grain option: expected `name = \"...\"`, `idle_timeout = \"10m\"` or `placement = \"random\"`",
                     ));
+                    continue;
                 }
+            };
+            let Meta::NameValue(nv) = &meta else { continue };
+            match lit_str(&nv.value, key) {
+                Ok(lit) => *slot = Some(lit),
+                Err(error) => errors.push(error),
             }
         }
         let mut fields = Vec::new();
         if let syn::Fields::Unnamed(unnamed) = &item.fields {
-            return Err(syn::Error::new_spanned(
+            errors.push(syn::Error::new_spanned(
                 unnamed,
                 "a grain struct needs named fields (or none): write `struct Name { field: Type }`",
             ));
@@ -197,14 +201,18 @@ impl GrainStruct {
             let Some(ident) = field.ident.clone() else { continue };
             let journaled = is_last_segment(&field.ty, "Journaled");
             let init = if is_last_segment(&field.ty, "PersistentState") {
-                FieldInit::State(state_name(&field.attrs, &ident)?)
+                state_name(&field.attrs, &ident).map(FieldInit::State)
             } else if journaled {
-                journal_options(&field.attrs, &ident)?
+                journal_options(&field.attrs, &ident)
             } else if is_last_segment(&field.ty, "GrainContext") {
-                FieldInit::Context
+                Ok(FieldInit::Context)
             } else {
-                FieldInit::Default
+                Ok(FieldInit::Default)
             };
+            let init = init.unwrap_or_else(|error| {
+                errors.push(error);
+                FieldInit::Default
+            });
             let misplaced = field
                 .attrs
                 .iter()
@@ -213,6 +221,7 @@ impl GrainStruct {
                 .collect();
             fields.push(GrainField { ident, init, misplaced });
         }
+        errors.finish()?;
         strip_state_attrs(&mut item);
         Ok(Self { item, name, idle_timeout, placement, fields })
     }

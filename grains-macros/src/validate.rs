@@ -11,23 +11,29 @@ use crate::parse::{GrainImpl, GrainMethod, GrainStruct, Receiver};
 
 /// Collects errors, to report them all at once.
 #[derive(Default)]
-struct Errors(Option<syn::Error>);
+pub(crate) struct Errors(Option<syn::Error>);
 
 impl Errors {
-    fn push(&mut self, error: syn::Error) {
+    pub(crate) fn push(&mut self, error: syn::Error) {
         match &mut self.0 {
             Some(all) => all.combine(error),
             None => self.0 = Some(error),
         }
     }
 
-    fn finish(self) -> syn::Result<()> {
+    pub(crate) fn finish(self) -> syn::Result<()> {
         self.0.map_or(Ok(()), Err)
     }
 }
 
-/// The placement strategies `#[grain(placement = "...")]` accepts.
-const PLACEMENTS: &[&str] = &["random", "prefer_local", "hash", "fewest_activations"];
+/// The placement strategies `#[grain(placement = "...")]` accepts, with their `grains::Placement` variants:
+/// the one list the check, its message and the expansion read.
+pub(crate) const PLACEMENTS: &[(&str, &str)] = &[
+    ("random", "Random"),
+    ("prefer_local", "PreferLocal"),
+    ("hash", "Hash"),
+    ("fewest_activations", "FewestActivations"),
+];
 
 /// Names the generated reference already uses for its own methods.
 const RESERVED: &[&str] = &["id", "with_timeout", "core", "from_core"];
@@ -43,11 +49,17 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> syn::Result<()> {
         ));
     }
     if let Some(lit) = &model.placement
-        && !PLACEMENTS.contains(&lit.value().as_str())
+        && !PLACEMENTS.iter().any(|(name, _)| *name == lit.value())
+    {
+        let names: Vec<_> = PLACEMENTS.iter().map(|(name, _)| format!("{name:?}")).collect();
+        errors.push(syn::Error::new_spanned(lit, format!("unknown placement: write one of {}", names.join(", "))));
+    }
+    if let Some(lit) = &model.idle_timeout
+        && let Err(reason) = crate::duration::parse_duration(&lit.value())
     {
         errors.push(syn::Error::new_spanned(
             lit,
-            "unknown placement: write one of \"random\", \"prefer_local\", \"hash\", \"fewest_activations\"",
+            format!("invalid idle_timeout: {reason}; write e.g. \"30s\", \"10m\" or \"1h30m\""),
         ));
     }
     if let Some(lit) = &model.name
@@ -66,6 +78,12 @@ pub(crate) fn grain_struct(model: &GrainStruct) -> syn::Result<()> {
         errors.push(syn::Error::new_spanned(attr, message));
     }
     errors.finish()
+}
+
+/// Whether a struct refused by [`grain_struct`] can still be expanded, its invalid options taking their
+/// defaults: it is not generic and has no misplaced field attribute.
+pub(crate) fn expandable(model: &GrainStruct) -> bool {
+    model.item.generics.params.is_empty() && model.fields.iter().all(|f| f.misplaced.is_empty())
 }
 
 pub(crate) fn grain_impl(model: &GrainImpl) -> syn::Result<()> {
@@ -111,25 +129,69 @@ pub(crate) fn grain_impl(model: &GrainImpl) -> syn::Result<()> {
         }
     }
     for hook in [&model.on_activate, &model.on_deactivate].into_iter().flatten() {
-        if hook.sig.asyncness.is_none() {
-            errors.push(syn::Error::new_spanned(
-                hook.sig.fn_token,
-                format!(
-                    "lifecycle hooks are async: write `async fn {}(&mut self, ctx: &GrainContext) -> Result<(), GrainError>`",
-                    hook.sig.ident
-                ),
-            ));
-        }
+        check_hook(hook, HookArg::Context, &mut errors);
     }
-    if let Some(hook) = &model.on_reminder
-        && hook.sig.asyncness.is_none()
-    {
-        errors.push(syn::Error::new_spanned(
-            hook.sig.fn_token,
-            "the reminder hook is async: write `async fn on_reminder(&mut self, tick: ReminderTick) -> Result<(), GrainError>`",
-        ));
+    if let Some(hook) = &model.on_reminder {
+        check_hook(hook, HookArg::Tick, &mut errors);
     }
     errors.finish()
+}
+
+/// What a lifecycle hook takes after `&mut self`.
+#[derive(Clone, Copy)]
+enum HookArg {
+    /// `ctx: &GrainContext` (`on_activate`, `on_deactivate`).
+    Context,
+    /// `tick: ReminderTick` (`on_reminder`).
+    Tick,
+}
+
+/// Checks a lifecycle hook's signature, so that a mistake is reported at the hook, with the signature to write,
+/// rather than as a type error in generated code.
+fn check_hook(hook: &syn::ImplItemFn, arg: HookArg, errors: &mut Errors) {
+    let sig = &hook.sig;
+    let name = &sig.ident;
+    let signature = match arg {
+        HookArg::Context => format!("async fn {name}(&mut self, ctx: &GrainContext) -> Result<(), GrainError>"),
+        HookArg::Tick => format!("async fn {name}(&mut self, tick: ReminderTick) -> Result<(), GrainError>"),
+    };
+    if sig.asyncness.is_none() {
+        errors.push(syn::Error::new_spanned(sig.fn_token, format!("lifecycle hooks are async: write `{signature}`")));
+    }
+    let mut inputs = sig.inputs.iter();
+    let receiver_ok = matches!(inputs.next(), Some(syn::FnArg::Receiver(r)) if r.reference.is_some());
+    let rest: Vec<_> = inputs.collect();
+    let arg_ok = match rest.as_slice() {
+        [syn::FnArg::Typed(typed)] => match (arg, &*typed.ty) {
+            (HookArg::Context, Type::Reference(r)) => {
+                r.mutability.is_none() && last_segment_is(&r.elem, "GrainContext")
+            }
+            (HookArg::Tick, ty) => last_segment_is(ty, "ReminderTick"),
+            _ => false,
+        },
+        _ => false,
+    };
+    if !receiver_ok || !arg_ok {
+        let takes = match arg {
+            HookArg::Context => "`&mut self` and `ctx: &GrainContext`",
+            HookArg::Tick => "`&mut self` and `tick: ReminderTick`",
+        };
+        errors.push(syn::Error::new(
+            sig.paren_token.span.join(),
+            format!("the `{name}` hook takes {takes}: write `{signature}`"),
+        ));
+    }
+    if let syn::ReturnType::Default = sig.output {
+        errors.push(syn::Error::new_spanned(
+            name,
+            format!("the `{name}` hook returns `Result<(), GrainError>`: write `{signature}`"),
+        ));
+    }
+}
+
+/// Whether `ty` is a path whose last segment is `name` (`GrainContext`, `grains::GrainContext`).
+fn last_segment_is(ty: &Type, name: &str) -> bool {
+    matches!(ty, Type::Path(path) if path.path.segments.last().is_some_and(|s| s.ident == name))
 }
 
 fn check_method(method: &GrainMethod, errors: &mut Errors) {
@@ -214,5 +276,112 @@ fn unowned_type(ty: &Type) -> Option<String> {
             _ => None,
         }),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quote::quote;
+
+    use crate::parse::GrainStruct;
+
+    /// The messages `#[grain(<args>)]` on `pub struct Cart;` is refused with (none if accepted).
+    fn struct_errors(args: proc_macro2::TokenStream) -> Vec<String> {
+        let item: syn::ItemStruct = syn::parse_quote!(
+            pub struct Cart;
+        );
+        let model = GrainStruct::parse(args, item).unwrap_or_else(|e| panic!("does not parse: {e}"));
+        match super::grain_struct(&model) {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors.into_iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_valid_idle_timeout_and_placement_are_accepted() {
+        assert_eq!(struct_errors(quote!(idle_timeout = "1h30m", placement = "hash")), Vec::<String>::new());
+    }
+
+    #[test]
+    fn an_idle_timeout_in_words_is_refused_with_the_reason_and_an_example() {
+        let errors = struct_errors(quote!(idle_timeout = "10 minutes"));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("invalid idle_timeout: unknown duration unit"), "{errors:?}");
+        assert!(errors[0].contains("\"10m\""), "says what to write: {errors:?}");
+    }
+
+    #[test]
+    fn every_parse_error_of_a_struct_is_reported_at_once() {
+        let item: syn::ItemStruct = syn::parse_quote!(
+            pub struct Cart {
+                #[state(nom = "items")]
+                items: PersistentState<u32>,
+                #[journal(every = 3)]
+                log: Journaled<u32>,
+            }
+        );
+        let errors = match GrainStruct::parse(quote!(colour = "red", idle_timeout = 10), item) {
+            Ok(_) => panic!("parsed"),
+            Err(errors) => errors.into_iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+        };
+        assert_eq!(errors.len(), 4, "the option, the value, the state and the journal attribute: {errors:?}");
+    }
+
+    /// The messages `#[grain] impl Cart { <hook> }` is refused with.
+    fn impl_errors(hook: proc_macro2::TokenStream) -> Vec<String> {
+        let item: syn::ItemImpl = syn::parse_quote!(
+            impl Cart {
+                #hook
+            }
+        );
+        let model = crate::parse::GrainImpl::parse(quote!(), item).unwrap_or_else(|e| panic!("does not parse: {e}"));
+        match super::grain_impl(&model) {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors.into_iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn hooks_with_the_documented_signatures_are_accepted() {
+        let errors = impl_errors(quote!(
+            async fn on_activate(&mut self, ctx: &grains::GrainContext) -> Result<(), GrainError> {
+                Ok(())
+            }
+            async fn on_deactivate(&mut self, _: &GrainContext) -> Result<(), GrainError> {
+                Ok(())
+            }
+            async fn on_reminder(&mut self, tick: ReminderTick) -> Result<(), GrainError> {
+                Ok(())
+            }
+        ));
+        assert_eq!(errors, Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_hook_without_its_context_is_refused_with_the_signature_to_write() {
+        let errors = impl_errors(quote!(
+            async fn on_activate(&mut self) -> Result<(), GrainError> {
+                Ok(())
+            }
+        ));
+        assert_eq!(
+            errors,
+            ["the `on_activate` hook takes `&mut self` and `ctx: &GrainContext`: write \
+              `async fn on_activate(&mut self, ctx: &GrainContext) -> Result<(), GrainError>`"]
+        );
+    }
+
+    #[test]
+    fn every_mistake_of_a_hook_is_reported_at_once() {
+        let errors = impl_errors(quote!(
+            fn on_reminder(self, tick: u64) {}
+        ));
+        assert_eq!(errors.len(), 3, "not async, wrong arguments, no result: {errors:?}");
+    }
+
+    #[test]
+    fn every_invalid_option_is_reported_at_once() {
+        let errors = struct_errors(quote!(idle_timeout = "soon", placement = "closest", name = " "));
+        assert_eq!(errors.len(), 3, "{errors:?}");
     }
 }

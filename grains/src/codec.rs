@@ -50,6 +50,7 @@ pub fn decode_named<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> 
     decode(bytes)
 }
 
+#[doc(hidden)]
 /// The codec of one argument or return value of type `T`: obtained through `__private::arg::<T>()` or
 /// `__private::ret::<T>()`, whose trait bound is the one place a type that cannot cross the wire is reported.
 pub struct ValueCodec<T> {
@@ -88,11 +89,13 @@ fn decode_value<T: DeserializeOwned>(input: &mut &[u8]) -> Result<T, CodecError>
     T::deserialize(&mut deserializer).map_err(|e| CodecError(format!("decode: {e}")))
 }
 
+#[doc(hidden)]
 /// Starts an argument list of `count` values.
 pub fn begin_args(out: &mut Vec<u8>, count: u32) -> Result<(), CodecError> {
     rmp::encode::write_array_len(out, count).map(|_| ()).map_err(|e| CodecError(format!("encode: {e}")))
 }
 
+#[doc(hidden)]
 /// Reads the header of an argument list and checks it holds `count` values (no arguments may also be `nil`).
 pub fn read_args(input: &mut &[u8], count: u32) -> Result<(), CodecError> {
     if count == 0 && input.first() == Some(&0xc0) {
@@ -106,6 +109,7 @@ pub fn read_args(input: &mut &[u8], count: u32) -> Result<(), CodecError> {
     Ok(())
 }
 
+#[doc(hidden)]
 /// Reads the JSON arguments of a method whose arguments are named `names`, in order: a JSON array of exactly
 /// that many values, or an object keyed by argument name (a key left out is `null`, which an `Option` argument
 /// reads as `None`; an unknown key is refused). A method without arguments also takes an empty body or `null`.
@@ -140,12 +144,14 @@ pub fn json_args(json: &[u8], names: &[&str]) -> Result<Vec<serde_json::Value>, 
     }
 }
 
+#[doc(hidden)]
 /// Reads argument `name` from its JSON value.
 pub fn json_value<T: DeserializeOwned>(value: Option<serde_json::Value>, name: &str) -> Result<T, CodecError> {
     serde_json::from_value(value.unwrap_or(serde_json::Value::Null))
         .map_err(|e| CodecError(format!("argument `{name}`: {e}")))
 }
 
+#[doc(hidden)]
 /// Writes a return value as JSON.
 pub fn json_result<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
     serde_json::to_vec(value).map_err(|e| CodecError(format!("the result cannot be written as JSON: {e}")))

@@ -38,20 +38,7 @@ pub enum Placement {
     FewestActivations,
 }
 
-impl Placement {
-    /// Parses the attribute spelling (`random`, `prefer_local`, `hash`, `fewest_activations`).
-    pub const fn parse(text: &str) -> Option<Self> {
-        match text.as_bytes() {
-            b"random" => Some(Placement::Random),
-            b"prefer_local" => Some(Placement::PreferLocal),
-            b"hash" => Some(Placement::Hash),
-            b"fewest_activations" => Some(Placement::FewestActivations),
-            _ => None,
-        }
-    }
-}
-
-/// The struct half of a grain, implemented by `#[grain]` on the struct.
+/// The struct half of a grain, implemented by `#[grain]` on the struct (never by hand).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` is not a grain struct",
     label = "add `#[grain]` to the definition of `{Self}`"
@@ -61,8 +48,10 @@ pub trait GrainType: Sized + Send + 'static {
     const TYPE_NAME: &'static str;
 
     /// Options from the `#[grain(...)]` attribute.
+    #[doc(hidden)]
     const OPTIONS: GrainOptions;
 
+    #[doc(hidden)]
     /// Builds a fresh activation: loads each `PersistentState` field, clones the context into `GrainContext`
     /// fields, and defaults every other field.
     fn build(ctx: &GrainContext) -> impl Future<Output = Result<Self, GrainError>> + Send + '_;
@@ -94,15 +83,19 @@ impl<T: WireMessage> LocalMessage for T {
     }
 }
 
-/// The behaviour half of a grain, implemented by `#[grain]` on the impl block.
+/// The behaviour half of a grain, implemented by `#[grain]` on the impl block (never by hand): what
+/// `silo.grain::<Cart>(key)` and `ctx.grain::<Cart>(key)` need to name `Cart`'s reference, [`Grain::Ref`].
+/// The lifecycle hooks' defaults do nothing (see the [crate docs](crate#lifecycle-hooks)).
 #[diagnostic::on_unimplemented(
     message = "`{Self}` has no grain methods",
     label = "add `#[grain]` to an `impl {Self}` block with its async methods"
 )]
 pub trait Grain: GrainType {
     /// One variant per grain method, holding its arguments.
+    #[doc(hidden)]
     type Request: WireMessage;
     /// One variant per grain method, holding its return value.
+    #[doc(hidden)]
     type Response: WireMessage;
     /// The typed reference callers use (`CartRef` for `Cart`).
     type Ref: GrainRef;
@@ -112,21 +105,27 @@ pub trait Grain: GrainType {
 
     /// The methods callable over HTTP with JSON, and their JSON codecs: `None` unless the impl block says
     /// `#[grain(http)]` or a method says `#[http]` (see [`HttpMethods`]).
+    #[doc(hidden)]
     const HTTP: Option<HttpMethods> = None;
 
     /// Whether the grain handles reminders (its impl block has an `on_reminder` hook).
+    #[doc(hidden)]
     const REMINDABLE: bool = false;
 
     /// The method a request calls.
+    #[doc(hidden)]
     fn method_name(request: &Self::Request) -> &'static str;
 
     /// Decodes the arguments of `method` from an encoded request body.
+    #[doc(hidden)]
     fn decode_request(method: &str, body: &[u8]) -> Result<Self::Request, CallError>;
 
     /// Decodes the return value of `method` from an encoded response body.
+    #[doc(hidden)]
     fn decode_response(method: &str, body: &[u8]) -> Result<Self::Response, CallError>;
 
     /// Runs one request against the grain: one turn.
+    #[doc(hidden)]
     fn handle(&mut self, request: Self::Request) -> impl Future<Output = Self::Response> + Send + '_;
 
     /// Runs once after the state is loaded, before the first call. An error fails the activation.

@@ -70,7 +70,6 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument;
 
 use crate::context::GrainContext;
-use crate::error::StateError;
 
 /// How many events recovery reads per round trip.
 const REPLAY_PAGE: usize = 1000;
@@ -124,9 +123,10 @@ pub struct Journaled<S: EventSourced> {
 }
 
 impl<S: EventSourced> Journaled<S> {
+    #[doc(hidden)]
     /// Recovers the journal called `name` of the grain behind `ctx`: the latest snapshot, then the events after
     /// it. Snapshots are taken every `snapshot_every` events (0: never).
-    pub async fn load(ctx: &GrainContext, name: &str, snapshot_every: u64) -> Result<Self, StateError> {
+    pub async fn load(ctx: &GrainContext, name: &str, snapshot_every: u64) -> Result<Self, StorageError> {
         let key = ctx.id().state_key(name);
         let span = tracing::debug_span!("journal.recover", stream = %key);
         let mut journaled = Self {
@@ -143,7 +143,7 @@ impl<S: EventSourced> Journaled<S> {
         Ok(journaled)
     }
 
-    async fn recover(&mut self) -> Result<(), StateError> {
+    async fn recover(&mut self) -> Result<(), StorageError> {
         let journal = journal_of(&self.ctx)?;
         if let Some(snapshot) = journal.read_snapshot(&self.key).await? {
             match serde_json::from_value::<S>(snapshot.document) {
@@ -179,7 +179,7 @@ impl<S: EventSourced> Journaled<S> {
     /// On an error none of them is applied, and they are dropped. A conflict (another activation appended), an
     /// unknown outcome or a fenced silo also deactivate this activation after its turn (see the
     /// [module docs](self)).
-    pub async fn confirm(&mut self) -> Result<u64, StateError> {
+    pub async fn confirm(&mut self) -> Result<u64, StorageError> {
         if self.raised.is_empty() {
             return Ok(self.version);
         }
@@ -218,18 +218,18 @@ impl<S: EventSourced> Journaled<S> {
     }
 
     /// Appends `event` and applies it: [`raise`](Self::raise) then [`confirm`](Self::confirm).
-    pub async fn persist(&mut self, event: S::Event) -> Result<u64, StateError> {
+    pub async fn persist(&mut self, event: S::Event) -> Result<u64, StorageError> {
         self.raise(event);
         self.confirm().await
     }
 
     /// Appends `events` atomically (all or none) and applies them; with anything raised before, in order.
-    pub async fn persist_all(&mut self, events: impl IntoIterator<Item = S::Event>) -> Result<u64, StateError> {
+    pub async fn persist_all(&mut self, events: impl IntoIterator<Item = S::Event>) -> Result<u64, StorageError> {
         self.raised.extend(events);
         self.confirm().await
     }
 
-    fn encode(&self, event: &S::Event) -> Result<NewEvent, StateError> {
+    fn encode(&self, event: &S::Event) -> Result<NewEvent, StorageError> {
         let payload = serde_json::to_value(event).map_err(|e| StorageError::Codec(format!("{}: {e}", self.key)))?;
         let event_type = S::event_type(event).unwrap_or_else(|| type_name_of(event));
         Ok(NewEvent { event_type, payload, tags: S::tags(event) })
@@ -282,7 +282,7 @@ impl<S: EventSourced> Journaled<S> {
     }
 
     /// The confirmed events after `after`, at most `limit`, with their sequence numbers.
-    pub async fn events(&self, after: u64, limit: usize) -> Result<Vec<(u64, S::Event)>, StateError> {
+    pub async fn events(&self, after: u64, limit: usize) -> Result<Vec<(u64, S::Event)>, StorageError> {
         let journal = journal_of(&self.ctx)?;
         let stored =
             journal.read_stream(&self.key, after, limit.min(self.version.saturating_sub(after) as usize)).await?;
@@ -291,7 +291,7 @@ impl<S: EventSourced> Journaled<S> {
 
     /// Folds the whole journal from the default state, ignoring snapshots: what recovery without snapshots
     /// gives (e.g. to check a snapshot, or after changing `apply`). Does not change this activation.
-    pub async fn replay_all(&self) -> Result<S, StateError> {
+    pub async fn replay_all(&self) -> Result<S, StorageError> {
         Ok(fold_from(&self.ctx, &self.key, S::default(), 0).await?.0)
     }
 }
@@ -303,7 +303,7 @@ async fn fold_from<S: EventSourced>(
     key: &StateKey,
     mut state: S,
     mut version: u64,
-) -> Result<(S, u64, u64), StateError> {
+) -> Result<(S, u64, u64), StorageError> {
     let journal = journal_of(ctx)?;
     let mut folded = 0;
     loop {
@@ -323,11 +323,11 @@ async fn fold_from<S: EventSourced>(
     }
 }
 
-fn decode<S: EventSourced>(key: &StateKey, seq: u64, payload: serde_json::Value) -> Result<S::Event, StateError> {
+fn decode<S: EventSourced>(key: &StateKey, seq: u64, payload: serde_json::Value) -> Result<S::Event, StorageError> {
     serde_json::from_value(payload).map_err(|e| StorageError::Codec(format!("{key}: event {seq}: {e}")))
 }
 
-fn journal_of(ctx: &GrainContext) -> Result<&std::sync::Arc<dyn grains_storage::EventJournal>, StateError> {
+fn journal_of(ctx: &GrainContext) -> Result<&std::sync::Arc<dyn grains_storage::EventJournal>, StorageError> {
     ctx.journal().ok_or_else(|| StorageError::Unavailable("this runtime has no event journal".to_owned()))
 }
 

@@ -68,6 +68,7 @@ pub const MINIMUM_REMINDER_PERIOD: Duration = Duration::from_secs(1);
 /// The longest name a reminder may have, in bytes.
 pub const MAXIMUM_REMINDER_NAME: usize = 256;
 
+#[doc(hidden)]
 /// The method name a reminder tick is delivered under: reserved (no Rust method can be called that), and served
 /// only to calls from within the cluster.
 pub const REMINDER_METHOD: &str = "$reminder";
@@ -100,6 +101,7 @@ impl WireMessage for ReminderTick {
     }
 }
 
+#[doc(hidden)]
 /// What a grain's `on_reminder` answered to a tick (the reply of a [`REMINDER_METHOD`] call).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReminderAck(pub Result<(), String>);
@@ -169,6 +171,7 @@ pub enum ReminderError {
     Unavailable(String),
 }
 
+#[doc(hidden)]
 /// The runtime's reminder service, as a grain context reaches it. Operations concern `grain`'s own reminders.
 pub trait ReminderRegistry: Send + Sync {
     /// Registers (or replaces) reminder `name` of `grain`: first due after `due`, then every `period`.

@@ -50,7 +50,7 @@ pub trait LocalMessage: Any + Send {
     fn encode(&self) -> Result<Vec<u8>, CodecError>;
     /// Unboxes into `Any` so the receiver can downcast to the concrete type.
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
-    /// Whether this is a reply holding the grain method's own `Err` (see [`crate::WireMessage::is_error`]).
+    /// Whether this is a reply holding the grain method's own `Err` (see [`crate::grain::WireMessage::is_error`]).
     fn is_error(&self) -> bool {
         false
     }
@@ -103,8 +103,14 @@ pub struct Call {
     pub metadata: RequestMetadata,
 }
 
-/// String key/value pairs that travel with a call and with every call made while serving it (see the
-/// [module docs](self#request-metadata)). Cheap to clone; empty metadata costs no allocation.
+/// String key/value pairs that travel with a call and with every call made while serving it, after Orleans'
+/// `RequestContext`: a trace id, a tenant, the user a request is made for. Cheap to clone; empty metadata costs
+/// no allocation.
+///
+/// A caller attaches them with [`scope`](Self::scope); a grain serving the call reads them with
+/// [`current`](Self::current) (or [`GrainContext::request_metadata`](crate::GrainContext::request_metadata)),
+/// and every call it makes while serving the call carries them on, down the whole call chain. A task the grain
+/// spawns does not inherit them: wrap its work in [`scope`](Self::scope).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct RequestMetadata(Option<Arc<BTreeMap<String, String>>>);
 

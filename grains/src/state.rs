@@ -3,7 +3,7 @@
 //! A `PersistentState<T>` field is loaded when the grain activates and written only when the grain asks
 //! ([`write`](PersistentState::write)), so a grain chooses write-through per call or batching. Every write and
 //! clear carries the etag of the version this activation last saw; a store that holds a newer version refuses
-//! with [`StateError::Conflict`](crate::StateError::Conflict). On a conflict the activation has lost the race
+//! with [`StorageError::Conflict`](crate::StorageError::Conflict). On a conflict the activation has lost the race
 //! to another writer (a duplicate activation, or a stale one), so it asks to be deactivated, as Orleans does:
 //! the next call reloads the winner's state.
 //!
@@ -27,7 +27,6 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::context::GrainContext;
-use crate::error::StateError;
 
 /// A grain's persistent state of type `T`, loaded at activation; dereferences to `T`.
 #[derive(Debug)]
@@ -42,8 +41,9 @@ impl<T> PersistentState<T>
 where
     T: Serialize + DeserializeOwned + Default + Send + Sync + 'static,
 {
+    #[doc(hidden)]
     /// Loads the state called `name` of the grain behind `ctx` (default `T` when none is stored).
-    pub async fn load(ctx: &GrainContext, name: &str) -> Result<Self, StateError> {
+    pub async fn load(ctx: &GrainContext, name: &str) -> Result<Self, StorageError> {
         let key = ctx.id().state_key(name);
         let mut state = Self { value: T::default(), etag: None, key, ctx: ctx.clone() };
         state.read().await?;
@@ -51,7 +51,7 @@ where
     }
 
     /// Re-reads the state from storage, replacing the value held in memory.
-    pub async fn read(&mut self) -> Result<(), StateError> {
+    pub async fn read(&mut self) -> Result<(), StorageError> {
         match self.ctx.state_store().read(&self.key).await? {
             Some(stored) => {
                 self.value = serde_json::from_value(stored.document)
@@ -67,7 +67,7 @@ where
     }
 
     /// Writes the value to storage. Returns once the store has committed it.
-    pub async fn write(&mut self) -> Result<(), StateError> {
+    pub async fn write(&mut self) -> Result<(), StorageError> {
         let document =
             serde_json::to_value(&self.value).map_err(|e| StorageError::Codec(format!("{}: {e}", self.key)))?;
         let result = self.ctx.state_store().write(&self.key, &document, self.etag.as_deref()).await;
@@ -77,7 +77,7 @@ where
     }
 
     /// Removes the state from storage and resets the value to `T::default()`.
-    pub async fn clear(&mut self) -> Result<(), StateError> {
+    pub async fn clear(&mut self) -> Result<(), StorageError> {
         let result = self.ctx.state_store().clear(&self.key, self.etag.as_deref()).await;
         self.on_failure_deactivate(result)?;
         self.value = T::default();
@@ -86,7 +86,7 @@ where
     }
 
     /// On a failed write, leaves it to the next activation to reload the truth from storage.
-    fn on_failure_deactivate<R>(&self, result: Result<R, StateError>) -> Result<R, StateError> {
+    fn on_failure_deactivate<R>(&self, result: Result<R, StorageError>) -> Result<R, StorageError> {
         match &result {
             Err(StorageError::Conflict { .. }) => {
                 tracing::warn!(state = %self.key, "state write refused by etag check; deactivating this activation");

@@ -48,6 +48,7 @@ use crate::context::GrainContext;
 use crate::grain::GrainType;
 use crate::runtime::BoxFuture;
 
+#[doc(hidden)]
 /// A timer callback with the grain's type erased: it receives the activation's grain as `&mut dyn Any`.
 pub type TimerCallback = Box<dyn for<'a> FnMut(&'a mut dyn Any) -> BoxFuture<'a, ()> + Send>;
 
@@ -74,6 +75,7 @@ pub enum TimerError {
     },
 }
 
+#[doc(hidden)]
 /// The activation's side of timers, implemented by the runtime that hosts the grain.
 pub trait TimerHost: Send + Sync {
     /// Starts a timer: its ticks run `callback` as turns of this activation, first after `due`, then every

@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use grains::runtime::{Call, CallChain, Payload, RequestMetadata, current_chain, run_in_turn};
-use grains::timer::TimerHost;
-use grains::{CallError, ErasedGrain, GrainContext, GrainError, GrainId, GrainRegistration, StorageError};
+use grains::__private::runtime::{Call, CallChain, Payload, RequestMetadata, current_chain, run_in_turn};
+use grains::__private::{ErasedGrain, GrainRegistration, TimerHost};
+use grains::{CallError, GrainContext, GrainError, GrainId, StorageError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -394,8 +394,8 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
                 match outcome {
                     Ok(result) => {
                         let failed = match &result {
-                            Ok(grains::runtime::Payload::Local(reply)) => reply.is_error(),
-                            Ok(grains::runtime::Payload::Encoded(_)) => false,
+                            Ok(grains::__private::runtime::Payload::Local(reply)) => reply.is_error(),
+                            Ok(grains::__private::runtime::Payload::Encoded(_)) => false,
                             Err(_) => true,
                         };
                         if let Some(method_stats) = method_stats {

@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use grains::{CallError, GrainRegistration};
+use grains::__private::GrainRegistration;
+use grains::CallError;
+#[cfg(feature = "postgres")]
 use grains_storage::postgres::{self, PostgresMembershipTable, PostgresOptions, PostgresReminderTable};
 use grains_storage::{
     GrainStateStore, MembershipTable, MemoryMembershipTable, MemoryReminderTable, MemoryStateStore, ReminderTable,
@@ -20,6 +22,13 @@ use crate::metrics::Metrics;
 use crate::peer_auth::{ClusterCredentials, PeerIdentity};
 use crate::reminders::{self, ReminderService, ReminderSettings};
 use crate::silo::{HostedTypes, Silo, SiloInner, SiloParts, collect_idle};
+
+/// The database pool of a silo with Postgres storage or membership.
+#[cfg(feature = "postgres")]
+pub(crate) type Pool = postgres::PgPool;
+/// No pool: this build has no Postgres providers (the `postgres` feature is off).
+#[cfg(not(feature = "postgres"))]
+pub(crate) type Pool = std::convert::Infallible;
 
 /// Why a silo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +59,7 @@ pub struct SiloBuilder {
     membership: Option<Arc<dyn MembershipTable>>,
     reminders: Option<Arc<dyn ReminderTable>>,
     filters: CallFilters,
+    services: grains::__private::Services,
     pub(crate) events: crate::events::EventsSetup,
 }
 
@@ -62,6 +72,7 @@ impl Silo {
             membership: None,
             reminders: None,
             filters: CallFilters::default(),
+            services: Default::default(),
             events: Default::default(),
         }
     }
@@ -85,6 +96,24 @@ impl SiloBuilder {
         filter: impl Fn(&CallInfo<'_>) -> Result<(), CallError> + Send + Sync + 'static,
     ) -> Self {
         self.filters.outgoing.push(Arc::new(filter) as CallFilter);
+        self
+    }
+
+    /// Gives this silo's grains `value` as the application service of type `T`: a grain reads it with
+    /// [`GrainContext::service::<T>()`](grains::GrainContext::service) (after Orleans' dependency injection).
+    /// Register a handle that is cheap to share — a connection pool, a client, settings; a second service of
+    /// the same type replaces the first.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), grains_silo::SiloError> {
+    /// /// What grains read from the silo's environment.
+    /// pub struct Prices { pub vat_percent: u32 }
+    ///
+    /// let silo = grains_silo::Silo::builder().service(Prices { vat_percent: 20 }).start().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn service<T: Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.services.insert(value);
         self
     }
 
@@ -170,6 +199,7 @@ impl SiloBuilder {
                     identity.clone(),
                 ))
             }
+            #[cfg(feature = "postgres")]
             (None, MembershipKind::Postgres, Some(pool)) => {
                 Arc::new(PostgresMembershipTable::new(pool.clone(), config.cluster_id.clone()))
             }
@@ -177,9 +207,11 @@ impl SiloBuilder {
         };
         let store: Arc<dyn GrainStateStore> = match (self.store, config.storage, &pool) {
             (Some(store), _, _) => store,
+            #[cfg(feature = "postgres")]
             (None, StorageKind::Postgres, Some(pool)) if fenced => {
                 Arc::new(postgres::PostgresStateStore::fenced(pool.clone(), config.cluster_id.clone(), me.clone()))
             }
+            #[cfg(feature = "postgres")]
             (None, StorageKind::Postgres, Some(pool)) => Arc::new(postgres::PostgresStateStore::new(pool.clone())),
             (None, _, _) => Arc::new(MemoryStateStore::new()),
         };
@@ -192,9 +224,11 @@ impl SiloBuilder {
             Arc::new(crate::fencing::FencedStore::new(store, cluster.clone(), metrics.storage.clone()));
         let reminder_table: Arc<dyn ReminderTable> = match (self.reminders, config.storage, &pool) {
             (Some(table), _, _) => table,
+            #[cfg(feature = "postgres")]
             (None, StorageKind::Postgres, Some(pool)) if fenced => {
                 Arc::new(PostgresReminderTable::fenced(pool.clone(), config.cluster_id.clone(), me.clone()))
             }
+            #[cfg(feature = "postgres")]
             (None, StorageKind::Postgres, Some(pool)) => Arc::new(PostgresReminderTable::new(pool.clone())),
             (None, _, _) => Arc::new(MemoryReminderTable::new()),
         };
@@ -207,6 +241,7 @@ impl SiloBuilder {
         let journal = events.journal_for_grains(cluster.clone());
         let filters = self.filters;
         let inner = SiloInner::new(SiloParts {
+            services: self.services,
             config,
             types,
             table,
@@ -217,12 +252,20 @@ impl SiloBuilder {
             filters,
             metrics,
         });
+        #[cfg(feature = "postgres")]
         if let Some(pool) = &pool {
             let _ = inner.metrics.pool.set(pool.clone());
         }
         crate::stats::start_metrics_export(&inner).map_err(SiloError::Config)?;
         let mut names: Vec<_> = inner.types.keys().copied().collect();
         names.sort_unstable();
+        if names.is_empty() {
+            tracing::warn!(
+                "this silo hosts no grain types: every call to it will fail with UnknownGrainType. A silo hosts the \
+                 #[grain] types linked into its binary; if they live in a library crate, make main call a function \
+                 of that crate (e.g. `my_grains::link()`) so that the linker keeps their registrations"
+            );
+        }
         tracing::info!(silo = %inner.config.name, address = %inner.me(), cluster = %inner.config.cluster_id, grain_types = ?names, "silo starting");
         tracing::info!(provider = inner.store.name(), membership = ?inner.config.membership, "storage");
 
@@ -236,7 +279,7 @@ impl SiloBuilder {
         membership::join(&inner.cluster, &inner.config.name, gateway_address).await?;
         membership::refresh_view(&inner.cluster).await;
         inner.cluster.broadcast_membership_changed();
-        let runtime: std::sync::Weak<dyn grains::runtime::GrainRuntime> = Arc::downgrade(&inner) as _;
+        let runtime: std::sync::Weak<dyn grains::__private::runtime::GrainRuntime> = Arc::downgrade(&inner) as _;
         let mut tasks = vec![
             tokio::spawn(collect_idle(Arc::downgrade(&inner))),
             tokio::spawn(membership::run_agent(Arc::downgrade(&inner.cluster))),
@@ -248,7 +291,8 @@ impl SiloBuilder {
 }
 
 /// Opens the Postgres pool the configuration names: connect with retries, then migrate.
-async fn open_pool(config: &SiloConfig) -> Result<postgres::PgPool, SiloError> {
+#[cfg(feature = "postgres")]
+async fn open_pool(config: &SiloConfig) -> Result<Pool, SiloError> {
     let url = config.database_url.as_deref().ok_or_else(|| {
         SiloError::Config("postgres storage or membership needs database_url (or GRAINS_DATABASE_URL)".into())
     })?;
@@ -257,4 +301,28 @@ async fn open_pool(config: &SiloConfig) -> Result<postgres::PgPool, SiloError> {
     let pool = postgres::connect_with_retry(url, &options, config.database_start_timeout).await?;
     postgres::migrate(&pool).await?;
     Ok(pool)
+}
+
+/// Refuses a configuration that needs Postgres in a build without it.
+#[cfg(not(feature = "postgres"))]
+async fn open_pool(_: &SiloConfig) -> Result<Pool, SiloError> {
+    Err(SiloError::Config(
+        "storage or membership \"postgres\" needs grains-silo's `postgres` feature, which this build leaves out".into(),
+    ))
+}
+
+#[cfg(all(test, not(feature = "postgres")))]
+mod tests {
+    use crate::config::{SiloConfig, StorageKind};
+    use crate::{Silo, SiloError};
+
+    #[tokio::test]
+    async fn a_build_without_postgres_refuses_postgres_storage_naming_the_feature() {
+        let config = SiloConfig { storage: StorageKind::Postgres, gateway: false, ..SiloConfig::default() };
+        match Silo::builder().config(config).start().await {
+            Err(SiloError::Config(message)) => assert!(message.contains("`postgres` feature"), "{message}"),
+            Err(other) => panic!("expected a configuration error, got {other}"),
+            Ok(_) => panic!("a silo without the postgres feature started with postgres storage"),
+        }
+    }
 }

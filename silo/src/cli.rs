@@ -1,6 +1,30 @@
 //! The silo binary's command line: a user's silo is `fn main() -> ExitCode { grains_silo::cli::run() }`,
 //! hosting every `#[grain]` type linked into that binary.
 //!
+//! A silo whose grains need application services (a database pool, a client of another system) registers them
+//! on the builder that [`run_customized`] and [`run_with_builder`] pass through; a service that takes `.await`
+//! to build is built in the binary's own runtime before [`run_with_builder`]:
+//!
+//! ```no_run
+//! use std::process::ExitCode;
+//! use grains_silo::cli::{self, SiloArgs};
+//!
+//! /// Shared by every grain of the silo; a grain reads it with `ctx.service::<Prices>()`.
+//! pub struct Prices { pub vat_percent: u32 }
+//!
+//! #[tokio::main]
+//! async fn main() -> ExitCode {
+//!     let prices = Prices { vat_percent: 20 }; // or a pool: `sqlx::PgPool::connect(url).await?`
+//!     match cli::run_with_builder(SiloArgs::from_command_line(), |builder, _| builder.service(prices)).await {
+//!         Ok(()) => ExitCode::SUCCESS,
+//!         Err(e) => {
+//!             eprintln!("silo failed: {e}");
+//!             ExitCode::FAILURE
+//!         }
+//!     }
+//! }
+//! ```
+//!
 //! Settings come from defaults, then a TOML file (`--config`), then `GRAINS_*` environment variables, then
 //! flags; the effective configuration is printed at start-up. The silo runs until Ctrl-C or SIGTERM, then
 //! shuts down gracefully (grains deactivate and may flush their state).
@@ -10,17 +34,57 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::Parser;
 
-use crate::builder::SiloBuilder;
+use crate::builder::{SiloBuilder, SiloError};
 use crate::config::{FailureDetection, MembershipKind, SiloConfig, StorageKind};
 use crate::peer_auth::ClusterSecret;
 use crate::silo::Silo;
 use crate::tls::PemSource;
 
+/// Why a silo run from the command line did not start, or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CliError {
+    /// A file named by a flag (`--config`, `--cluster-secret-file`) could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid TOML for [`SiloConfig`].
+    #[error("cannot parse {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: toml::de::Error,
+    },
+    /// The cluster secret file holds no secret.
+    #[error("the cluster secret file {0} is empty")]
+    EmptySecret(PathBuf),
+    /// The silo could not start.
+    #[error(transparent)]
+    Start(#[from] SiloError),
+    /// The cluster declared this silo dead; it stopped serving (its grains now live elsewhere).
+    #[error("this silo was declared dead by the cluster and stopped serving")]
+    DeclaredDead,
+}
+
 fn duration_arg(text: &str) -> Result<Duration, String> {
     grains::duration::parse_duration(text).map_err(str::to_owned)
+}
+
+/// `Type=duration`, as in `--grain-idle-timeout Cart=1m`.
+fn type_duration_arg(text: &str) -> Result<(String, Duration), String> {
+    let (grain_type, duration) =
+        text.split_once('=').ok_or_else(|| format!("expected `Type=duration` (e.g. `Cart=1m`), got `{text}`"))?;
+    if grain_type.trim().is_empty() {
+        return Err(format!("no grain type before `=` in `{text}`"));
+    }
+    Ok((grain_type.trim().to_owned(), duration_arg(duration.trim())?))
 }
 
 /// Command-line flags of a silo. Every flag can also be set through its `GRAINS_*` environment variable.
@@ -54,6 +118,25 @@ pub struct SiloArgs {
     /// Failure-detection timings.
     #[arg(long, env = "GRAINS_FAILURE_DETECTION", value_enum)]
     pub failure_detection: Option<FailureDetection>,
+    /// Whether the silo listens on its port (`false`: an in-process silo that serves no clients or peers).
+    #[arg(long, env = "GRAINS_GATEWAY")]
+    pub gateway: Option<bool>,
+    /// How many grain locations the directory cache keeps.
+    #[arg(long, env = "GRAINS_DIRECTORY_CACHE_SIZE")]
+    pub directory_cache_size: Option<usize>,
+    /// How often the reminder service re-reads the reminders of the ring ranges it owns (e.g. 1m).
+    #[arg(long, env = "GRAINS_REMINDER_REFRESH_INTERVAL", value_parser = duration_arg)]
+    pub reminder_refresh_interval: Option<Duration>,
+    /// Whether the HTTP/JSON API and dashboard are served on the port.
+    #[arg(long, env = "GRAINS_HTTP_API")]
+    pub http_api: Option<bool>,
+    /// How often metrics are exported over OTLP (e.g. 10s).
+    #[arg(long, env = "GRAINS_OTLP_METRICS_INTERVAL", value_parser = duration_arg)]
+    pub otlp_metrics_interval: Option<Duration>,
+    /// A grain type's own idle timeout, `Type=duration` (e.g. `Cart=1m`); repeat the flag, or separate
+    /// pairs with commas in the variable (`GRAINS_GRAIN_IDLE_TIMEOUT=Cart=1m,Hello=30s`).
+    #[arg(long, env = "GRAINS_GRAIN_IDLE_TIMEOUT", value_parser = type_duration_arg, value_delimiter = ',')]
+    pub grain_idle_timeout: Vec<(String, Duration)>,
     /// Idle time before passivation for grain types without their own (e.g. 15m).
     #[arg(long, env = "GRAINS_DEFAULT_IDLE_TIMEOUT", value_parser = duration_arg)]
     pub default_idle_timeout: Option<Duration>,
@@ -93,6 +176,9 @@ pub struct SiloArgs {
     /// Maximum Postgres connections.
     #[arg(long, env = "GRAINS_DATABASE_POOL_SIZE")]
     pub database_pool_size: Option<u32>,
+    /// How long a storage operation waits for a free Postgres connection (e.g. 5s).
+    #[arg(long, env = "GRAINS_DATABASE_ACQUIRE_TIMEOUT", value_parser = duration_arg)]
+    pub database_acquire_timeout: Option<Duration>,
     /// How long to keep retrying to reach Postgres at start-up (e.g. 2m).
     #[arg(long, env = "GRAINS_DATABASE_START_TIMEOUT", value_parser = duration_arg)]
     pub database_start_timeout: Option<Duration>,
@@ -138,12 +224,19 @@ pub struct SiloArgs {
 }
 
 impl SiloArgs {
+    /// The flags of this process's command line (and their `GRAINS_*` variables); prints help or an error and
+    /// exits on `--help` or a bad flag.
+    pub fn from_command_line() -> Self {
+        Self::parse()
+    }
+
     /// The effective configuration: defaults, then the file, then these flags (which include env vars).
-    pub fn to_config(&self) -> anyhow::Result<SiloConfig> {
+    pub fn to_config(&self) -> Result<SiloConfig, CliError> {
         let mut config = match &self.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-                SiloConfig::from_toml(&text).with_context(|| format!("parsing {}", path.display()))?
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| CliError::Read { path: path.clone(), source })?;
+                SiloConfig::from_toml(&text).map_err(|source| CliError::Parse { path: path.clone(), source })?
             }
             None => SiloConfig::default(),
         };
@@ -169,8 +262,17 @@ impl SiloArgs {
             max_calls_per_connection,
             storage,
             database_pool_size,
-            database_start_timeout
+            database_start_timeout,
+            database_acquire_timeout,
+            gateway,
+            directory_cache_size,
+            reminder_refresh_interval,
+            http_api,
+            otlp_metrics_interval
         );
+        for (grain_type, timeout) in &self.grain_idle_timeout {
+            config.grain.entry(grain_type.clone()).or_default().idle_timeout = Some(*timeout);
+        }
         if let Some(url) = &self.database_url {
             config.database_url = Some(url.clone());
         }
@@ -184,10 +286,11 @@ impl SiloArgs {
             config.cluster_secret = Some(ClusterSecret::new(secret.clone()));
         }
         if let Some(path) = &self.cluster_secret_file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the cluster secret {}", path.display()))?;
+            let text = std::fs::read_to_string(path).map_err(|source| CliError::Read { path: path.clone(), source })?;
             let secret = text.trim_end_matches(['\r', '\n']);
-            anyhow::ensure!(!secret.is_empty(), "the cluster secret file {} is empty", path.display());
+            if secret.is_empty() {
+                return Err(CliError::EmptySecret(path.clone()));
+            }
             config.cluster_secret = Some(ClusterSecret::new(secret));
         }
         if let Some(token) = &self.admin_token {
@@ -225,7 +328,8 @@ pub fn run() -> ExitCode {
 }
 
 /// [`run`], with the silo's builder passed through `customize` before the silo starts: a silo binary adds its
-/// projections, call filters or storage there, seeing the effective configuration.
+/// projections, call filters, storage or application services
+/// ([`SiloBuilder::service`](crate::SiloBuilder::service)) there, seeing the effective configuration.
 ///
 /// ```no_run
 /// fn main() -> std::process::ExitCode {
@@ -236,7 +340,7 @@ pub fn run() -> ExitCode {
 /// }
 /// ```
 pub fn run_customized(customize: impl FnOnce(SiloBuilder, &SiloConfig) -> SiloBuilder) -> ExitCode {
-    let args = SiloArgs::parse();
+    let args = SiloArgs::from_command_line();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -247,14 +351,14 @@ pub fn run_customized(customize: impl FnOnce(SiloBuilder, &SiloConfig) -> SiloBu
     match runtime.block_on(run_with_builder(args, customize)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("silo failed: {e:#}");
+            eprintln!("silo failed: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
 /// Runs a silo with `args` until Ctrl-C or SIGTERM (for binaries that build their own runtime).
-pub async fn run_with(args: SiloArgs) -> anyhow::Result<()> {
+pub async fn run_with(args: SiloArgs) -> Result<(), CliError> {
     run_with_builder(args, |builder, _| builder).await
 }
 
@@ -262,7 +366,7 @@ pub async fn run_with(args: SiloArgs) -> anyhow::Result<()> {
 pub async fn run_with_builder(
     args: SiloArgs,
     customize: impl FnOnce(SiloBuilder, &SiloConfig) -> SiloBuilder,
-) -> anyhow::Result<()> {
+) -> Result<(), CliError> {
     init_logging(&args.log);
     let config = args.to_config()?;
     println!("# effective silo configuration\n{}", config.to_toml());
@@ -286,7 +390,7 @@ pub async fn run_with_builder(
         }
         () = declared_dead => {
             // Zombie safety: the cluster has moved this silo's grains elsewhere; it must not serve them.
-            anyhow::bail!("this silo was declared dead by the cluster and stopped serving")
+            Err(CliError::DeclaredDead)
         }
     }
 }
@@ -323,7 +427,19 @@ async fn wait_for_stop_signal() {
 
 #[cfg(test)]
 mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+
     use super::*;
+
+    /// Parses `args` as the flags alone: the `GRAINS_*` variables of the machine running the tests are not read.
+    fn try_flags<const N: usize>(args: [&str; N]) -> Result<SiloArgs, clap::Error> {
+        let command = SiloArgs::command().mut_args(|arg| arg.env(None::<&str>));
+        SiloArgs::from_arg_matches(&command.try_get_matches_from(args)?)
+    }
+
+    fn flags<const N: usize>(args: [&str; N]) -> SiloArgs {
+        try_flags(args).unwrap_or_else(|e| panic!("{e}"))
+    }
 
     #[test]
     fn flags_override_the_file_and_the_file_overrides_defaults() {
@@ -331,7 +447,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("silo.toml");
         std::fs::write(&file, "port = 4100\nname = \"from-file\"\ncall_timeout = \"5s\"\n").unwrap();
-        let args = SiloArgs::parse_from(["silo", "--config", file.to_str().unwrap(), "--gateway-port", "4200"]);
+        let args = flags(["silo", "--config", file.to_str().unwrap(), "--gateway-port", "4200"]);
         let config = args.to_config().unwrap();
         assert_eq!(config.port, 4200);
         assert_eq!(config.name, "from-file");
@@ -340,16 +456,57 @@ mod tests {
     }
 
     #[test]
+    fn every_configuration_key_has_a_grains_variable() {
+        let command = SiloArgs::command();
+        let variables: Vec<String> = command
+            .get_arguments()
+            .filter_map(|arg| arg.get_env())
+            .map(|env| env.to_string_lossy().into_owned())
+            .collect();
+        let mut config = SiloConfig::default();
+        config.grain.insert("Cart".into(), crate::config::GrainTypeConfig { idle_timeout: Some(Duration::ZERO) });
+        let printed: toml::Table = toml::from_str(&config.to_toml()).unwrap();
+        let missing: Vec<_> = printed
+            .keys()
+            .map(|key| match key.as_str() {
+                "grain" => "GRAINS_GRAIN_IDLE_TIMEOUT".to_owned(),
+                key => format!("GRAINS_{}", key.to_uppercase()),
+            })
+            .filter(|variable| !variables.contains(variable))
+            .collect();
+        assert_eq!(missing, Vec::<String>::new(), "configuration keys without a variable");
+    }
+
+    #[test]
+    fn idle_timeouts_per_type_come_from_flags_and_lists() {
+        let args = flags([
+            "silo",
+            "--gateway",
+            "false",
+            "--grain-idle-timeout",
+            "Cart=1m",
+            "--grain-idle-timeout",
+            "Hello=30s,Cart=2m",
+        ]);
+        let config = args.to_config().unwrap();
+        assert!(!config.gateway);
+        assert_eq!(config.idle_timeout_for("Cart", None), Duration::from_secs(120), "the last one wins");
+        assert_eq!(config.idle_timeout_for("Hello", None), Duration::from_secs(30));
+        assert!(try_flags(["silo", "--grain-idle-timeout", "Cart"]).is_err());
+        assert!(try_flags(["silo", "--grain-idle-timeout", "Cart=soon"]).is_err());
+    }
+
+    #[test]
     fn the_cluster_secret_is_read_from_a_file_and_insecure_from_a_flag() {
         let dir = std::env::temp_dir().join(format!("grains-cli-secret-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("secret");
         std::fs::write(&file, "s3cret\n").unwrap();
-        let args = SiloArgs::parse_from(["silo", "--cluster-secret-file", file.to_str().unwrap(), "--insecure"]);
+        let args = flags(["silo", "--cluster-secret-file", file.to_str().unwrap(), "--insecure"]);
         let config = args.to_config().unwrap();
         assert_eq!(config.cluster_secret, Some(ClusterSecret::new("s3cret")));
         assert!(config.insecure);
-        assert!(SiloArgs::try_parse_from(["silo", "--cluster-secret", "a", "--cluster-secret-file", "b"]).is_err());
+        assert!(try_flags(["silo", "--cluster-secret", "a", "--cluster-secret-file", "b"]).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload};
-use grains::{CallError, Grain, GrainId, GrainKey, GrainRef, RefCore};
+use grains::__private::RefCore;
+use grains::__private::runtime::{BoxFuture, Call, GrainRuntime, Payload};
+use grains::{CallError, Grain, GrainId, GrainKey, GrainRef};
 use tokio::time::Instant;
 
 use crate::cluster::system::{self, SystemRequest, SystemResponse};
@@ -88,7 +89,7 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         Self {
-            call_timeout: grains::runtime::DEFAULT_CALL_TIMEOUT,
+            call_timeout: grains::__private::runtime::DEFAULT_CALL_TIMEOUT,
             max_payload_bytes: 4 * 1024 * 1024,
             connect_timeout: Duration::from_secs(5),
             gateway_refresh_interval: Duration::from_secs(5),

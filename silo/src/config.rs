@@ -295,7 +295,7 @@ impl Default for SiloConfig {
             default_idle_timeout: Duration::from_secs(15 * 60),
             collection_interval: Duration::from_secs(60),
             reminder_refresh_interval: Duration::from_secs(30),
-            call_timeout: grains::runtime::DEFAULT_CALL_TIMEOUT,
+            call_timeout: grains::__private::runtime::DEFAULT_CALL_TIMEOUT,
             max_payload_bytes: 4 * 1024 * 1024,
             max_mailbox_length: 10_000,
             max_call_timeout: Duration::from_secs(5 * 60),

@@ -20,8 +20,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use grains::__private::runtime::BoxFuture;
 use grains::CallError;
-use grains::runtime::BoxFuture;
 use http::uri::PathAndQuery;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};

@@ -35,6 +35,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+#[cfg(feature = "postgres")]
 use grains_storage::postgres::{PgConnection, PgPool, PostgresJournal, PostgresProjectionClaim};
 use grains_storage::{
     EventJournal, EventSelector, MemoryJournal, MemoryProjectionClaim, MemoryProjectionStore, SiloAddress,
@@ -44,9 +45,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::builder::SiloBuilder;
+use crate::builder::{Pool, SiloBuilder};
 use crate::cluster::Cluster;
-use crate::config::{SiloConfig, StorageKind};
+use crate::config::SiloConfig;
+#[cfg(feature = "postgres")]
+use crate::config::StorageKind;
 use crate::silo::SiloInner;
 
 /// How often a silo tries to claim a projection some other silo runs.
@@ -68,6 +71,7 @@ pub struct EventStorage {
 #[derive(Clone)]
 enum Offsets {
     Memory(Arc<MemoryProjectionStore>),
+    #[cfg(feature = "postgres")]
     Postgres(PgPool),
 }
 
@@ -75,6 +79,7 @@ impl std::fmt::Debug for EventStorage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let offsets = match self.offsets {
             Offsets::Memory(_) => "memory",
+            #[cfg(feature = "postgres")]
             Offsets::Postgres(_) => "postgres",
         };
         f.debug_struct("EventStorage").field("journal", &self.journal.name()).field("offsets", &offsets).finish()
@@ -91,11 +96,13 @@ impl EventStorage {
     }
 
     /// The Postgres journal and projection offsets over `pool` (migrated with `grains_storage::postgres::migrate`).
+    #[cfg(feature = "postgres")]
     pub fn postgres(pool: PgPool) -> Self {
         Self { journal: Arc::new(PostgresJournal::new(pool.clone())), offsets: Offsets::Postgres(pool) }
     }
 
     /// The Postgres journal over `pool`, its appends fenced by `silo`'s membership row in `cluster_id`.
+    #[cfg(feature = "postgres")]
     fn postgres_fenced(pool: PgPool, cluster_id: &str, silo: SiloAddress) -> Self {
         Self {
             journal: Arc::new(PostgresJournal::fenced(pool.clone(), cluster_id, silo)),
@@ -112,6 +119,7 @@ impl EventStorage {
     pub async fn projection_offset(&self, projection: &str) -> Result<u64, StorageError> {
         match &self.offsets {
             Offsets::Memory(store) => Ok(store.offset(projection)),
+            #[cfg(feature = "postgres")]
             Offsets::Postgres(pool) => grains_storage::postgres::projection_offset(pool, projection).await,
         }
     }
@@ -119,6 +127,7 @@ impl EventStorage {
     async fn try_claim(&self, projection: &str) -> Result<Option<Claim>, StorageError> {
         match &self.offsets {
             Offsets::Memory(store) => Ok(store.try_claim(projection).map(Claim::Memory)),
+            #[cfg(feature = "postgres")]
             Offsets::Postgres(pool) => {
                 Ok(PostgresProjectionClaim::try_claim(pool, projection).await?.map(|c| Claim::Postgres(Box::new(c))))
             }
@@ -135,7 +144,12 @@ pub enum ReadModel<'a> {
     Memory,
     /// Postgres event storage: the transaction the batch's offset is committed in. Write the read model
     /// through this connection, and its effect commits exactly when the offset does.
+    #[cfg(feature = "postgres")]
     Postgres(&'a mut PgConnection),
+    /// Keeps the lifetime used without the `postgres` feature.
+    #[cfg(not(feature = "postgres"))]
+    #[doc(hidden)]
+    __Unused(std::marker::PhantomData<&'a mut ()>, std::convert::Infallible),
 }
 
 /// Why a projection's `apply` failed. The runner rolls the batch back and retries it later.
@@ -164,7 +178,10 @@ impl ProjectionError {
     pub fn unsupported(read_model: &ReadModel<'_>) -> Self {
         ProjectionError::UnsupportedReadModel(match read_model {
             ReadModel::Memory => "memory",
+            #[cfg(feature = "postgres")]
             ReadModel::Postgres(_) => "postgres",
+            #[cfg(not(feature = "postgres"))]
+            ReadModel::__Unused(_, never) => match *never {},
         })
     }
 }
@@ -223,12 +240,15 @@ pub(crate) struct Events {
 impl EventsSetup {
     /// The event storage the silo uses: the one given, else Postgres with `storage = "postgres"` (fenced by
     /// this silo's row when `fenced`), else in memory.
-    pub(crate) fn open(self, config: &SiloConfig, pool: Option<&PgPool>, fenced: bool, me: &SiloAddress) -> Events {
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    pub(crate) fn open(self, config: &SiloConfig, pool: Option<&Pool>, fenced: bool, me: &SiloAddress) -> Events {
         let storage = match (self.storage, config.storage, pool) {
             (Some(storage), _, _) => storage,
+            #[cfg(feature = "postgres")]
             (None, StorageKind::Postgres, Some(pool)) if fenced => {
                 EventStorage::postgres_fenced(pool.clone(), &config.cluster_id, me.clone())
             }
+            #[cfg(feature = "postgres")]
             (None, StorageKind::Postgres, Some(pool)) => EventStorage::postgres(pool.clone()),
             (None, _, _) => EventStorage::memory(),
         };
@@ -260,7 +280,19 @@ impl Events {
 /// A held claim.
 enum Claim {
     Memory(MemoryProjectionClaim),
+    #[cfg(feature = "postgres")]
     Postgres(Box<PostgresProjectionClaim>),
+}
+
+impl Claim {
+    /// Checks that an idle claim still holds (a Postgres claim lives in a session that may have died).
+    async fn keep_alive(&mut self) -> Result<(), StorageError> {
+        match self {
+            Claim::Memory(_) => Ok(()),
+            #[cfg(feature = "postgres")]
+            Claim::Postgres(claim) => claim.check().await,
+        }
+    }
 }
 
 /// Why a runner stopped driving its claim.
@@ -307,6 +339,7 @@ async fn drive(projection: &dyn Projection, storage: &EventStorage, mut claim: C
     let selector = projection.selector();
     let mut offset = match &mut claim {
         Claim::Memory(claim) => claim.offset(),
+        #[cfg(feature = "postgres")]
         Claim::Postgres(claim) => match claim.offset().await {
             Ok(offset) => offset,
             Err(error) => return Stop::Claim(error.to_string()),
@@ -332,10 +365,8 @@ async fn drive(projection: &dyn Projection, storage: &EventStorage, mut claim: C
             }
         };
         let Some(last) = events.last().map(|e| e.position) else {
-            if let Claim::Postgres(claim) = &mut claim
-                && last_touch.elapsed() >= KEEPALIVE
-            {
-                if let Err(error) = claim.check().await {
+            if last_touch.elapsed() >= KEEPALIVE {
+                if let Err(error) = claim.keep_alive().await {
                     return Stop::Claim(error.to_string());
                 }
                 last_touch = Instant::now();
@@ -392,6 +423,7 @@ async fn apply_batch(
             }
             Ok(committed)
         }
+        #[cfg(feature = "postgres")]
         Claim::Postgres(claim) => {
             let mut unit = claim.begin().await.map_err(BatchError::Claim)?;
             for event in events {

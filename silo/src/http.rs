@@ -13,8 +13,8 @@
 //!
 //! # Grain calls
 //!
-//! The body is the method's arguments as a JSON array in order or an object by name (see
-//! [`grains::HttpMethods`]); the answer is `200` with the return value as JSON. Only methods a grain type
+//! The body is the method's arguments as a JSON array in order or an object by name (as
+//! its parameters are named); the answer is `200` with the return value as JSON. Only methods a grain type
 //! exposes (`#[grain(http)]` on its impl block, or `#[http]` on the method) are served. A key in the path is a
 //! string key, unless it is written in its tagged storage form (`i:42`, `u:<uuid>`, `c:42:eu`, `s:text`;
 //! see [`grains::GrainKey::storage_key`]); path segments are percent-decoded. A call is a client's call like one
@@ -54,7 +54,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use grains::runtime::BoxFuture;
+use grains::__private::runtime::BoxFuture;
 use grains::{CallError, GrainId, GrainKey};
 use http::{HeaderValue, Method, StatusCode, header};
 use http_body_util::BodyExt;

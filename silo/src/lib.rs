@@ -25,9 +25,13 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Modules: [`config`] (settings), [`cli`] (the silo binary's `main`), [`events`] (the event journal and
-//! projections), [`wire`] (the envelope protocol).
-//! The activation table, mailboxes and idle collector are internal.
+//! Public modules: [`config`] (settings), [`cli`] (the silo binary's `main`), [`events`] (the event journal
+//! and projections), [`filter`] (call filters), [`http`] (the HTTP/JSON API and dashboard), [`tls`] (TLS on the
+//! port), [`gateway`] (the client gateway), [`cluster`] (membership, ring, directory), [`sim`] (the seam a
+//! deterministic simulator drives), [`wire`] (the envelope protocol). The activation table, mailboxes, idle
+//! collector and connections are internal.
+//!
+//! Features: `postgres` (default) — the Postgres providers and sqlx; `otlp` — OpenTelemetry export.
 
 mod activation;
 mod activation_table;
@@ -58,6 +62,7 @@ pub mod tls;
 pub mod wire;
 
 pub use builder::{SiloBuilder, SiloError};
+pub use cli::CliError;
 pub use client::{Client, ClientConfig, ConnectError};
 pub use cluster::ClusterView;
 pub use config::{ClusterTimings, FailureDetection, GrainTypeConfig, MembershipKind, SiloConfig, StorageKind};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use grains::GrainRegistration;
+use grains::__private::GrainRegistration;
 use serde::{Deserialize, Serialize};
 
 /// Live counters, updated with relaxed atomics on the call path.
@@ -28,6 +28,7 @@ pub(crate) struct Metrics {
     /// When the silo started (for its uptime).
     pub(crate) started: std::time::Instant,
     /// The Postgres pool of the silo's storage and membership, if it uses one (for its usage).
+    #[cfg(feature = "postgres")]
     pub(crate) pool: std::sync::OnceLock<grains_storage::postgres::PgPool>,
 }
 
@@ -42,6 +43,7 @@ impl Default for Metrics {
             grain_types: GrainRegistration::all().map(|r| (r.type_name, TypeStats::new(r))).collect(),
             storage: Arc::default(),
             started: std::time::Instant::now(),
+            #[cfg(feature = "postgres")]
             pool: std::sync::OnceLock::new(),
         }
     }

@@ -32,11 +32,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use grains::__private::runtime::{BoxFuture, Call, GrainRuntime, Payload, RequestMetadata, current_chain};
 use grains::reminder::{
     MAXIMUM_REMINDER_NAME, MINIMUM_REMINDER_PERIOD, REMINDER_METHOD, Reminder, ReminderAck, ReminderError,
     ReminderRegistry, ReminderTick,
 };
-use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload, RequestMetadata, current_chain};
 use grains::{GrainId, GrainKey};
 use grains_storage::{ReminderEntry, ReminderProgress, ReminderRow, ReminderTable, RingRange, StorageError};
 use tokio::sync::{Notify, Semaphore};

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use grains::runtime::Payload;
+use grains::__private::runtime::Payload;
 use grains::{CallError, GrainId};
 use tokio::sync::oneshot;
 use tokio::time::Instant;

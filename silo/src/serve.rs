@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use grains::__private::runtime::{Call, Payload, RequestMetadata};
 use grains::CallError;
-use grains::runtime::{Call, Payload, RequestMetadata};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 

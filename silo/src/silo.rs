@@ -20,13 +20,9 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use grains::reminder::ReminderRegistry;
-use grains::runtime::{BoxFuture, Call, GrainRuntime, Payload};
-use grains::timer::TimerHost;
-use grains::{
-    ActivationServices, CallError, Grain, GrainContext, GrainId, GrainKey, GrainRef, GrainRegistration, Placement,
-    RefCore,
-};
+use grains::__private::runtime::{BoxFuture, Call, GrainRuntime, Payload};
+use grains::__private::{ActivationServices, GrainRegistration, RefCore, ReminderRegistry, TimerHost};
+use grains::{CallError, Grain, GrainContext, GrainId, GrainKey, GrainRef, Placement};
 use grains_storage::{GrainStateStore, SiloAddress, SiloStatus};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -57,6 +53,7 @@ pub(crate) struct SiloParts {
     pub(crate) reminders: Arc<ReminderService>,
     pub(crate) filters: CallFilters,
     pub(crate) metrics: Metrics,
+    pub(crate) services: grains::__private::Services,
 }
 
 pub(crate) struct SiloInner {
@@ -75,13 +72,15 @@ pub(crate) struct SiloInner {
     pub(crate) shutdown_requested: tokio::sync::watch::Sender<bool>,
     pub(crate) metrics: Metrics,
     pub(crate) filters: CallFilters,
+    /// The application services given to the builder, handed to every activation's context.
+    services: grains::__private::Services,
     this: Weak<SiloInner>,
 }
 
 impl SiloInner {
     /// The silo made of these parts.
     pub(crate) fn new(parts: SiloParts) -> Arc<Self> {
-        let SiloParts { config, types, table, store, journal, cluster, reminders, filters, metrics } = parts;
+        let SiloParts { config, types, table, store, journal, cluster, reminders, filters, metrics, services } = parts;
         Arc::new_cyclic(|this| SiloInner {
             config,
             types,
@@ -96,6 +95,7 @@ impl SiloInner {
             shutdown_requested: tokio::sync::watch::Sender::new(false),
             metrics,
             filters,
+            services,
             this: this.clone(),
         })
     }
@@ -216,7 +216,8 @@ impl ActivationHost for SiloInner {
 
     fn context(&self, id: GrainId, timers: Arc<dyn TimerHost>) -> GrainContext {
         let reminders = self.reminders.clone() as Arc<dyn ReminderRegistry>;
-        let services = ActivationServices { timers: Some(timers), reminders: Some(reminders) };
+        let services =
+            ActivationServices { timers: Some(timers), reminders: Some(reminders), app: self.services.clone() };
         GrainContext::with_services(id, self.runtime(), self.store.clone(), services).with_journal(self.journal.clone())
     }
 

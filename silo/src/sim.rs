@@ -15,7 +15,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
-use grains::runtime::BoxFuture;
+use grains::__private::runtime::BoxFuture;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// A byte stream, as a connection is.

@@ -135,9 +135,28 @@ pub(crate) struct PoolStats {
     pub(crate) max: u32,
 }
 
+#[cfg(feature = "postgres")]
 fn pool_stats(silo: &SiloInner) -> Option<PoolStats> {
     let pool = silo.metrics.pool.get()?;
     Some(PoolStats { size: pool.size(), idle: pool.num_idle() as u32, max: silo.config.database_pool_size })
+}
+
+/// No pool in a build without the `postgres` feature.
+#[cfg(not(feature = "postgres"))]
+fn pool_stats(_: &SiloInner) -> Option<PoolStats> {
+    None
+}
+
+/// The group-commit batch sizes of this process's Postgres state stores, by bucket.
+#[cfg(feature = "postgres")]
+fn batch_sizes() -> Vec<(usize, u64)> {
+    grains_storage::postgres::batch_sizes()
+}
+
+/// No Postgres state stores in a build without the `postgres` feature.
+#[cfg(not(feature = "postgres"))]
+fn batch_sizes() -> Vec<(usize, u64)> {
+    Vec::new()
 }
 
 /// The activations of a silo's table by grain type, and its mailboxes' (total, longest) queue lengths.
@@ -185,7 +204,7 @@ pub(crate) fn local(silo: &SiloInner) -> SiloStats {
         storage: silo.metrics.storage(),
         events: silo.cluster.events.list(),
         pool: pool_stats(silo),
-        batch_sizes: grains_storage::postgres::batch_sizes(),
+        batch_sizes: batch_sizes(),
     }
 }
 
@@ -206,7 +225,7 @@ pub(crate) fn prometheus(silo: &SiloInner) -> String {
         "# HELP {name} Writes per group-commit batch of the Postgres state stores in this process.\n# TYPE {name} histogram"
     );
     let mut batches = 0u64;
-    for (le, count) in grains_storage::postgres::batch_sizes() {
+    for (le, count) in batch_sizes() {
         batches += count;
         let _ = writeln!(text, "{name}_bucket{{le=\"{le}\"}} {batches}");
     }

@@ -1,7 +1,7 @@
 //! The envelope protocol spoken between clients and silos: prost messages on one bidirectional gRPC stream.
 //!
-//! The messages are derived in Rust (no `protoc` at build time); `proto/grains.proto` describes the same
-//! messages for clients in other languages. Each connection carries many calls at once: a request and its
+//! The messages are derived in Rust with prost's derives (no `protoc` at build time, and no `.proto` file: the
+//! structs below, with their field tags, are the schema a client in another language follows). Each connection carries many calls at once: a request and its
 //! response share a `correlation_id`, and responses come back in completion order.
 //!
 //! A frame that cannot be decoded, or that is larger than the payload limit, is answered with a typed error

@@ -107,7 +107,7 @@ pub struct Counter {
 #[grain]
 impl Counter {
     /// Reads the value, yields to the runtime for `pause_ms`, then stores value + 1 and returns it.
-    pub async fn increment_slowly(&mut self, pause_ms: u64) -> Result<u64, StateError> {
+    pub async fn increment_slowly(&mut self, pause_ms: u64) -> Result<u64, StorageError> {
         let seen = self.state.value;
         tokio::time::sleep(Duration::from_millis(pause_ms)).await;
         self.state.value = seen + 1;
@@ -116,7 +116,7 @@ impl Counter {
     }
 
     /// Adds one and stores it.
-    pub async fn increment(&mut self) -> Result<u64, StateError> {
+    pub async fn increment(&mut self) -> Result<u64, StorageError> {
         self.state.value += 1;
         self.state.write().await?;
         Ok(self.state.value)
@@ -562,7 +562,7 @@ impl Remindful {
     }
 
     /// Refuses the next `n` ticks (their `on_reminder` fails).
-    pub async fn refuse(&mut self, n: u32) -> Result<(), StateError> {
+    pub async fn refuse(&mut self, n: u32) -> Result<(), StorageError> {
         self.state.refuse = n;
         self.state.write().await
     }

@@ -257,7 +257,7 @@ async fn a_silo_joining_under_load_never_makes_a_second_activation() {
                         let runtimes = runtimes.read().unwrap();
                         runtimes[turn % runtimes.len()].clone()
                     };
-                    let counter = <Counter as grains::Grain>::Ref::from_core(grains::RefCore::new(
+                    let counter = <Counter as grains::Grain>::Ref::from_core(grains::__private::RefCore::new(
                         GrainId::new("Counter", key(k)),
                         runtime,
                     ));

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use grains::{GrainRef, RefCore};
+use grains::__private::RefCore;
+use grains::GrainRef;
 use grains_examples::{Cart, CartRef, Hello};
 use grains_tests::http_client::request;
 

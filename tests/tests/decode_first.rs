@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use grains::runtime::{Call, Payload};
+use grains::__private::runtime::{Call, Payload};
 use grains::{CallError, GrainId};
 use grains_silo::{Client, SiloConfig};
 use grains_tests::Counter;
@@ -76,7 +76,7 @@ async fn undecodable_calls_to_fresh_keys_activate_nothing_and_get_codec_errors()
 }
 
 /// Awaits every future, concurrently, in order.
-async fn futures_join<T: Send + 'static>(calls: Vec<grains::runtime::BoxFuture<'static, T>>) -> Vec<T> {
+async fn futures_join<T: Send + 'static>(calls: Vec<grains::__private::runtime::BoxFuture<'static, T>>) -> Vec<T> {
     let handles: Vec<_> = calls.into_iter().map(tokio::spawn).collect();
     let mut out = Vec::with_capacity(handles.len());
     for handle in handles {

@@ -96,7 +96,8 @@ async fn a_thousand_random_transfers_across_ten_accounts_on_three_silos_keep_the
                             runtimes[rng.random_range(0..runtimes.len())].clone()
                         };
                         let id = grains::GrainId::new("Transfer", format!("t-{t}"));
-                        let transfer = <TransferRef as GrainRef>::from_core(grains::RefCore::new(id, runtime));
+                        let transfer =
+                            <TransferRef as GrainRef>::from_core(grains::__private::RefCore::new(id, runtime));
                         match transfer.run(format!("acct-{from}"), format!("acct-{to}"), amount).await {
                             Ok(Err(BankError::Unavailable(_))) | Err(_) if Instant::now() < deadline => {
                                 tokio::time::sleep(Duration::from_millis(10)).await;

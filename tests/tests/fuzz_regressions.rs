@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use grains::__private::runtime::{Call, Payload};
 use grains::prelude::*;
-use grains::runtime::{Call, Payload};
 use grains_silo::{Client, SiloConfig};
 
 /// An argument type whose nesting only the input bounds (like `serde_json::Value`).

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use grains::runtime::{Call, Payload};
+use grains::__private::runtime::{Call, Payload};
 use grains::{CallError, GrainId};
 use grains_silo::wire::{Envelope, Kind, WireGrainId};
 use grains_silo::{Client, Silo, SiloConfig};
@@ -79,6 +79,8 @@ async fn unknown_types_methods_and_undecodable_arguments_get_typed_errors() {
 
     let err = runtime.invoke(encoded_call("NoSuchGrain", "get", vec![0x90])).await.unwrap_err();
     assert_eq!(err, CallError::UnknownGrainType("NoSuchGrain".into()));
+    let message = err.to_string();
+    assert!(message.contains("`NoSuchGrain`") && message.contains("link()"), "names the usual cause: {message}");
 
     let err = runtime.invoke(encoded_call("Counter", "no_such_method", vec![0x90])).await.unwrap_err();
     assert_eq!(err, CallError::UnknownMethod { grain_type: "Counter".into(), method: "no_such_method".into() });

@@ -157,7 +157,7 @@ async fn a_client_chosen_deadline_is_capped_by_max_call_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_whose_deadline_passed_in_the_queue_is_dropped_before_its_turn() {
-    use grains::runtime::{Call, Payload};
+    use grains::__private::runtime::{Call, Payload};
     let silo = grains_tests::start_silo(grains_tests::test_config()).await;
     let busy = silo.grain::<Counter>("limits-expired");
     busy.increment().await.unwrap().unwrap();

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use grains::StateError;
+use grains::StorageError;
 use grains_silo::{Silo, SiloConfig, StorageKind};
 use grains_tests::Counter;
 use grains_tests::pg::TestDatabase;
@@ -108,11 +108,11 @@ async fn of_two_activations_of_one_grain_the_stale_writer_is_refused_and_deactiv
 
     assert_eq!(a.increment().await.unwrap().unwrap(), 1, "a writes first and wins");
     let stale = b.increment().await.unwrap();
-    assert!(matches!(stale, Err(StateError::Conflict { .. })), "b holds a stale etag: {stale:?}");
+    assert!(matches!(stale, Err(StorageError::Conflict { .. })), "b holds a stale etag: {stale:?}");
     // b's activation left after its failed turn; its next call reloads a's state.
     assert_eq!(b.increment().await.unwrap().unwrap(), 2);
     // Now a is the stale one.
-    assert!(matches!(a.increment().await.unwrap(), Err(StateError::Conflict { .. })));
+    assert!(matches!(a.increment().await.unwrap(), Err(StorageError::Conflict { .. })));
     assert_eq!(a.increment().await.unwrap().unwrap(), 3);
 
     let stored = db.counter_values().await;

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use grains::{CallError, StateError};
+use grains::{CallError, StorageError};
 use grains_silo::{Silo, SiloConfig, StorageKind};
 use grains_tests::Counter;
 use grains_tests::pg::{TestDatabase, ThrowawayPostgres};
@@ -29,7 +29,7 @@ async fn round(silo: &Silo, acked: &mut HashMap<String, u64>, phase: &str) -> Ve
                 *count += 1;
                 assert_eq!(value, *count, "{phase}: the value returned is the acknowledged count");
             }
-            Ok(Err(StateError::Unavailable(_))) => errors.push("write unavailable"),
+            Ok(Err(StorageError::Unavailable(_))) => errors.push("write unavailable"),
             Err(CallError::StorageUnavailable { .. }) => errors.push("activation unavailable"),
             other => panic!("{phase}: unexpected outcome {other:?}"),
         }

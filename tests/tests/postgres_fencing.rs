@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use grains::{CallError, StateError};
+use grains::CallError;
 use grains_silo::{MembershipKind, Silo, SiloConfig, StorageKind};
 use grains_storage::postgres::{PgPool, PostgresMembershipTable, PostgresStateStore};
 use grains_storage::{
@@ -210,7 +210,7 @@ async fn a_silo_with_state_and_membership_in_postgres_stops_writing_state_once_d
     let table = PostgresMembershipTable::new(pool.clone(), CLUSTER);
     set_status(&table, silo.address(), SiloStatus::Dead).await;
     match counter.increment().await {
-        Ok(Err(StateError::Fenced { .. })) => {}
+        Ok(Err(StorageError::Fenced { .. })) => {}
         // It noticed after all and stopped serving: the call fails without running.
         Err(CallError::Unavailable(_) | CallError::Protocol(_)) => {}
         other => panic!("a dead silo's write must not commit: {other:?}"),

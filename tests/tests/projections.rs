@@ -286,8 +286,9 @@ async fn a_postgres_projection_whose_silos_stop_mid_stream_applies_every_event_e
                 };
                 async move {
                     let id = grains::GrainId::new("Ledger", format!("w{key}"));
-                    let ledger =
-                        <grains_tests::es::LedgerRef as grains::GrainRef>::from_core(grains::RefCore::new(id, runtime));
+                    let ledger = <grains_tests::es::LedgerRef as grains::GrainRef>::from_core(
+                        grains::__private::RefCore::new(id, runtime),
+                    );
                     matches!(ledger.add(n as i64).await, Ok(Ok(_)))
                 }
             }

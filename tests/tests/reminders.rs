@@ -309,7 +309,7 @@ async fn ten_thousand_reminders_over_three_silos_each_fire_within_a_period_of_du
             for key in chunk {
                 // First due 2 s from now, spread over a period.
                 let due = 2_000 + (key as u64 * 7_919) % period_ms;
-                let beacon = grains::GrainRef::from_core(grains::RefCore::new(
+                let beacon = grains::GrainRef::from_core(grains::__private::RefCore::new(
                     grains::GrainId::new("Beacon", key),
                     reference.clone(),
                 ));

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use grains::{CallError, GrainId, GrainKey, StateError, Uuid};
+use grains::{CallError, GrainId, GrainKey, StorageError, Uuid};
 use grains_silo::GrainTypeConfig;
 use grains_storage::{GrainStateStore, MemoryStateStore};
 use grains_tests::{Counter, LIFECYCLE, Peer, start_silo, start_silo_with_store, test_config};
@@ -99,7 +99,7 @@ async fn a_write_with_a_stale_etag_is_refused_and_the_loser_deactivates() {
     store.write(&state_key, &serde_json::json!({"value": 100}), Some(&etag)).await.unwrap();
 
     let refused = counter.increment().await.unwrap();
-    assert!(matches!(refused, Err(StateError::Conflict { .. })), "got {refused:?}");
+    assert!(matches!(refused, Err(StorageError::Conflict { .. })), "got {refused:?}");
     let stored = store.read(&state_key).await.unwrap().unwrap();
     assert_eq!(stored.document, serde_json::json!({"value": 100}), "the other writer's state was not overwritten");
 

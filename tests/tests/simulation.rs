@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use grains::__private::runtime::BoxFuture;
 use grains::prelude::*;
-use grains::runtime::BoxFuture;
 use grains_silo::sim::{Io, Listener, Network, Seams};
 use grains_silo::{Client, ClientConfig, FailureDetection, GrainTypeConfig, Silo, SiloConfig};
 use grains_storage::{
@@ -128,7 +128,7 @@ pub struct SimCounter {
 #[grain]
 impl SimCounter {
     /// Adds one, stores it, returns it.
-    pub async fn increment(&mut self) -> Result<u64, StateError> {
+    pub async fn increment(&mut self) -> Result<u64, StorageError> {
         let _turn = TurnOracle::enter(&self.key, self.token.0);
         let next = self.state.value + 1;
         tokio::time::sleep(Duration::from_millis(3)).await;
@@ -277,11 +277,11 @@ impl GrainStateStore for CutStore {
 // ---- one run ----
 
 /// Calls `increment` on the counters until the load phase ends, recording what it sees in `ledger`.
-async fn work(runtime: Arc<dyn grains::runtime::GrainRuntime>, first: usize, ledger: Arc<Mutex<Ledger>>) {
+async fn work(runtime: Arc<dyn grains::__private::runtime::GrainRuntime>, first: usize, ledger: Arc<Mutex<Ledger>>) {
     let mut k = first % KEYS;
     while turmoil::sim_elapsed().is_some_and(|t| t < LOAD) {
         k = (k + 5) % KEYS;
-        let counter = <SimCounter as grains::Grain>::Ref::from_core(grains::RefCore::new(
+        let counter = <SimCounter as grains::Grain>::Ref::from_core(grains::__private::RefCore::new(
             grains::GrainId::new("SimCounter", format!("k{k}")),
             runtime.clone(),
         ));

@@ -120,7 +120,10 @@ async fn state_write_with_a_stale_etag_is_a_conflict_and_changes_nothing(p: Prov
     let e1 = p.state.write(&k, &json!(1), None).await.unwrap();
     let e2 = p.state.write(&k, &json!(2), Some(&e1)).await.unwrap();
     let refused = p.state.write(&k, &json!(3), Some(&e1)).await;
-    assert!(matches!(refused, Err(StorageError::Conflict { .. })), "{refused:?}");
+    assert!(
+        matches!(&refused, Err(StorageError::Conflict { actual: Some(actual), .. }) if *actual == e2),
+        "the conflict reports the stored etag: {refused:?}"
+    );
     let stored = p.state.read(&k).await.unwrap().unwrap();
     assert_eq!((stored.document, stored.etag), (json!(2), e2));
 }
@@ -128,23 +131,31 @@ async fn state_write_with_a_stale_etag_is_a_conflict_and_changes_nothing(p: Prov
 async fn state_first_write_expecting_an_etag_is_a_conflict(p: Providers) {
     let k = key("phantom");
     let refused = p.state.write(&k, &json!(1), Some("12345")).await;
-    assert!(matches!(refused, Err(StorageError::Conflict { .. })), "{refused:?}");
+    assert!(matches!(refused, Err(StorageError::Conflict { actual: None, .. })), "no record: {refused:?}");
     assert_eq!(p.state.read(&k).await.unwrap(), None);
 }
 
 async fn state_second_first_write_is_a_conflict(p: Providers) {
     let k = key("twice");
-    p.state.write(&k, &json!("first"), None).await.unwrap();
+    let first = p.state.write(&k, &json!("first"), None).await.unwrap();
     let refused = p.state.write(&k, &json!("second"), None).await;
-    assert!(matches!(refused, Err(StorageError::Conflict { .. })), "{refused:?}");
+    assert!(
+        matches!(&refused, Err(StorageError::Conflict { actual: Some(actual), .. }) if *actual == first),
+        "the conflict reports the stored etag: {refused:?}"
+    );
     assert_eq!(p.state.read(&k).await.unwrap().unwrap().document, json!("first"));
 }
 
 async fn state_clear_is_etag_checked(p: Providers) {
     let k = key("clear");
     let etag = p.state.write(&k, &json!(1), None).await.unwrap();
-    assert!(matches!(p.state.clear(&k, Some("999999")).await, Err(StorageError::Conflict { .. })));
-    assert!(matches!(p.state.clear(&k, None).await, Err(StorageError::Conflict { .. })));
+    for expected in [Some("999999"), None] {
+        let refused = p.state.clear(&k, expected).await;
+        assert!(
+            matches!(&refused, Err(StorageError::Conflict { actual: Some(actual), .. }) if *actual == etag),
+            "the conflict reports the stored etag: {refused:?}"
+        );
+    }
     p.state.clear(&k, Some(&etag)).await.unwrap();
     assert_eq!(p.state.read(&k).await.unwrap(), None);
     p.state.clear(&k, None).await.unwrap();

@@ -165,7 +165,10 @@ async fn run_writer(pool: PgPool, fence: Option<Arc<Fence>>, queue: Arc<Mutex<Ba
         for (write, outcome) in batch.into_iter().zip(outcomes) {
             let result = match outcome {
                 Ok(Some(etag)) => Ok(etag.to_string()),
-                Ok(None) => Err(conflict(&write.key, write.expected.map(|e| e.to_string()).as_deref())),
+                Ok(None) => {
+                    let actual = current_etag(&pool, &write.key).await;
+                    Err(conflict(&write.key, write.expected.map(|e| e.to_string()).as_deref(), actual))
+                }
                 Err(error) => Err(error),
             };
             let _ = write.reply.send(result);
@@ -293,12 +296,29 @@ async fn write_one(
     query.fetch_optional(conn).await.map_err(storage_error(key))
 }
 
-fn conflict(key: &StateKey, expected: Option<&str>) -> StorageError {
-    StorageError::Conflict { key: key.to_string(), expected: expected.map(str::to_owned), actual: None }
+fn conflict(key: &StateKey, expected: Option<&str>, actual: Option<String>) -> StorageError {
+    StorageError::Conflict { key: key.to_string(), expected: expected.map(str::to_owned), actual }
+}
+
+/// The etag stored for `key` now, for a conflict's report: `None` when there is no row, or when it cannot be
+/// read (the conflict stands either way).
+async fn current_etag(pool: &PgPool, key: &StateKey) -> Option<String> {
+    sqlx::query_scalar::<_, i64>(
+        "SELECT etag FROM grains_state WHERE grain_type = $1 AND grain_key = $2 AND state_name = $3",
+    )
+    .bind(&key.grain_type)
+    .bind(&key.grain_key)
+    .bind(&key.state_name)
+    .fetch_optional(pool)
+    .await
+    .ok()
+    .flatten()
+    .map(|etag| etag.to_string())
 }
 
 fn parse_etag(key: &StateKey, expected: Option<&str>) -> Result<Option<i64>, StorageError> {
-    expected.map(|e| e.parse::<i64>().map_err(|_| conflict(key, expected))).transpose()
+    // Etags this store hands out are integers: another text cannot be the stored one.
+    expected.map(|e| e.parse::<i64>().map_err(|_| conflict(key, expected, None))).transpose()
 }
 
 #[async_trait]
@@ -340,7 +360,7 @@ impl GrainStateStore for PostgresStateStore {
             // Nothing expected: clearing is a no-op if there is no row, a conflict if there is one.
             None => match self.read(key).await? {
                 None => Ok(()),
-                Some(_) => Err(conflict(key, expected)),
+                Some(stored) => Err(conflict(key, expected, Some(stored.etag))),
             },
             Some(expected_etag) => {
                 let delete = sqlx::query(
@@ -361,7 +381,11 @@ impl GrainStateStore for PostgresStateStore {
                         deleted
                     }
                 };
-                if deleted.rows_affected() == 1 { Ok(()) } else { Err(conflict(key, expected)) }
+                if deleted.rows_affected() == 1 {
+                    Ok(())
+                } else {
+                    Err(conflict(key, expected, current_etag(&self.pool, key).await))
+                }
             }
         }
     }
