@@ -162,7 +162,9 @@ pub(crate) fn call_problem(error: &CallError) -> Problem {
         CallError::Panicked { .. } => {
             (S::INTERNAL_SERVER_ERROR, "panicked", "The grain method panicked", "Panicked", None)
         }
-        CallError::Deadlock { .. } => (S::LOOP_DETECTED, "deadlock", "Call cycle refused", "Deadlock", None),
+        CallError::Deadlock { .. } => {
+            (S::LOOP_DETECTED, "deadlock", "Deadlock: the call would wait for itself", "Deadlock", None)
+        }
         CallError::Protocol(_) => (S::BAD_REQUEST, "protocol", "Protocol error", "Protocol", None),
         CallError::ShuttingDown => {
             (S::SERVICE_UNAVAILABLE, "shutting-down", "Silo shutting down", "ShuttingDown", Some(1))

@@ -156,7 +156,7 @@ impl HistogramSnapshot {
 
     /// The histogram in the Prometheus text format, as `name` with `labels` (`key="value",...` or empty):
     /// cumulative buckets at each power of two from 1.024 µs to 34 s, in seconds.
-    fn write_prometheus(&self, out: &mut String, name: &str, labels: &str) {
+    pub(crate) fn write_prometheus(&self, out: &mut String, name: &str, labels: &str) {
         let sep = if labels.is_empty() { "" } else { "," };
         let mut cumulative = 0u64;
         let mut next = self.buckets.iter().peekable();

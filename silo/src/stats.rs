@@ -219,6 +219,7 @@ pub(crate) fn prometheus(silo: &SiloInner) -> String {
         &by_type,
         mailboxes,
     ));
+    silo.reminders.write_prometheus(&mut text);
     let name = "grains_storage_batch_size";
     let _ = writeln!(
         text,

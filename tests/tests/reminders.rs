@@ -38,9 +38,26 @@ fn config() -> SiloConfig {
     SiloConfig { reminder_refresh_interval: Duration::from_secs(1), ..test_config() }
 }
 
+/// The silo's `/metrics` page, fetched over its port.
+async fn scrape_metrics(silo: &Silo) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(silo.gateway_addr().expect("a gateway")).await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: silo\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the sample line that starts with `prefix` (name and labels, then a space).
+fn metric(text: &str, prefix: &str) -> u64 {
+    let line = text.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in {text}"));
+    line[prefix.len()..].trim().parse().unwrap_or_else(|_| panic!("not a count: {line}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reminder_fires_each_period_on_its_grid_and_stops_once_unregistered() {
-    let silo = start_silo(config()).await;
+    let silo = start_silo(SiloConfig { gateway: true, port: 0, ..config() }).await;
     let grain = silo.grain::<Remindful>("grid");
     let first_due = grain.remind("r".into(), 300, 1_000).await.unwrap().unwrap() as i64;
     assert!(eventually(Duration::from_secs(10), || delivered("grid").len() >= 3).await, "three ticks arrive");
@@ -56,6 +73,12 @@ async fn a_reminder_fires_each_period_on_its_grid_and_stops_once_unregistered() 
     let listed = grain.reminders().await.unwrap().unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!((listed[0].0.as_str(), listed[0].2), ("r", 1_000));
+    // Operators see the ticks and how late they came on /metrics.
+    let metrics = scrape_metrics(&silo).await;
+    let delivered_ticks = metric(&metrics, "grains_reminder_ticks_delivered_total ");
+    assert!(delivered_ticks >= 3, "{metrics}");
+    assert_eq!(metric(&metrics, "grains_reminder_lag_seconds_count{} "), delivered_ticks, "one lag per tick");
+    assert!(metric(&metrics, "grains_reminder_lag_seconds_bucket{le=\"+Inf\"} ") >= 3, "{metrics}");
 
     assert!(grain.forget("r".into()).await.unwrap().unwrap(), "it was registered");
     let unregistered_at = unix_ms(SystemTime::now());

@@ -212,7 +212,8 @@ mod tests {
     #[test]
     fn the_grain_hash_is_stable() {
         // Pinned: the hash decides placement and reminder ranges across versions and processes.
-        assert_eq!(grain_hash(&GrainId::new("Counter", 42i64)), grain_hash(&GrainId::new("Counter", 42i64)));
+        assert_eq!(grain_hash(&GrainId::new("Counter", 42i64)), 4258974698, "pinned value");
+        assert_eq!(grain_hash(&GrainId::new("Cart", "alice")), 2972130459, "pinned value");
         assert_ne!(grain_hash(&GrainId::new("Counter", 42i64)), grain_hash(&GrainId::new("Counter", "42")));
         assert_eq!(HashRing::default().owner(&GrainId::new("X", 1i64)), None);
     }
