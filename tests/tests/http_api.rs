@@ -274,3 +274,41 @@ async fn an_operator_stops_a_silo_process_gracefully_over_http() {
     assert!(status.success(), "a graceful stop exits 0: {status}\n{log}");
     assert!(log.contains("an operator asked this silo to stop") && log.contains("silo stopped"), "{log}");
 }
+
+/// This machine's address on its default route, if it has one that is not loopback. No packet is sent: a UDP
+/// socket's `connect` only picks the route.
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?;
+    Some(socket.local_addr().ok()?.ip()).filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
+/// A caller from a non-loopback address gets 403 for the API and the dashboard unless `http_remote` is set;
+/// the same silo serves a loopback caller. Over a real interface address, end to end.
+#[tokio::test]
+async fn a_caller_from_another_host_is_forbidden_unless_http_remote_is_set() {
+    let Some(ip) = non_loopback_address() else {
+        eprintln!("WARNING: this machine has no non-loopback address; the remote-caller test cannot run here");
+        return;
+    };
+    grains_examples::link();
+    for http_remote in [false, true] {
+        let config = SiloConfig { host: ip, port: 0, insecure: true, http_remote, ..SiloConfig::default() };
+        let silo = Silo::builder().config(config).start().await.unwrap();
+        let addr = silo.gateway_addr().unwrap();
+        assert_eq!(addr.ip(), ip);
+        for path in ["/cluster", "/dashboard"] {
+            let response = request(addr, "GET", path, &[], b"").await.unwrap();
+            if http_remote {
+                assert_eq!(response.status, 200, "{path} with http_remote: {}", response.text());
+            } else {
+                let body = problem(&response, 403, "forbidden");
+                assert!(body["detail"].as_str().unwrap().contains("http_remote"), "{body}");
+            }
+        }
+        let json = [("content-type", "application/json")];
+        let call = request(addr, "POST", "/grains/Hello/x/greet", &json, b"[\"a\"]").await.unwrap();
+        assert_eq!(call.status, if http_remote { 200 } else { 403 }, "a grain call over HTTP: {}", call.text());
+        silo.shutdown(Duration::from_secs(5)).await;
+    }
+}
