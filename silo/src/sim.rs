@@ -127,11 +127,18 @@ pub(crate) struct TcpNetwork;
 
 struct TcpListenerIo(tokio::net::TcpListener);
 
+/// Accepts one TCP connection with Nagle's algorithm off. tonic ignores its own `tcp_nodelay` for a listener
+/// it is handed, and Nagle's algorithm meeting delayed ACKs held small replies back by ~40 ms.
+async fn accept_tcp(listener: &tokio::net::TcpListener) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    let (stream, remote) = listener.accept().await?;
+    let _ = stream.set_nodelay(true);
+    Ok((stream, remote))
+}
+
 impl Listener for TcpListenerIo {
     fn accept(&mut self) -> BoxFuture<'_, std::io::Result<(Box<dyn Io>, SocketAddr)>> {
         Box::pin(async move {
-            let (stream, remote) = self.0.accept().await?;
-            let _ = stream.set_nodelay(true);
+            let (stream, remote) = accept_tcp(&self.0).await?;
             Ok((Box::new(stream) as Box<dyn Io>, remote))
         })
     }
@@ -168,5 +175,20 @@ impl tower_service::Service<http::Uri> for Connector {
             let port = uri.port_u16().unwrap_or(80);
             Ok(hyper_util::rt::TokioIo::new(network.connect(host, port).await?))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_have_nagles_algorithm_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(!client.nodelay().unwrap(), "a fresh socket has Nagle's algorithm on: the check below means something");
+        let (accepted, _) = accept_tcp(&listener).await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY on the accepted socket");
     }
 }
