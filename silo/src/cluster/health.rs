@@ -86,6 +86,8 @@ impl LocalHealth {
 /// The watchdog of `health`: wakes every interval and records how late it woke. Ends when the cluster is
 /// dropped or stops.
 pub(crate) async fn run_watchdog(cluster: Weak<Cluster>, health: Arc<LocalHealth>) {
+    // The time between the silo's construction and its agent's start (joining, the first table read) is not lag.
+    health.next_wake_ms.store(health.now_ms() + health.interval.as_millis() as u64, Ordering::Release);
     while cluster.upgrade().is_some_and(|c| !c.is_stopped()) {
         let due = health.next_wake_ms.load(Ordering::Acquire);
         tokio::time::sleep_until(health.origin + Duration::from_millis(due)).await;
