@@ -1,7 +1,8 @@
 //! The cluster: membership, the two-tier placement lookup, and the connections between silos.
 //!
 //! - `membership` keeps this silo's row in the membership table, probes peers, votes suspects dead, and
-//!   turns each table snapshot into a [`ClusterView`].
+//!   turns each table snapshot into a [`ClusterView`]; `health` tells it when this silo itself runs too late
+//!   for its probe timeouts to mean anything.
 //! - Tier one, [`ring`]: a consistent-hash ring over the view's active silos names the directory owner of a
 //!   grain id. Tier two, `directory`: the owner's partition records which silo holds the activation, and
 //!   places the grain (by its `placement` strategy) when none does.
