@@ -125,3 +125,20 @@ impl Codec for RawCodec {
         InboundDecoder(EnvelopeCodec::new(usize::MAX / 2))
     }
 }
+
+/// An HTTP body fed chunk by chunk through a channel; it ends when the sender is dropped. A test uses it to
+/// write gRPC frames byte by byte on either side of a stream (a header announcing a huge frame, then a trickle
+/// of its bytes), as no real client or server would.
+pub struct ChunkedBody(pub mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChunkedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|bytes| Ok(http_body::Frame::data(bytes))))
+    }
+}

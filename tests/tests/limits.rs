@@ -2,7 +2,6 @@
 //! stream) without disturbing anything else.
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,24 +10,9 @@ use grains_silo::wire::CONNECT_PATH;
 use grains_silo::{Client, Silo, SiloConfig};
 use grains_tests::Counter;
 use grains_tests::process::SiloLauncher;
+use grains_tests::raw_stream::ChunkedBody;
 use http_body::Body as _;
 use tokio::sync::mpsc;
-
-/// A request body fed by the test, chunk by chunk: lets a test write a gRPC frame header that announces a
-/// huge frame and then trickle its bytes, as an attacker would.
-struct ChunkedBody(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChunkedBody {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
-        self.0.poll_recv(cx).map(|chunk| chunk.map(|bytes| Ok(http_body::Frame::data(bytes))))
-    }
-}
 
 /// Opens a Connect stream to `addr` whose request body is fed through the returned sender.
 async fn open_raw_body(addr: &str) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<()>) {

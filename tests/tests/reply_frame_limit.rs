@@ -15,27 +15,13 @@ use grains::CallError;
 use grains_silo::Client;
 use grains_silo::wire::{CONNECT_PATH, Envelope, Kind, SYSTEM_TYPE};
 use grains_tests::Counter;
+use grains_tests::raw_stream::ChunkedBody;
 use http_body::Body as _;
 use prost::Message;
 use tokio::sync::mpsc;
 
 /// What the fake gateway announces for its oversized reply.
 const ANNOUNCED: usize = 192 << 20;
-
-/// A response body fed chunk by chunk by the fake gateway; it never ends on its own.
-struct ChunkedBody(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChunkedBody {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
-        self.0.poll_recv(cx).map(|chunk| chunk.map(|bytes| Ok(http_body::Frame::data(bytes))))
-    }
-}
 
 fn framed(envelope: &Envelope) -> Bytes {
     let message = envelope.encode_to_vec();
