@@ -10,7 +10,7 @@
 //! - when the caller's own error type implements `From<CallError>` and `From<E>`, `.await??` does the same.
 //!
 //! Delivery is **at most once**: a call is never retried by the runtime after it may have reached the grain.
-//! [`CallError::Timeout`], [`CallError::Unavailable`] and [`CallError::SiloUnavailable`] therefore mean
+//! [`CallError::Timeout`] and [`CallError::Unavailable`] therefore mean
 //! *unknown outcome*: the grain may or may not have run the call ([`CallError::may_have_run`] says which errors
 //! leave that open). Make methods idempotent, or read state back, where that matters.
 
@@ -30,14 +30,12 @@ pub enum CallError {
     /// No reply arrived before the call's deadline. The call may or may not have run.
     #[error("call timed out after {0:?}")]
     Timeout(Duration),
-    /// The runtime could not reach the grain's silo, or lost the connection while the call was in flight.
-    /// The call may or may not have run.
+    /// The connection to the silo that was to run the call (a gateway, seen from a client, or the grain's silo,
+    /// seen from another silo) could not be used or was lost while the call was in flight; the text names the
+    /// peer. The call may or may not have run (at most once); if that silo died, the next call re-activates the
+    /// grain elsewhere.
     #[error("unavailable: {0}")]
     Unavailable(String),
-    /// The silo holding the grain died or could not be reached while the call was in flight or being sent.
-    /// The call may or may not have run (at most once); the next call re-activates the grain elsewhere.
-    #[error("silo unavailable: {0}")]
-    SiloUnavailable(String),
     /// The silo a call was sent to does not host the grain (a stale routing cache). The runtime retries
     /// through the directory; callers see this only when every retry was refused.
     #[error("grain not hosted here: {0}")]
@@ -125,8 +123,7 @@ pub enum CallError {
 impl CallError {
     /// Whether the grain may have run the call (or part of it) despite this error, so that retrying it could
     /// run it twice: `true` when the outcome is unknown ([`Timeout`](Self::Timeout),
-    /// [`Unavailable`](Self::Unavailable), [`SiloUnavailable`](Self::SiloUnavailable)), when the method ran
-    /// and failed part-way ([`Panicked`](Self::Panicked)), and when the reply rather than the request may be
+    /// [`Unavailable`](Self::Unavailable)), when the method ran and failed part-way ([`Panicked`](Self::Panicked)), and when the reply rather than the request may be
     /// what failed ([`Codec`](Self::Codec), [`PayloadTooLarge`](Self::PayloadTooLarge),
     /// [`Protocol`](Self::Protocol)); `false` when the runtime refused the call before the grain saw it.
     ///
@@ -141,7 +138,6 @@ impl CallError {
         match self {
             CallError::Timeout(_)
             | CallError::Unavailable(_)
-            | CallError::SiloUnavailable(_)
             | CallError::Panicked { .. }
             | CallError::Codec(_)
             | CallError::PayloadTooLarge { .. }

@@ -78,7 +78,9 @@
 //! ## Call it
 //!
 //! `#[grain]` generates `CartRef`, a typed reference with one async method per grain method. Get one from a
-//! silo or an external client (`grains_silo::Client`), or from inside a grain through its [`GrainContext`]:
+//! silo or an external client (`grains_silo::Client`; a process that only calls grains depends on
+//! `grains-silo` with `default-features = false`, which compiles the client and none of the runtime), or
+//! from inside a grain through its [`GrainContext`]:
 //! `ctx.grain::<Cart>("alice")`. Every call returns `Result<R, CallError>`, where `R` is what the grain method
 //! returns and [`CallError`] is a failure of the call itself (timeout, unknown grain type, codec, ...).
 //!

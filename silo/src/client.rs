@@ -121,7 +121,7 @@ struct ClientInner {
     gateways: RwLock<Vec<String>>,
     connections: ConnectionPool,
     /// Gateways that stopped answering; each has one probe waiting for it to answer again.
-    avoided: crate::activation_table::FastDashMap<String, ()>,
+    avoided: crate::maps::FastDashMap<String, ()>,
     next: AtomicUsize,
     this: Weak<ClientInner>,
 }

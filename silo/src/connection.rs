@@ -31,8 +31,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::codec::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::activation_table::FastDashMap;
 use crate::filter::BearerToken;
+use crate::maps::FastDashMap;
 use crate::peer_auth::PeerIdentity;
 use crate::tls::{ClientTls, error_chain};
 use crate::wire::{
@@ -46,9 +46,9 @@ pub(crate) const UNCONFIGURED_REPLY_PAYLOAD: usize = HARD_FRAME_LIMIT - ENVELOPE
 /// Who is at the other end, which decides the error a lost call gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PeerKind {
-    /// A gateway, seen from an external client: lost calls are [`CallError::Unavailable`].
+    /// A gateway, seen from an external client.
     Gateway,
-    /// Another silo: lost calls are [`CallError::SiloUnavailable`].
+    /// Another silo.
     Silo,
 }
 
@@ -236,7 +236,7 @@ impl Connection {
 fn lost(kind: PeerKind, peer: &str, what: &str) -> CallError {
     match kind {
         PeerKind::Gateway => CallError::Unavailable(format!("gateway {peer}: {what}")),
-        PeerKind::Silo => CallError::SiloUnavailable(format!("silo {peer}: {what}")),
+        PeerKind::Silo => CallError::Unavailable(format!("silo {peer}: {what}")),
     }
 }
 

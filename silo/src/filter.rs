@@ -133,6 +133,7 @@ impl CallFilters {
 
 /// The subject of a DER certificate, in RFC 4514 form; `None` if it cannot be read (it was verified by
 /// rustls, so this does not happen for a certificate the gateway accepted).
+#[cfg(feature = "silo")]
 pub(crate) fn certificate_subject(der: &[u8]) -> Option<String> {
     use x509_cert::der::Decode;
     let certificate = x509_cert::Certificate::from_der(der).ok()?;

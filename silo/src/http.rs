@@ -39,7 +39,7 @@
 //! | `PayloadTooLarge`, a body over `max_payload_bytes` | 413 |
 //! | `Overloaded` (with `Retry-After`) | 429 |
 //! | `ActivationFailed`, `Panicked` | 500 |
-//! | `Unavailable`, `SiloUnavailable`, `NotHere`, `StorageUnavailable`, `ShuttingDown` (with `Retry-After`) | 503 |
+//! | `Unavailable`, `NotHere`, `StorageUnavailable`, `ShuttingDown` (with `Retry-After`) | 503 |
 //! | `Timeout` (outcome unknown) | 504 |
 //! | `Deadlock` (a call cycle) | 508 |
 //!
@@ -141,9 +141,6 @@ pub(crate) fn call_problem(error: &CallError) -> Problem {
     let (status, kind, title, variant, retry_after) = match error {
         CallError::Timeout(_) => (S::GATEWAY_TIMEOUT, "timeout", "The call timed out", "Timeout", None),
         CallError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "unavailable", "Unavailable", "Unavailable", Some(1)),
-        CallError::SiloUnavailable(_) => {
-            (S::SERVICE_UNAVAILABLE, "silo-unavailable", "Silo unavailable", "SiloUnavailable", Some(1))
-        }
         CallError::NotHere(_) => (S::SERVICE_UNAVAILABLE, "not-here", "Grain not hosted here", "NotHere", Some(1)),
         CallError::UnknownGrainType(_) => {
             (S::NOT_FOUND, "unknown-grain-type", "Unknown grain type", "UnknownGrainType", None)

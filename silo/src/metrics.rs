@@ -22,7 +22,7 @@ pub(crate) struct Metrics {
     pub(crate) activation_failures: AtomicU64,
     pub(crate) deactivations: AtomicU64,
     /// Per grain type, per method: calls, errors, latency. Fixed at start (every type linked in).
-    grain_types: HashMap<&'static str, TypeStats, crate::activation_table::FastHash>,
+    grain_types: HashMap<&'static str, TypeStats, crate::maps::FastHash>,
     /// Latency of grain-state operations, shared with the silo's state store.
     pub(crate) storage: Arc<StorageStats>,
     /// When the silo started (for its uptime).

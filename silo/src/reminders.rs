@@ -43,9 +43,9 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::activation_table::FastHashMap;
 use crate::cluster::system::{self, SystemRequest};
 use crate::cluster::{Cluster, ClusterView, ring};
+use crate::maps::FastHashMap;
 use crate::metrics::Histogram;
 
 /// The most deliveries one silo has in flight at once; the rest wait for a slot (late, not lost).

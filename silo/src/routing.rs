@@ -115,7 +115,7 @@ impl SiloInner {
                         }
                         (registration, Mode::Placed)
                     }
-                    Err(CallError::SiloUnavailable(reason)) => {
+                    Err(CallError::Unavailable(reason)) => {
                         // The directory owner is unreachable (it may be dying): nothing was placed by this
                         // attempt that a retry could duplicate, so wait for membership to catch up.
                         tracing::debug!(grain = %id, %reason, "directory owner unreachable; retrying");
@@ -181,7 +181,7 @@ impl SiloInner {
                     backoff.wait(deadline).await;
                 }
                 Err(error) => {
-                    if matches!(error, CallError::SiloUnavailable(_)) {
+                    if matches!(error, CallError::Unavailable(_)) {
                         self.cluster.cache.remove(&id);
                     }
                     return fail(invocation, error);

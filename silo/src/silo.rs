@@ -29,12 +29,13 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::activation::{ActivationHost, Invocation};
-use crate::activation_table::{ActivationTable, FastHash};
+use crate::activation_table::ActivationTable;
 use crate::cluster::system::SystemRequest;
 use crate::cluster::{Cluster, ClusterView, membership};
 use crate::config::SiloConfig;
 use crate::filter::{CallFilters, CallerIdentity};
 use crate::gateway::GatewayHandle;
+use crate::maps::FastHash;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::reminders::{ReminderService, ReminderStats};
 use crate::routing::wait_reply;

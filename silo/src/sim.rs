@@ -70,6 +70,7 @@ pub fn install(seams: Seams) -> bool {
 pub fn seed_randomness(seed: u64) {
     THREAD_SEED.with(|s| s.set(Some(seed)));
     HASH_SEEDS.with(|s| s.set(0));
+    #[cfg(feature = "silo")]
     crate::cluster::placement::seed(seed);
 }
 

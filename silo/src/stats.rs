@@ -150,7 +150,7 @@ fn pool_stats(_: &SiloInner) -> Option<PoolStats> {
 /// The group-commit batch sizes of this process's Postgres state stores, by bucket.
 #[cfg(feature = "postgres")]
 fn batch_sizes() -> Vec<(usize, u64)> {
-    grains_storage::postgres::batch_sizes()
+    grains_storage::__private::batch_sizes()
 }
 
 /// No Postgres state stores in a build without the `postgres` feature.

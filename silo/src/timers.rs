@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
 use crate::activation::{Mail, Mailbox};
-use crate::activation_table::FastHashMap;
+use crate::maps::FastHashMap;
 
 /// A timer's tick, waiting in the mailbox. Dropping it (its turn ran, or it never will) lets the ticker go on.
 #[derive(Debug)]

@@ -24,8 +24,11 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
+#[cfg(feature = "silo")]
+use tonic::transport::ServerTlsConfig;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
+#[cfg(feature = "silo")]
 use crate::config::SiloConfig;
 
 /// Why TLS settings could not be used.
@@ -122,6 +125,7 @@ fn pair<'a>(
 }
 
 /// The gateway's TLS settings, if the silo has a certificate.
+#[cfg(feature = "silo")]
 pub(crate) fn server_config(config: &SiloConfig) -> Result<Option<ServerTlsConfig>, TlsError> {
     let Some((cert, key)) = pair(config.tls_cert.as_ref(), config.tls_key.as_ref(), "tls_cert and tls_key")? else {
         if config.tls_client_ca.is_some() {
@@ -141,6 +145,7 @@ pub(crate) fn server_config(config: &SiloConfig) -> Result<Option<ServerTlsConfi
 }
 
 /// How a silo dials its peers: over TLS, verified against the cluster CA, when the silo serves TLS itself.
+#[cfg(feature = "silo")]
 pub(crate) fn peer_config(config: &SiloConfig) -> Result<Option<ClientTls>, TlsError> {
     if config.tls_cert.is_none() {
         return Ok(None);

@@ -39,6 +39,14 @@ pub use reminders::{
 };
 pub use state::{ETag, GrainStateStore, StateKey, StoredState};
 
+/// Internals `grains-silo` reads (metrics plumbing); not part of the API, may change at any time.
+#[doc(hidden)]
+pub mod __private {
+    /// The group-commit batch sizes of every Postgres state store in this process, for the silo's metrics.
+    #[cfg(feature = "postgres")]
+    pub use crate::postgres::state::batch_sizes;
+}
+
 /// Why a storage operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
 pub enum StorageError {

@@ -311,7 +311,7 @@ impl SharedCluster {
 /// Waits (up to 20 s) until every silo in `silos` sees `n` active silos.
 pub async fn wait_for_active(silos: &[Silo], n: usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while silos.iter().any(|s| s.cluster_view().active.len() != n) {
+    while silos.iter().any(|s| s.cluster_view().active().len() != n) {
         assert!(tokio::time::Instant::now() < deadline, "the cluster did not converge on {n} active silos");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -139,8 +139,8 @@ async fn placement_strategies_put_activations_where_they_say() {
     for k in 0..60i64 {
         let id = GrainId::new("Hashed", k);
         let holder = silos.iter().position(|s| s.is_active(&id)).unwrap();
-        let hash = grains_silo::cluster::ring::grain_hash(&id);
-        let expected = &view.active[(u64::from(hash) % view.active.len() as u64) as usize];
+        let hash = grains_silo::__private::grain_hash(&id);
+        let expected = &view.active()[(u64::from(hash) % view.active().len() as u64) as usize];
         assert_eq!(silos[holder].address(), expected, "{id} placed by its hash");
     }
     for silo in silos {
@@ -275,7 +275,7 @@ async fn a_silo_joining_under_load_never_makes_a_second_activation() {
     let newcomer = cluster.start_member(2, |c| c).await;
     runtimes.write().unwrap().push(newcomer.runtime());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while silos.iter().chain([&newcomer]).any(|s| s.cluster_view().active.len() != 3) {
+    while silos.iter().chain([&newcomer]).any(|s| s.cluster_view().active().len() != 3) {
         assert!(tokio::time::Instant::now() < deadline, "the cluster did not converge on 3 active silos");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -44,7 +44,7 @@ async fn wait_for(table: &PostgresMembershipTable, what: &str, done: impl Fn(&Cl
         if done(&view) {
             return started.elapsed();
         }
-        assert!(started.elapsed() < scaled(Duration::from_secs(30)), "{what}: {:#?}", view.rows);
+        assert!(started.elapsed() < scaled(Duration::from_secs(30)), "{what}: {:#?}", view.rows());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -69,11 +69,11 @@ async fn a_one_second_reminder_keeps_firing_across_a_kill_9_of_the_silo_that_own
     let cluster = "reminder-kill9";
     let silos: Vec<SiloProcess> = (0..3).map(|_| start_silo(&db, cluster)).collect();
     let table = PostgresMembershipTable::new(db.pool().await, cluster);
-    wait_for(&table, "three active silos", |v| v.active.len() == 3).await;
+    wait_for(&table, "three active silos", |v| v.active().len() == 3).await;
 
     // The reminder's ring range belongs to one of the three; the client talks to the other two.
     let key = "heartbeat";
-    let owner = view(&table).await.ring.owner(&GrainId::new("Remindful", key)).cloned().unwrap();
+    let owner = view(&table).await.directory_owner(&GrainId::new("Remindful", key)).cloned().unwrap();
     let victim = silos.iter().position(|s| owner.endpoint.ends_with(&format!(":{}", s.port()))).unwrap();
     let others: Vec<String> = silos.iter().enumerate().filter(|(i, _)| *i != victim).map(|(_, s)| s.url()).collect();
     let client = Client::connect_cluster(&others, Default::default()).await.unwrap();

@@ -160,7 +160,7 @@ async fn a_silo_reads_the_postgres_table_through_its_index_never_scanning_it() {
     // The ranges one silo of three owns, as the reminder service computes them.
     let silos: Vec<grains_storage::SiloAddress> =
         (1..=3).map(|i| grains_storage::SiloAddress { endpoint: format!("127.0.0.1:{i}"), epoch: i }).collect();
-    let ranges = grains_silo::cluster::ring::HashRing::new(&silos).ranges_of(&silos[0]);
+    let ranges = grains_silo::__private::HashRing::new(&silos).ranges_of(&silos[0]);
 
     let scans = async || -> (i64, i64) {
         let pool = db.pool().await;

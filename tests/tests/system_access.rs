@@ -71,7 +71,7 @@ async fn system_calls_from_a_client_connection_are_refused_and_change_nothing() 
     let mut outsider = RawEnvelopeStream::open(&format!("http://{}", silo.gateway_addr().unwrap())).await;
     let fake = SiloAddress { endpoint: "127.0.0.1:1".into(), epoch: 1 };
     let view = silo.cluster_view();
-    let view = ViewStamp { version: view.version, ring_id: view.ring_id };
+    let view = ViewStamp { version: view.version(), ring_id: view.ring_id() };
     let mut refused = Vec::new();
     for request in [
         SystemRequest::Ping,
@@ -188,7 +188,7 @@ async fn a_silo_with_another_secret_cannot_join_and_one_with_the_secret_can() {
     let no_secret = SiloConfig { seed: Some(seed_addr.clone()), name: "no-secret".into(), ..seed_config(None) };
     assert!(Silo::builder().config(no_secret).start().await.is_err(), "a silo without the secret joined");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(seed.cluster_view().rows.len(), 1, "{:?}", seed.cluster_view().rows);
+    assert_eq!(seed.cluster_view().rows().len(), 1, "{:?}", seed.cluster_view().rows());
 
     let member = SiloConfig { seed: Some(seed_addr), name: "member".into(), ..seed_config(Some("alpha")) };
     let member = Silo::builder().config(member).start().await.unwrap();

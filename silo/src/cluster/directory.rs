@@ -23,7 +23,7 @@
 
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use crate::activation_table::FastDashMap;
+use crate::maps::FastDashMap;
 use dashmap::mapref::entry::Entry;
 use grains::GrainId;
 use grains_storage::SiloAddress;

@@ -3,7 +3,7 @@
 //! - `membership` keeps this silo's row in the membership table, probes peers, votes suspects dead, and
 //!   turns each table snapshot into a [`ClusterView`]; `health` tells it when this silo itself runs too late
 //!   for its probe timeouts to mean anything.
-//! - Tier one, [`ring`]: a consistent-hash ring over the view's active silos names the directory owner of a
+//! - Tier one, `ring`: a consistent-hash ring over the view's active silos names the directory owner of a
 //!   grain id. Tier two, `directory`: the owner's partition records which silo holds the activation, and
 //!   places the grain (by its `placement` strategy) when none does.
 //! - Callers cache what the directory told them; a silo that no longer hosts a grain answers
@@ -17,7 +17,7 @@ pub(crate) mod directory;
 pub(crate) mod health;
 pub(crate) mod membership;
 pub(crate) mod placement;
-pub mod ring;
+pub(crate) mod ring;
 pub(crate) mod seed;
 pub(crate) mod system;
 
@@ -31,9 +31,9 @@ use grains_storage::{MembershipEntry, MembershipSnapshot, MembershipTable, SiloA
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::activation_table::{FastDashMap, FastHashMap};
 use crate::config::ClusterTimings;
 use crate::connection::{Connection, ConnectionPool, PeerKind};
+use crate::maps::{FastDashMap, FastHashMap};
 use crate::peer_auth::PeerIdentity;
 use directory::{DirectoryPartition, Liveness};
 use ring::HashRing;
@@ -44,18 +44,45 @@ use system::{Refusal, SystemRequest, SystemResponse, ViewStamp};
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
     /// The table version the view was read at.
-    pub version: i64,
+    pub(crate) version: i64,
     /// Every row.
-    pub rows: Vec<MembershipEntry>,
+    pub(crate) rows: Vec<MembershipEntry>,
     /// Active silos, sorted.
-    pub active: Vec<SiloAddress>,
+    pub(crate) active: Vec<SiloAddress>,
     /// The ring over the active silos.
-    pub ring: HashRing,
+    pub(crate) ring: HashRing,
     /// Identifies the ring: views with the same active silos have the same id, whatever their versions.
-    pub ring_id: u64,
+    pub(crate) ring_id: u64,
 }
 
 impl ClusterView {
+    /// The membership table version the view was read at (0: no view yet).
+    pub fn version(&self) -> i64 {
+        self.version
+    }
+
+    /// Every row of the membership table: each silo incarnation and its status.
+    pub fn rows(&self) -> &[MembershipEntry] {
+        &self.rows
+    }
+
+    /// The active silos, sorted.
+    pub fn active(&self) -> &[SiloAddress] {
+        &self.active
+    }
+
+    /// The directory owner of `grain` in this view (tier one of placement: the consistent-hash ring over the
+    /// active silos); `None` when no silo is active.
+    pub fn directory_owner(&self, grain: &GrainId) -> Option<&SiloAddress> {
+        self.ring.owner(grain)
+    }
+
+    /// Identifies the set of active silos: views with the same active silos have the same id, whatever their
+    /// versions.
+    pub fn ring_id(&self) -> u64 {
+        self.ring_id
+    }
+
     /// The view of a table snapshot.
     pub fn from_snapshot(snapshot: &MembershipSnapshot) -> Self {
         let rows: Vec<MembershipEntry> = snapshot.rows.iter().map(|r| r.entry.clone()).collect();

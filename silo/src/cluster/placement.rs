@@ -3,7 +3,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::activation_table::FastDashMap;
+use crate::maps::FastDashMap;
 use grains::{GrainId, Placement};
 use grains_storage::SiloAddress;
 

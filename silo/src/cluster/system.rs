@@ -74,8 +74,10 @@ pub(crate) enum SystemRequest {
     /// The grain ids active on the silo (diagnostics and tests).
     Activations,
     /// An operation on the membership table a seed silo holds (development clustering).
+    #[cfg(feature = "silo")]
     Table(super::seed::TableOp),
     /// The silo's stats, for the dashboard.
+    #[cfg(feature = "silo")]
     Stats,
     /// Reminder `name` of `grain`, in the receiver's ring ranges, was registered or removed: read it again.
     ReminderChanged { grain: GrainId, name: String },
@@ -99,8 +101,10 @@ pub(crate) enum SystemResponse {
     /// Answer to `Activations`.
     Activations(Vec<GrainId>),
     /// Answer to `Table`.
+    #[cfg(feature = "silo")]
     Table(super::seed::TableAnswer),
     /// Answer to `Stats`.
+    #[cfg(feature = "silo")]
     Stats(Box<crate::stats::SiloStats>),
     /// Done.
     Done,

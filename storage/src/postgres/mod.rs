@@ -36,7 +36,7 @@ mod journal;
 mod membership;
 mod projection;
 mod reminders;
-mod state;
+pub(crate) mod state;
 
 use std::fmt;
 use std::time::Duration;
@@ -48,7 +48,7 @@ pub use reminders::PostgresReminderTable;
 pub use sqlx::PgConnection;
 pub use sqlx::postgres::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions};
-pub use state::{PostgresStateStore, batch_sizes};
+pub use state::PostgresStateStore;
 
 use crate::{SiloAddress, StorageError};
 

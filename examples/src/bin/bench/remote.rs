@@ -32,7 +32,7 @@ pub(crate) async fn run(window: Duration) -> anyhow::Result<()> {
     };
     let a = Silo::builder().config(config("a")).membership_table(table.clone()).start().await?;
     let b = Silo::builder().config(config("b")).membership_table(table.clone()).start().await?;
-    while a.cluster_view().active.len() < 2 || b.cluster_view().active.len() < 2 {
+    while a.cluster_view().active().len() < 2 || b.cluster_view().active().len() < 2 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let client =
