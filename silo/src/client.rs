@@ -224,7 +224,9 @@ impl Client {
         G::Ref::from_core(RefCore::new(GrainId::new(G::TYPE_NAME, key), self.inner.clone()))
     }
 
-    /// This client as a [`GrainRuntime`], for untyped calls.
+    /// This client as a [`GrainRuntime`], for untyped calls (the workspace's tests and simulator; [`GrainRuntime`] is
+    /// internal).
+    #[doc(hidden)]
     pub fn runtime(&self) -> Arc<dyn GrainRuntime> {
         self.inner.clone()
     }

@@ -310,7 +310,9 @@ impl Silo {
         G::Ref::from_core(RefCore::new(GrainId::new(G::TYPE_NAME, key), self.inner.runtime()))
     }
 
-    /// This silo as a [`GrainRuntime`], for untyped calls.
+    /// This silo as a [`GrainRuntime`], for untyped calls (the workspace's tests and simulator; [`GrainRuntime`] is
+    /// internal).
+    #[doc(hidden)]
     pub fn runtime(&self) -> Arc<dyn GrainRuntime> {
         self.inner.runtime()
     }
