@@ -2,7 +2,8 @@
 //! votes with compare-and-swap, and declare a silo dead once enough peers suspect it within a window.
 //!
 //! The decision rules are pure functions ([`decide_vote`], [`votes_needed`], [`probe_targets`]) over table rows
-//! and an injected clock; the agent loop around them does the I/O. Every table change is written with the table
+//! and the time, passed in; the agent loop around them does the I/O and reads the time from [`now_ms`], which
+//! a simulator drives (`crate::sim`). Every table change is written with the table
 //! version and the row etag, so concurrent voters cannot lose each other's votes: a voter that loses the race
 //! re-reads and votes again.
 //!
