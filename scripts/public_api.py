@@ -279,6 +279,8 @@ class Api:
                     if mi is not None and mi["visibility"] == "public":
                         self.assoc(mi, owner)
             else:
+                if imp["trait"]["path"] == "StructuralPartialEq":
+                    continue  # the compiler's marker for `derive(PartialEq)`, implied by the `PartialEq` line
                 neg = "!" if imp["is_negative"] else ""
                 trait = imp["trait"]["path"] + self.args(imp["trait"].get("args"))
                 self.add(
