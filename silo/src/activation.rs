@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::activation_table::ActivationTable;
 use crate::cluster::{Cluster, Registration};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TypeStats};
 use crate::timers::{ActivationTimers, TimerTick};
 
 /// What an activation needs from the silo that hosts it: the one way from this module to the rest.
@@ -195,6 +195,24 @@ pub(crate) struct ActivationShared {
     confirmed: std::sync::atomic::AtomicBool,
     /// Set when the directory finds this activation a duplicate: it runs no further turn.
     evicted: std::sync::atomic::AtomicBool,
+    /// The grain once built, locked by whoever runs a turn: the activation task, or a caller running its call
+    /// inline (see [`run_inline`]). `None` before the grain is built and after it is gone.
+    pub(crate) turn: Arc<tokio::sync::Mutex<Option<Built>>>,
+}
+
+/// The turn lock of an activation, held by a caller running its call inline.
+pub(crate) type TurnGuard = tokio::sync::OwnedMutexGuard<Option<Built>>;
+
+/// A built grain and its context: what a turn needs.
+pub(crate) struct Built {
+    grain: Box<dyn ErasedGrain>,
+    ctx: GrainContext,
+}
+
+impl std::fmt::Debug for Built {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Built").field("grain", &self.ctx.id()).finish()
+    }
 }
 
 impl ActivationShared {
@@ -204,6 +222,7 @@ impl ActivationShared {
             idle_timeout,
             confirmed: std::sync::atomic::AtomicBool::new(false),
             evicted: std::sync::atomic::AtomicBool::new(false),
+            turn: Arc::new(tokio::sync::Mutex::new(None)),
         }
     }
 
@@ -213,11 +232,11 @@ impl ActivationShared {
         self.evicted.store(true, Ordering::Release);
     }
 
-    fn is_evicted(&self) -> bool {
+    pub(crate) fn is_evicted(&self) -> bool {
         self.evicted.load(Ordering::Acquire)
     }
 
-    fn touch(&self, now_ms: u64) {
+    pub(crate) fn touch(&self, now_ms: u64) {
         self.last_active_ms.store(now_ms, Ordering::Relaxed);
     }
 
@@ -225,6 +244,19 @@ impl ActivationShared {
     /// never is, and never runs a turn; a leaving activation is not any more).
     pub(crate) fn is_confirmed(&self) -> bool {
         self.confirmed.load(Ordering::Acquire)
+    }
+
+    /// The turn lock, if this activation can run a call on the caller's task right now: the directory confirmed
+    /// it, it is not evicted, no turn is running and none is queued, and its grain is built and has not asked
+    /// to leave. Calls queued earlier keep their place: a caller only runs inline at an activation with an
+    /// empty mailbox.
+    pub(crate) fn claim_idle(&self, mailbox: &Mailbox) -> Option<TurnGuard> {
+        if !self.is_confirmed() || self.is_evicted() || mailbox.len() != 0 {
+            return None;
+        }
+        let guard = self.turn.clone().try_lock_owned().ok()?;
+        let built = guard.as_ref()?;
+        (!built.ctx.deactivation_requested()).then_some(guard)
     }
 
     /// Whether the activation has been idle for its whole timeout at `now_ms`.
@@ -332,7 +364,7 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
     let timers = ActivationTimers::new(&start.mailbox);
     let ctx = host.context(id.clone(), timers.clone());
 
-    let mut grain = match Box::pin(activate(&start, &ctx)).await {
+    let grain = match Box::pin(activate(&start, &ctx)).await {
         Ok(grain) => grain,
         Err(error) => {
             timers.end();
@@ -349,6 +381,7 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
             return;
         }
     };
+    *start.shared.turn.lock().await = Some(Built { grain, ctx: ctx.clone() });
     host.metrics().activations.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(grain = %id, activation = start.activation_id, "activated");
 
@@ -359,6 +392,8 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
     while let Some(mail) = start.mailbox.recv().await {
         match mail {
             Mail::Call(call) => {
+                // Taken first: a caller may be running a turn inline, and what follows is judged after it.
+                let mut turn = start.shared.turn.lock().await;
                 if call.reply.is_closed() {
                     continue; // the caller gave up (its deadline passed): do not run a call nobody waits for
                 }
@@ -377,60 +412,24 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
                     let _ = call.reply.send(Err(CallError::Timeout(Duration::ZERO)));
                     continue;
                 }
-                let span = tracing::debug_span!("grain.turn", grain = %id, method = %call.method);
-                #[cfg(feature = "otlp")]
-                let (metadata, trace) = crate::otlp::start(
-                    || format!("{}.{}", id.grain_type(), call.method),
-                    crate::otlp::Kind::Server,
-                    call.metadata,
-                    || vec![("grains.grain", id.to_string()), ("grains.silo", host.cluster().me.to_string())],
-                );
-                #[cfg(not(feature = "otlp"))]
-                let metadata = call.metadata;
-                let turn = run_in_turn(call.chain, id.clone(), metadata, grain.handle(&call.method, call.payload));
-                let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
+                let Some(built) = turn.as_mut() else {
+                    // The grain is gone: a turn run inline panicked, and a forced deactivation is queued.
+                    unrun = Some(call);
+                    break;
+                };
+                let Invocation { method, payload, chain, metadata, reply, .. } = call;
+                let request = TurnCall { method, payload, chain, metadata, started };
+                let (end, result) = run_call(&*host, &id, stats, built, request).await;
                 start.shared.touch(host.now_ms());
-                let method_stats = stats.and_then(|s| s.method(&call.method));
-                match outcome {
-                    Ok(result) => {
-                        let failed = match &result {
-                            Ok(grains::__private::runtime::Payload::Local(reply)) => reply.is_error(),
-                            Ok(grains::__private::runtime::Payload::Encoded(_)) => false,
-                            Err(_) => true,
-                        };
-                        if let Some(method_stats) = method_stats {
-                            method_stats.record(started.elapsed(), failed);
-                        }
-                        #[cfg(feature = "otlp")]
-                        if let Some(trace) = trace {
-                            trace.end(match &result {
-                                Err(error) => Some(error.to_string()),
-                                Ok(_) => failed.then(|| "the method returned its error".to_owned()),
-                            });
-                        }
-                        let _ = call.reply.send(result);
-                    }
-                    Err(panic) => {
-                        if let Some(method_stats) = method_stats {
-                            method_stats.record(started.elapsed(), true);
-                        }
-                        let message = panic_message(&*panic);
-                        #[cfg(feature = "otlp")]
-                        if let Some(trace) = trace {
-                            trace.end(Some(format!("panicked: {message}")));
-                        }
-                        tracing::error!(grain = %id, method = %call.method, %message, "grain method panicked; deactivating");
-                        let _ = call.reply.send(Err(CallError::Panicked {
-                            grain: id.to_string(),
-                            method: call.method.into_owned(),
-                            message,
-                        }));
+                let _ = reply.send(result);
+                match end {
+                    TurnEnd::Ran => {}
+                    TurnEnd::Panicked => {
+                        *turn = None;
                         panicked = true;
                         break;
                     }
-                }
-                if ctx.deactivation_requested() {
-                    break;
+                    TurnEnd::Deactivate => break,
                 }
             }
             Mail::Deactivate { force } => {
@@ -447,9 +446,15 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
                     continue; // not sure it is still a member: no turn runs, and the timer ticks on
                 }
                 let Some((mut callback, keep_alive)) = timers.take(tick.timer) else { continue };
+                let mut slot = start.shared.turn.lock().await;
+                let Some(built) = slot.as_mut() else { break };
                 let span = tracing::debug_span!("grain.timer", grain = %id, timer = tick.timer);
-                let turn =
-                    run_in_turn(current_chain(), id.clone(), RequestMetadata::new(), callback(grain.as_any_mut()));
+                let turn = run_in_turn(
+                    current_chain(),
+                    id.clone(),
+                    RequestMetadata::new(),
+                    callback(built.grain.as_any_mut()),
+                );
                 let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
                 timers.put_back(tick.timer, callback);
                 drop(tick); // its ticker goes on
@@ -459,6 +464,7 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
                 if let Err(panic) = outcome {
                     let message = panic_message(&*panic);
                     tracing::error!(grain = %id, %message, "grain timer panicked; deactivating");
+                    *slot = None;
                     panicked = true;
                     break;
                 }
@@ -474,14 +480,15 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
     // A grain that panicked may hold broken state, and a duplicate's state is not the grain's: they are
     // dropped without their on_deactivate hook.
     let evicted = start.shared.is_evicted() || host.cluster().is_stopped();
-    if !panicked && !evicted {
-        match Box::pin(AssertUnwindSafe(grain.on_deactivate(&ctx)).catch_unwind()).await {
+    // Taking the grain out ends inline turns too: a caller finding `None` queues its call instead.
+    let built = start.shared.turn.lock().await.take();
+    if let Some(mut built) = built.filter(|_| !panicked && !evicted) {
+        match Box::pin(AssertUnwindSafe(built.grain.on_deactivate(&ctx)).catch_unwind()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(grain = %id, error = %e, "on_deactivate failed"),
             Err(panic) => tracing::warn!(grain = %id, message = %panic_message(&*panic), "on_deactivate panicked"),
         }
     }
-    drop(grain);
     // No turn runs from here on: the activation no longer counts as this grain's (its unregistration may wait
     // on a remote directory, and the grain may be activated elsewhere as soon as it lands).
     start.shared.confirmed.store(false, Ordering::Release);
@@ -496,6 +503,85 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
     while let Some(mail) = start.mailbox.try_recv() {
         if let Mail::Call(call) = mail {
             host.redeliver(id.clone(), call);
+        }
+    }
+}
+
+/// How a turn ended, for whoever ran it.
+pub(crate) enum TurnEnd {
+    /// Normally: the activation serves on.
+    Ran,
+    /// The method panicked: the grain may hold broken state and must be dropped without `on_deactivate`.
+    Panicked,
+    /// The grain asked to be deactivated (`deactivate_on_idle`).
+    Deactivate,
+}
+
+/// One call as a turn runs it.
+pub(crate) struct TurnCall {
+    pub(crate) method: std::borrow::Cow<'static, str>,
+    pub(crate) payload: Payload,
+    pub(crate) chain: CallChain,
+    pub(crate) metadata: RequestMetadata,
+    /// When the turn started (its latency is measured from here).
+    pub(crate) started: Instant,
+}
+
+/// Runs `call` as one turn of `built`, on whichever task holds its turn lock; the caller has checked the
+/// lease, eviction and the deadline. Returns how the turn ended and the call's answer.
+pub(crate) async fn run_call<H: ActivationHost + ?Sized>(
+    host: &H,
+    id: &GrainId,
+    stats: Option<&TypeStats>,
+    built: &mut Built,
+    call: TurnCall,
+) -> (TurnEnd, Result<Payload, CallError>) {
+    let TurnCall { method, payload, chain, metadata, started } = call;
+    #[cfg(not(feature = "otlp"))]
+    let _ = host;
+    let span = tracing::debug_span!("grain.turn", grain = %id, method = %method);
+    #[cfg(feature = "otlp")]
+    let (metadata, trace) = crate::otlp::start(
+        || format!("{}.{}", id.grain_type(), method),
+        crate::otlp::Kind::Server,
+        metadata,
+        || vec![("grains.grain", id.to_string()), ("grains.silo", host.cluster().me.to_string())],
+    );
+    let turn = run_in_turn(chain, id.clone(), metadata, built.grain.handle(&method, payload));
+    let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
+    let method_stats = stats.and_then(|s| s.method(&method));
+    match outcome {
+        Ok(result) => {
+            let failed = match &result {
+                Ok(Payload::Local(reply)) => reply.is_error(),
+                Ok(Payload::Encoded(_)) => false,
+                Err(_) => true,
+            };
+            if let Some(method_stats) = method_stats {
+                method_stats.record(started.elapsed(), failed);
+            }
+            #[cfg(feature = "otlp")]
+            if let Some(trace) = trace {
+                trace.end(match &result {
+                    Err(error) => Some(error.to_string()),
+                    Ok(_) => failed.then(|| "the method returned its error".to_owned()),
+                });
+            }
+            let end = if built.ctx.deactivation_requested() { TurnEnd::Deactivate } else { TurnEnd::Ran };
+            (end, result)
+        }
+        Err(panic) => {
+            if let Some(method_stats) = method_stats {
+                method_stats.record(started.elapsed(), true);
+            }
+            let message = panic_message(&*panic);
+            #[cfg(feature = "otlp")]
+            if let Some(trace) = trace {
+                trace.end(Some(format!("panicked: {message}")));
+            }
+            tracing::error!(grain = %id, method = %method, %message, "grain method panicked; deactivating");
+            let error = CallError::Panicked { grain: id.to_string(), method: method.into_owned(), message };
+            (TurnEnd::Panicked, Err(error))
         }
     }
 }

@@ -9,13 +9,14 @@
 //! [`send`]: ActivationTable::send
 //! [`send_or_activate`]: ActivationTable::send_or_activate
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use grains::GrainId;
 
-use crate::activation::{ActivationHandle, Invocation, Mail};
+use crate::activation::{ActivationHandle, ActivationShared, Invocation, Mail, Mailbox, TurnGuard};
 use crate::cluster::{LocalActivations, Registration};
 use crate::maps::FastHash;
 
@@ -49,6 +50,14 @@ impl ActivationTable {
     /// Whether the table is empty.
     pub(crate) fn is_empty(&self) -> bool {
         self.map.is_empty()
+    }
+
+    /// The activation of `id` here with its turn lock, if it can run a call on the caller's task right now
+    /// (see [`ActivationShared::claim_idle`]).
+    pub(crate) fn claim_idle(&self, id: &GrainId) -> Option<(Arc<ActivationShared>, Arc<Mailbox>, TurnGuard)> {
+        let handle = self.map.get(id)?;
+        let guard = handle.shared.claim_idle(&handle.mailbox)?;
+        Some((handle.shared.clone(), handle.mailbox.clone(), guard))
     }
 
     /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back.

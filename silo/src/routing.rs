@@ -11,12 +11,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use grains::__private::runtime::Payload;
+use grains::__private::runtime::{BoxFuture, Call, Payload};
 use grains::{CallError, GrainId};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::activation::{self, ActivationHandle, ActivationShared, ActivationStart, Invocation};
+use crate::activation::{
+    self, ActivationHandle, ActivationShared, ActivationStart, Invocation, Mail, TurnCall, TurnEnd, TurnGuard,
+};
 use crate::cluster::{Backoff, Registration};
 use crate::silo::SiloInner;
 use crate::wire::{Envelope, Mode, WireGrainId};
@@ -45,6 +47,59 @@ impl SiloInner {
         self.table.send(id, invocation)?;
         self.metrics.calls.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Runs `call` on the caller's task, at its grain's activation here, idle and claimed with
+    /// [`ActivationTable::claim_idle`](crate::activation_table::ActivationTable::claim_idle): no mailbox, no
+    /// wake-up of the activation task, no reply channel. The turn holds the activation's turn lock, so it is
+    /// still the only turn of the grain running; calls arriving meanwhile queue in the mailbox and run after it.
+    /// A turn outliving the call's deadline is finished on a task of its own (a turn is never cut short) while
+    /// the caller gets its timeout.
+    pub(crate) fn run_inline(
+        &self,
+        (shared, mailbox, mut guard): (Arc<ActivationShared>, Arc<activation::Mailbox>, TurnGuard),
+        call: Call,
+        encoded: bool,
+    ) -> BoxFuture<'static, Result<Payload, CallError>> {
+        let started = Instant::now();
+        let deadline = call.deadline;
+        if started >= deadline {
+            return Box::pin(std::future::ready(Err(CallError::Timeout(Duration::ZERO))));
+        }
+        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+        let host = self.arc();
+        let Call { target: id, method, payload, chain, metadata, .. } = call;
+        let turn = async move {
+            let Some(built) = guard.as_mut() else { unreachable!("claimed with its grain built") };
+            let stats = host.metrics.grain_type(id.grain_type());
+            let request = TurnCall { method, payload, chain, metadata, started };
+            let (end, result) = activation::run_call(&*host, &id, stats, built, request).await;
+            shared.touch(host.now_ms());
+            match end {
+                TurnEnd::Ran => {}
+                TurnEnd::Panicked => {
+                    *guard = None; // dropped without on_deactivate; the activation task leaves next
+                    drop(guard);
+                    let _ = mailbox.send(Mail::Deactivate { force: true });
+                }
+                TurnEnd::Deactivate => {
+                    drop(guard);
+                    let _ = mailbox.send(Mail::Deactivate { force: true });
+                }
+            }
+            result
+        };
+        Box::pin(async move {
+            let mut turn = Box::pin(turn);
+            let result = match tokio::time::timeout_at(deadline, &mut turn).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tokio::spawn(turn);
+                    return Err(CallError::Timeout(deadline.saturating_duration_since(started)));
+                }
+            };
+            if encoded { Ok(Payload::Encoded(result?.into_bytes()?)) } else { result }
+        })
     }
 
     /// Delivers the call here, activating the grain if it has no activation here.

@@ -258,6 +258,9 @@ impl GrainRuntime for SiloInner {
                 return Box::pin(std::future::ready(Err(error)));
             }
         }
+        if let Some(claim) = self.table.claim_idle(&call.target) {
+            return self.run_inline(claim, call, encoded);
+        }
         let (reply, waiter) = oneshot::channel();
         let (id, invocation) = Invocation::of(call, reply);
         let deadline = invocation.deadline;

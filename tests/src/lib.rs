@@ -137,6 +137,11 @@ impl Counter {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 
+    /// The id of the tokio task running this turn.
+    pub async fn task(&self) -> String {
+        format!("{:?}", tokio::task::try_id())
+    }
+
     /// Panics inside a turn.
     pub async fn explode(&mut self) -> u64 {
         panic!("counter exploded on purpose")

@@ -144,6 +144,38 @@ async fn a_call_past_its_deadline_ends_in_timeout() {
     silo.shutdown(Duration::from_secs(5)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_call_to_an_idle_activation_runs_on_the_callers_task_and_a_busy_one_queues() {
+    let silo = start_silo(test_config()).await;
+    let counter = silo.grain::<Counter>("inline");
+    counter.increment().await.unwrap().unwrap(); // activated (its first turn runs on the activation's task)
+    let here = format!("{:?}", tokio::task::try_id());
+    assert_eq!(counter.task().await.unwrap(), here, "an idle activation's turn runs on the caller's task");
+    // While one caller's turn runs, another's call queues and runs on the activation's task, after it.
+    let slow = tokio::spawn({
+        let counter = counter.clone();
+        async move { counter.increment_slowly(300).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let other = counter.task().await.unwrap();
+    assert_ne!(other, here);
+    assert_eq!(slow.await.unwrap().unwrap().unwrap(), 2);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_run_inline_is_finished_after_its_caller_times_out() {
+    let silo = start_silo(test_config()).await;
+    let counter = silo.grain::<Counter>("inline-timeout");
+    counter.increment().await.unwrap().unwrap();
+    // The caller gives up at 100 ms; the turn it started is not cut short: its write lands.
+    let result = counter.with_timeout(Duration::from_millis(100)).increment_slowly(400).await;
+    assert!(matches!(result, Err(CallError::Timeout(_))), "got {result:?}");
+    assert_eq!(counter.get().await.unwrap(), 2, "the timed-out turn ran to its end, before the next one");
+    assert_eq!(counter.increment().await.unwrap().unwrap(), 3);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test]
 async fn the_silo_default_deadline_applies_to_calls_without_their_own() {
     let config = grains_silo::SiloConfig { call_timeout: Duration::from_millis(100), ..test_config() };
