@@ -76,6 +76,10 @@ impl SiloInner {
         if mode == Mode::Route && !self.filters.is_empty() {
             self.filter(caller, &call)?;
         }
+        if let Some(claim) = self.table.claim_idle(&call.target) {
+            // Its activation is here and idle (whatever the mode said): the turn runs on this task.
+            return Ok(self.run_inline(claim, call, true).await?.into_bytes()?);
+        }
         let (reply, waiter) = oneshot::channel();
         let (id, invocation) = Invocation::of(call, reply);
         let deadline = invocation.deadline;

@@ -21,6 +21,21 @@ async fn silo_with_gateway(max_payload_bytes: usize) -> (Silo, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_call_to_an_idle_activation_runs_on_the_gateway_task_serving_it() {
+    let (silo, url) = silo_with_gateway(4 << 20).await;
+    let client = Client::connect(&url).await.unwrap();
+    let counter = client.grain::<Counter>("gateway-inline");
+    // The first call activates the grain and runs on the activation's own task.
+    let activation_task = counter.task().await.unwrap();
+    // Warm and idle, later calls run on the task serving each request: a different one each time.
+    let (second, third) = (counter.task().await.unwrap(), counter.task().await.unwrap());
+    assert_ne!(second, activation_task);
+    assert_ne!(third, activation_task);
+    assert_ne!(second, third);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_external_client_calls_grains_with_every_key_shape() {
     let (silo, url) = silo_with_gateway(4 << 20).await;
     let client = Client::connect(&url).await.unwrap();
