@@ -42,6 +42,8 @@ pub(crate) trait ActivationHost: Send + Sync + 'static {
     fn metrics(&self) -> &Metrics;
     /// The coarse clock idleness is judged by (milliseconds since the silo started).
     fn now_ms(&self) -> u64;
+    /// The same clock, shared, for turns run away from the host (see [`Built`]).
+    fn coarse_clock(&self) -> &Arc<AtomicU64>;
     /// How long registration with the directory may take.
     fn call_timeout(&self) -> Duration;
     /// The routing cache's capacity (a losing duplicate remembers the winner).
@@ -203,10 +205,25 @@ pub(crate) struct ActivationShared {
 /// The turn lock of an activation, held by a caller running its call inline.
 pub(crate) type TurnGuard = tokio::sync::OwnedMutexGuard<Option<Built>>;
 
-/// A built grain and its context: what a turn needs.
+/// A built grain and what its turns need, so that a caller running a turn inline needs nothing of the silo
+/// (no reference count of it touched per call).
 pub(crate) struct Built {
     grain: Box<dyn ErasedGrain>,
     ctx: GrainContext,
+    /// The grain type's per-method counters.
+    stats: Option<Arc<TypeStats>>,
+    /// The silo's coarse clock, for idleness.
+    clock: Arc<AtomicU64>,
+    /// The silo, named in exported spans.
+    #[cfg(feature = "otlp")]
+    silo: grains_storage::SiloAddress,
+}
+
+impl Built {
+    /// The coarse clock's time (milliseconds since the silo started).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.clock.load(Ordering::Relaxed)
+    }
 }
 
 impl std::fmt::Debug for Built {
@@ -381,14 +398,19 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
             return;
         }
     };
-    *start.shared.turn.lock().await = Some(Built { grain, ctx: ctx.clone() });
+    *start.shared.turn.lock().await = Some(Built {
+        grain,
+        ctx: ctx.clone(),
+        stats: host.metrics().grain_type(start.grain_type.type_name).cloned(),
+        clock: host.coarse_clock().clone(),
+        #[cfg(feature = "otlp")]
+        silo: host.cluster().me.clone(),
+    });
     host.metrics().activations.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(grain = %id, activation = start.activation_id, "activated");
 
     let mut panicked = false;
     let mut unrun = None;
-    // Per-method counters: found once per activation, updated with atomics per call.
-    let stats = host.metrics().grain_type(start.grain_type.type_name);
     while let Some(mail) = start.mailbox.recv().await {
         match mail {
             Mail::Call(call) => {
@@ -419,7 +441,7 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
                 };
                 let Invocation { method, payload, chain, metadata, reply, .. } = call;
                 let request = TurnCall { method, payload, chain, metadata, started };
-                let (end, result) = run_call(&*host, &id, stats, built, request).await;
+                let (end, result) = run_call(&id, built, request).await;
                 start.shared.touch(host.now_ms());
                 let _ = reply.send(result);
                 match end {
@@ -529,27 +551,19 @@ pub(crate) struct TurnCall {
 
 /// Runs `call` as one turn of `built`, on whichever task holds its turn lock; the caller has checked the
 /// lease, eviction and the deadline. Returns how the turn ended and the call's answer.
-pub(crate) async fn run_call<H: ActivationHost + ?Sized>(
-    host: &H,
-    id: &GrainId,
-    stats: Option<&TypeStats>,
-    built: &mut Built,
-    call: TurnCall,
-) -> (TurnEnd, Result<Payload, CallError>) {
+pub(crate) async fn run_call(id: &GrainId, built: &mut Built, call: TurnCall) -> (TurnEnd, Result<Payload, CallError>) {
     let TurnCall { method, payload, chain, metadata, started } = call;
-    #[cfg(not(feature = "otlp"))]
-    let _ = host;
     let span = tracing::debug_span!("grain.turn", grain = %id, method = %method);
     #[cfg(feature = "otlp")]
     let (metadata, trace) = crate::otlp::start(
         || format!("{}.{}", id.grain_type(), method),
         crate::otlp::Kind::Server,
         metadata,
-        || vec![("grains.grain", id.to_string()), ("grains.silo", host.cluster().me.to_string())],
+        || vec![("grains.grain", id.to_string()), ("grains.silo", built.silo.to_string())],
     );
     let turn = run_in_turn(chain, id.clone(), metadata, built.grain.handle(&method, payload));
     let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
-    let method_stats = stats.and_then(|s| s.method(&method));
+    let method_stats = built.stats.as_ref().and_then(|s| s.method(&method));
     match outcome {
         Ok(result) => {
             let failed = match &result {

@@ -16,13 +16,14 @@ use serde::{Deserialize, Serialize};
 /// Live counters, updated with relaxed atomics on the call path.
 #[derive(Debug)]
 pub(crate) struct Metrics {
-    pub(crate) calls: AtomicU64,
+    /// Counted on every call, from every worker: sharded like the method counters.
+    pub(crate) calls: ShardedCounter,
     pub(crate) call_errors: AtomicU64,
     pub(crate) activations: AtomicU64,
     pub(crate) activation_failures: AtomicU64,
     pub(crate) deactivations: AtomicU64,
     /// Per grain type, per method: calls, errors, latency. Fixed at start (every type linked in).
-    grain_types: HashMap<&'static str, TypeStats, crate::maps::FastHash>,
+    grain_types: HashMap<&'static str, Arc<TypeStats>, crate::maps::FastHash>,
     /// Latency of grain-state operations, shared with the silo's state store.
     pub(crate) storage: Arc<StorageStats>,
     /// When the silo started (for its uptime).
@@ -35,12 +36,12 @@ pub(crate) struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self {
-            calls: AtomicU64::new(0),
+            calls: ShardedCounter::default(),
             call_errors: AtomicU64::new(0),
             activations: AtomicU64::new(0),
             activation_failures: AtomicU64::new(0),
             deactivations: AtomicU64::new(0),
-            grain_types: GrainRegistration::all().map(|r| (r.type_name, TypeStats::new(r))).collect(),
+            grain_types: GrainRegistration::all().map(|r| (r.type_name, Arc::new(TypeStats::new(r)))).collect(),
             storage: Arc::default(),
             started: std::time::Instant::now(),
             #[cfg(feature = "postgres")]
@@ -190,6 +191,32 @@ fn shard_index() -> usize {
     INDEX.with(|index| *index)
 }
 
+/// A counter every worker adds to, kept in [`SHARDS`] copies on cache lines of their own.
+#[derive(Debug)]
+pub(crate) struct ShardedCounter(Box<[PaddedCount]>);
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct PaddedCount(AtomicU64);
+
+impl Default for ShardedCounter {
+    fn default() -> Self {
+        Self((0..SHARDS).map(|_| PaddedCount::default()).collect())
+    }
+}
+
+impl ShardedCounter {
+    /// Adds one, on the calling thread's shard.
+    pub(crate) fn increment(&self) {
+        self.0[shard_index()].0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The total.
+    pub(crate) fn sum(&self) -> u64 {
+        self.0.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
+    }
+}
+
 /// One shard of a method's counters, on cache lines of its own.
 #[derive(Debug, Default)]
 #[repr(align(128))]
@@ -286,7 +313,7 @@ pub(crate) struct StorageSnapshot {
 
 impl Metrics {
     /// The counters of grain type `name`, if it is linked into this binary.
-    pub(crate) fn grain_type(&self, name: &str) -> Option<&TypeStats> {
+    pub(crate) fn grain_type(&self, name: &str) -> Option<&Arc<TypeStats>> {
         self.grain_types.get(name)
     }
 
@@ -407,7 +434,7 @@ pub struct MetricsSnapshot {
 impl Metrics {
     pub(crate) fn snapshot(&self, active: usize, directory_entries: usize) -> MetricsSnapshot {
         MetricsSnapshot {
-            calls: self.calls.load(Ordering::Relaxed),
+            calls: self.calls.sum(),
             call_errors: self.call_errors.load(Ordering::Relaxed),
             activations: self.activations.load(Ordering::Relaxed),
             activation_failures: self.activation_failures.load(Ordering::Relaxed),

@@ -7,7 +7,6 @@
 //! moving grain ("not here", "shutting down", an unreachable owner) is routed again, within its deadline.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,7 +44,7 @@ impl SiloInner {
     /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back.
     pub(crate) fn try_local(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
         self.table.send(id, invocation)?;
-        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics.calls.increment();
         Ok(())
     }
 
@@ -66,15 +65,13 @@ impl SiloInner {
         if started >= deadline {
             return Box::pin(std::future::ready(Err(CallError::Timeout(Duration::ZERO))));
         }
-        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
-        let host = self.arc();
+        self.metrics.calls.increment();
         let Call { target: id, method, payload, chain, metadata, .. } = call;
         let turn = async move {
             let Some(built) = guard.as_mut() else { unreachable!("claimed with its grain built") };
-            let stats = host.metrics.grain_type(id.grain_type());
             let request = TurnCall { method, payload, chain, metadata, started };
-            let (end, result) = activation::run_call(&*host, &id, stats, built, request).await;
-            shared.touch(host.now_ms());
+            let (end, result) = activation::run_call(&id, built, request).await;
+            shared.touch(built.now_ms());
             match end {
                 TurnEnd::Ran => {}
                 TurnEnd::Panicked => {
@@ -105,7 +102,7 @@ impl SiloInner {
     /// Delivers the call here, activating the grain if it has no activation here.
     pub(crate) fn deliver_here(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
         self.table.send_or_activate(id, invocation, || self.spawn_activation(id))?;
-        self.metrics.calls.fetch_add(1, Ordering::Relaxed);
+        self.metrics.calls.increment();
         Ok(())
     }
 

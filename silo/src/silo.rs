@@ -66,7 +66,7 @@ pub(crate) struct SiloInner {
     pub(crate) cluster: Arc<Cluster>,
     pub(crate) reminders: Arc<ReminderService>,
     clock_origin: Instant,
-    coarse_now_ms: AtomicU64,
+    coarse_now_ms: Arc<AtomicU64>,
     /// Set when a graceful shutdown begins: new calls are refused.
     shutting_down: AtomicBool,
     /// Set when an operator asks the silo to stop (`POST /silo/shutdown`); its owner carries it out.
@@ -91,7 +91,7 @@ impl SiloInner {
             cluster,
             reminders,
             clock_origin: Instant::now(),
-            coarse_now_ms: AtomicU64::new(0),
+            coarse_now_ms: Arc::new(AtomicU64::new(0)),
             shutting_down: AtomicBool::new(false),
             shutdown_requested: tokio::sync::watch::Sender::new(false),
             metrics,
@@ -228,6 +228,10 @@ impl ActivationHost for SiloInner {
 
     fn now_ms(&self) -> u64 {
         SiloInner::now_ms(self)
+    }
+
+    fn coarse_clock(&self) -> &Arc<AtomicU64> {
+        &self.coarse_now_ms
     }
 
     fn call_timeout(&self) -> Duration {
