@@ -339,6 +339,13 @@ impl ConnectionPool {
         if let Some(conn) = self.open.get(endpoint).filter(|c| c.is_alive()) {
             return Ok(conn.clone());
         }
+        // Opening is rare and its future large (TLS, HTTP/2, the handshake): boxed, so that every future
+        // awaiting `get` — each call, each directory request — stays small.
+        Box::pin(self.open(endpoint)).await
+    }
+
+    /// Opens the connection to `endpoint`, one opening at a time per endpoint.
+    async fn open(&self, endpoint: &str) -> Result<Arc<Connection>, CallError> {
         let gate = self.opening.entry(endpoint.to_owned()).or_default().clone();
         let _single_flight = gate.lock().await;
         if let Some(conn) = self.open.get(endpoint).filter(|c| c.is_alive()) {
