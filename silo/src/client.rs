@@ -397,6 +397,16 @@ async fn probe_until_answered(client: Weak<ClientInner>, gateway: String) {
     }
 }
 
+impl Drop for ClientInner {
+    /// The last handle is gone (every `Client` clone, grain reference and call in flight hold the inner client):
+    /// close the connections. Each connection's reader task holds the connection, and with it the stream's
+    /// sending half, so without this a dropped client's streams would stay open — kept alive by their pings —
+    /// and hold a connection slot at every gateway it used.
+    fn drop(&mut self) {
+        self.connections.retain(|_| false);
+    }
+}
+
 impl GrainRuntime for ClientInner {
     fn invoke(&self, call: Call) -> BoxFuture<'static, Result<Payload, CallError>> {
         let Some(client) = self.this.upgrade() else {

@@ -1,8 +1,11 @@
 //! The envelope protocol spoken between clients and silos: prost messages on one bidirectional gRPC stream.
 //!
-//! The messages are derived in Rust with prost's derives (no `protoc` at build time, and no `.proto` file: the
-//! structs below, with their field tags, are the schema a client in another language follows). Each connection carries many calls at once: a request and its
-//! response share a `correlation_id`, and responses come back in completion order.
+//! The messages are derived in Rust with prost's derives (no `protoc` at build time). The same schema is published
+//! for clients in other languages as `silo/proto/grains.proto` (package `grains.v1`, service `Gateway`, method
+//! `Connect`): a test in the `tests` crate (`tests/tests/proto.rs`) compiles it and checks it field for field
+//! against the structs below, both ways, and calls a silo through it with a plain gRPC client, so the two cannot
+//! drift apart. Each connection carries many calls at once: a request and its response share a
+//! `correlation_id`, and responses come back in completion order.
 //!
 //! A frame that cannot be decoded, or that is larger than the payload limit, is answered with a typed error
 //! for its correlation id (read from the frame's first field when possible, else 0) and the stream keeps

@@ -57,6 +57,28 @@ async fn an_external_client_calls_grains_with_every_key_shape() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_client_closes_its_connection() {
+    // A gateway that takes one connection at a time: a client that kept its connection open after being
+    // dropped would lock every later client out.
+    let config = SiloConfig { port: 0, gateway: true, max_connections: 1, ..grains_tests::test_config() };
+    let silo = start_silo(config).await;
+    let url = format!("http://{}", silo.gateway_addr().expect("gateway runs"));
+    for round in 0..3 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let client = loop {
+            match Client::connect(&url).await {
+                Ok(client) => break client,
+                // The last client's connection may still be closing.
+                Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => panic!("round {round}: the previous client's connection was never closed: {e}"),
+            }
+        };
+        client.grain::<Counter>("dropped-client").increment().await.unwrap().unwrap();
+    }
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_calls_share_one_connection() {
     let (silo, url) = silo_with_gateway(4 << 20).await;
     let client = Client::connect(&url).await.unwrap();

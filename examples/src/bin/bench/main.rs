@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
         local::run(window).await?;
     }
     if wants(Section::Remote) {
-        remote::run(window).await?;
+        remote::run(window, if args.quick { 20 } else { 200 }).await?;
     }
     if wants(Section::Activations) {
         activations::run(if args.quick { 20_000 } else { 1_000_000 }).await?;

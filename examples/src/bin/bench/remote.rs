@@ -1,6 +1,9 @@
 //! Calls that leave the process: external client → silo over loopback, and silo → silo (a grain call from
 //! one silo to a grain on another), beside a raw tonic unary echo (one shared channel) and a raw
-//! length-prefixed TCP echo (one connection per caller), both implemented here.
+//! length-prefixed TCP echo (one connection per caller), both implemented here. Each row shows the process's CPU
+//! time per call (both ends of the call run in this process, so it counts the caller's side and the callee's).
+//! A last row times what a short-lived caller pays: a fresh client's connect plus its first call, beside a raw
+//! TCP connect plus one echo.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -16,13 +19,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
-use crate::harness::{Stats, header, measure, row};
+use crate::harness::{Stats, header_with_cpu, measure, measure_sequential, row_with_cpu};
 use crate::local::{Echo, EchoRef};
 
 const CALLERS: [usize; 3] = [1, 64, 256];
 
-/// Measures the remote call paths at 1, 64 and 256 callers.
-pub(crate) async fn run(window: Duration) -> anyhow::Result<()> {
+/// Measures the remote call paths at 1, 64 and 256 callers, and `connects` fresh connections one at a time.
+pub(crate) async fn run(window: Duration, connects: usize) -> anyhow::Result<()> {
     let table: Arc<dyn MembershipTable> = Arc::new(MemoryMembershipTable::new());
     let config = |name: &str| SiloConfig {
         name: name.to_owned(),
@@ -76,14 +79,7 @@ pub(crate) async fn run(window: Duration) -> anyhow::Result<()> {
         tcp_baselines.push(
             measure(callers, window, move |w| {
                 let conn = conns[w].clone();
-                async move {
-                    let mut stream = conn.lock().await;
-                    stream.write_all(&[0, 0, 0, 2, 0x91, 0x01]).await?;
-                    let len = stream.read_u32().await? as usize;
-                    let mut body = vec![0u8; len];
-                    stream.read_exact(&mut body).await?;
-                    Ok(())
-                }
+                async move { echo_once(&mut *conn.lock().await).await }
             })
             .await?,
         );
@@ -116,24 +112,53 @@ pub(crate) async fn run(window: Duration) -> anyhow::Result<()> {
         cross_stats.push(measure_calls(refs, window).await?);
     }
 
-    header("External client → silo over loopback", "tonic unary");
+    // A fresh client per call: connect, then one call to a grain that is already active.
+    let gateway = format!("http://{}", a.gateway_addr().expect("listening"));
+    client.grain::<Echo>("connect").bump(0).await?;
+    let fresh = measure_sequential(connects, || {
+        let gateway = gateway.clone();
+        async move {
+            let client = Client::connect(&gateway).await?;
+            client.grain::<Echo>("connect").bump(1).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    let fresh_tcp = measure_sequential(connects, || async move {
+        let mut stream = TcpStream::connect(tcp_addr).await?;
+        stream.set_nodelay(true)?;
+        echo_once(&mut stream).await
+    })
+    .await?;
+
+    header_with_cpu("External client → silo over loopback", "tonic unary");
     for (i, callers) in CALLERS.iter().enumerate() {
-        row("client call", *callers, client_stats[i], tonic_baselines[i]);
+        row_with_cpu("client call", *callers, client_stats[i], tonic_baselines[i]);
     }
-    header("External client → silo over loopback", "raw TCP echo");
+    header_with_cpu("External client → silo over loopback", "raw TCP echo");
     for (i, callers) in CALLERS.iter().enumerate() {
-        row("client call", *callers, client_stats[i], tcp_baselines[i]);
+        row_with_cpu("client call", *callers, client_stats[i], tcp_baselines[i]);
     }
-    header("Silo → silo, grain call to another silo", "tonic unary");
+    row_with_cpu("connect + first call", 1, fresh, fresh_tcp);
+    header_with_cpu("Silo → silo, grain call to another silo", "tonic unary");
     for (i, callers) in CALLERS.iter().enumerate() {
-        row("cross-silo call", *callers, cross_stats[i], tonic_baselines[i]);
+        row_with_cpu("cross-silo call", *callers, cross_stats[i], tonic_baselines[i]);
     }
-    header("Silo → silo, grain call to another silo", "raw TCP echo");
+    header_with_cpu("Silo → silo, grain call to another silo", "raw TCP echo");
     for (i, callers) in CALLERS.iter().enumerate() {
-        row("cross-silo call", *callers, cross_stats[i], tcp_baselines[i]);
+        row_with_cpu("cross-silo call", *callers, cross_stats[i], tcp_baselines[i]);
     }
     a.shutdown(Duration::from_secs(5)).await;
     b.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+/// One request and its reply on the raw TCP echo.
+async fn echo_once(stream: &mut TcpStream) -> anyhow::Result<()> {
+    stream.write_all(&[0, 0, 0, 2, 0x91, 0x01]).await?;
+    let len = stream.read_u32().await? as usize;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
     Ok(())
 }
 
