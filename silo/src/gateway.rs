@@ -34,8 +34,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use grains::__private::runtime::BoxFuture;
 use grains::CallError;
 use tokio::sync::{mpsc, watch};
@@ -240,12 +238,6 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
 /// connection drains: it keeps answering (a stopping silo refuses grain calls with `ShuttingDown`, which callers
 /// retry elsewhere) until the peer has sent nothing for a moment, then reading ends and the response stream
 /// closes once the last call in flight has been answered.
-///
-/// The calls in flight are driven by this same task (a set of futures beside the reader), not a task each: a
-/// request for an active grain goes into its mailbox as soon as its frame is read — no spawned task to be
-/// scheduled first — and the reply is sent from here when the activation answers. Each call still waits on its
-/// own, so one slow grain holds up no other call on the connection; a call that needs routing elsewhere is
-/// handed to a task of its own by the call path, as from anywhere else.
 async fn serve_connection(
     silo: Arc<SiloInner>,
     caller: Caller,
@@ -261,27 +253,22 @@ async fn serve_connection(
     // The cluster's silos carry each other's whole traffic on one connection: only clients are limited.
     let limit = silo.config.max_calls_per_connection;
     let calls_in_flight = matches!(caller, Caller::Client).then(|| Arc::new(tokio::sync::Semaphore::new(limit)));
-    let mut calls = FuturesUnordered::new();
-    let drain_idle = tokio::time::sleep(DRAIN_IDLE);
-    tokio::pin!(drain_idle);
     loop {
-        let next = tokio::select! {
-            biased; // no random branch order: a simulated run repeats exactly
-            Some(reply) = calls.next(), if !calls.is_empty() => {
-                let _ = outbound.send(Ok(reply));
-                continue;
+        let next = if draining {
+            match tokio::time::timeout(DRAIN_IDLE, inbound.message()).await {
+                Ok(next) => next,
+                Err(_) => break,
             }
-            next = inbound.message() => next,
-            () = &mut stop, if !draining => {
-                draining = true;
-                drain_idle.as_mut().reset(tokio::time::Instant::now() + DRAIN_IDLE);
-                continue;
+        } else {
+            tokio::select! {
+                biased; // no random branch order: a simulated run repeats exactly
+                next = inbound.message() => next,
+                () = &mut stop => {
+                    draining = true;
+                    continue;
+                }
             }
-            () = &mut drain_idle, if draining => break,
         };
-        if draining {
-            drain_idle.as_mut().reset(tokio::time::Instant::now() + DRAIN_IDLE);
-        }
         let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
@@ -308,7 +295,22 @@ async fn serve_connection(
                     },
                     None => None,
                 };
-                calls.push(serve_call(silo.clone(), envelope, identity.clone(), permit));
+                let silo = silo.clone();
+                let outbound = outbound.clone();
+                let identity = identity.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let correlation_id = envelope.correlation_id;
+                    let limit = silo.config.max_payload_bytes;
+                    let result = silo.serve_request(envelope, &identity).await.and_then(|reply| {
+                        if reply.len() > limit {
+                            Err(CallError::PayloadTooLarge { size: reply.len() as u64, limit: limit as u64 })
+                        } else {
+                            Ok(reply)
+                        }
+                    });
+                    let _ = outbound.send(Ok(Envelope::response(correlation_id, result)));
+                });
             }
             Inbound::Envelope(envelope) => {
                 let error = CallError::Protocol("a client sends requests only".to_owned());
@@ -326,31 +328,7 @@ async fn serve_connection(
             }
         }
     }
-    // Reading has ended: answer the calls still in flight, then the response stream closes.
-    while let Some(reply) = calls.next().await {
-        let _ = outbound.send(Ok(reply));
-    }
     tracing::debug!("gateway connection closed");
-}
-
-/// Serves one request and makes its response, holding the connection's `permit` for a call slot until then.
-async fn serve_call(
-    silo: Arc<SiloInner>,
-    envelope: Envelope,
-    identity: Arc<CallerIdentity>,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-) -> Envelope {
-    let _permit = permit;
-    let correlation_id = envelope.correlation_id;
-    let limit = silo.config.max_payload_bytes;
-    let result = silo.serve_request(envelope, &identity).await.and_then(|reply| {
-        if reply.len() > limit {
-            Err(CallError::PayloadTooLarge { size: reply.len() as u64, limit: limit as u64 })
-        } else {
-            Ok(reply)
-        }
-    });
-    Envelope::response(correlation_id, result)
 }
 
 /// Whether `caller` may make the request in `envelope`. Silos may make any; a client makes grain calls to be
