@@ -20,6 +20,9 @@ use crate::activation::{ActivationHandle, ActivationShared, Invocation, Mail, Ma
 use crate::cluster::{LocalActivations, Registration};
 use crate::maps::FastHash;
 
+/// Shards of the activation table (a power of two).
+const SHARDS: usize = 256;
+
 /// How many times a call is re-aimed at a mailbox that closed under it before routing it afresh.
 const MAX_DELIVERY_ATTEMPTS: usize = 16;
 
@@ -32,7 +35,10 @@ pub(crate) struct ActivationTable {
 
 impl Default for ActivationTable {
     fn default() -> Self {
-        Self { map: DashMap::with_hasher(FastHash::default()), next_activation_id: AtomicU64::new(1) }
+        // Every call reads this map, taking its shard's lock (an atomic write): many shards keep two cores
+        // calling different grains off each other's cache lines.
+        let map = DashMap::with_hasher_and_shard_amount(FastHash::default(), SHARDS);
+        Self { map, next_activation_id: AtomicU64::new(1) }
     }
 }
 

@@ -31,20 +31,19 @@ pub(crate) async fn run(window: Duration) -> anyhow::Result<()> {
     let silo = Silo::builder().config(SiloConfig { gateway: false, ..SiloConfig::default() }).start().await?;
     header("Local call, warm activation, same silo", "mpsc+oneshot");
     for callers in [1usize, 64] {
-        let refs: Vec<EchoRef> = (0..callers).map(|i| silo.grain::<Echo>(i as i64)).collect();
-        for r in &refs {
+        // Each caller uses its own reference, as a caller holding one would: no clone per call (a reference's
+        // clone counts a reference to the silo, one counter every core would write). Leaked: a bench's lifetime.
+        let refs: &'static [EchoRef] = (0..callers).map(|i| silo.grain::<Echo>(i as i64)).collect::<Vec<_>>().leak();
+        for r in refs {
             r.bump(0).await?; // warm: activate before measuring
         }
-        let ours = measure(callers, window, move |w| {
-            let r = refs[w].clone();
-            async move {
-                r.bump(1).await?;
-                Ok(())
-            }
+        let ours = measure(callers, window, move |w| async move {
+            refs[w].bump(1).await?;
+            Ok(())
         })
         .await?;
 
-        let actors: Vec<mpsc::UnboundedSender<(u64, oneshot::Sender<u64>)>> = (0..callers)
+        let actors: &'static [mpsc::UnboundedSender<(u64, oneshot::Sender<u64>)>] = (0..callers)
             .map(|_| {
                 let (tx, mut rx) = mpsc::unbounded_channel::<(u64, oneshot::Sender<u64>)>();
                 tokio::spawn(async move {
@@ -54,15 +53,13 @@ pub(crate) async fn run(window: Duration) -> anyhow::Result<()> {
                 });
                 tx
             })
-            .collect();
-        let baseline = measure(callers, window, move |w| {
-            let actor = actors[w].clone();
-            async move {
-                let (tx, rx) = oneshot::channel();
-                actor.send((1, tx)).map_err(|_| anyhow::anyhow!("actor gone"))?;
-                rx.await?;
-                Ok(())
-            }
+            .collect::<Vec<_>>()
+            .leak();
+        let baseline = measure(callers, window, move |w| async move {
+            let (tx, rx) = oneshot::channel();
+            actors[w].send((1, tx)).map_err(|_| anyhow::anyhow!("actor gone"))?;
+            rx.await?;
+            Ok(())
         })
         .await?;
         row("local call", callers, ours, baseline);
