@@ -207,6 +207,14 @@ pub(crate) struct ActivationShared {
 /// The turn lock of an activation, held by a caller running its call inline.
 pub(crate) type TurnGuard = tokio::sync::OwnedMutexGuard<Option<Built>>;
 
+/// An idle activation claimed by a caller to run its call inline: the turn lock, and what the turn's end may
+/// need (the idle stamp; the mailbox, to queue the activation's departure).
+pub(crate) struct IdleClaim {
+    pub(crate) shared: Arc<ActivationShared>,
+    pub(crate) mailbox: Arc<Mailbox>,
+    pub(crate) guard: TurnGuard,
+}
+
 /// A built grain and what its turns need, so that a caller running a turn inline needs nothing of the silo
 /// (no reference count of it touched per call).
 pub(crate) struct Built {

@@ -9,14 +9,13 @@
 //! [`send`]: ActivationTable::send
 //! [`send_or_activate`]: ActivationTable::send_or_activate
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use grains::GrainId;
 
-use crate::activation::{ActivationHandle, ActivationShared, Invocation, Mail, Mailbox, TurnGuard};
+use crate::activation::{ActivationHandle, IdleClaim, Invocation, Mail};
 use crate::cluster::{LocalActivations, Registration};
 use crate::maps::FastHash;
 
@@ -59,11 +58,11 @@ impl ActivationTable {
     }
 
     /// The activation of `id` here with its turn lock, if it can run a call on the caller's task right now
-    /// (see [`ActivationShared::claim_idle`]).
-    pub(crate) fn claim_idle(&self, id: &GrainId) -> Option<(Arc<ActivationShared>, Arc<Mailbox>, TurnGuard)> {
+    /// (see [`ActivationShared::claim_idle`](crate::activation::ActivationShared::claim_idle)).
+    pub(crate) fn claim_idle(&self, id: &GrainId) -> Option<IdleClaim> {
         let handle = self.map.get(id)?;
         let guard = handle.shared.claim_idle(&handle.mailbox)?;
-        Some((handle.shared.clone(), handle.mailbox.clone(), guard))
+        Some(IdleClaim { shared: handle.shared.clone(), mailbox: handle.mailbox.clone(), guard })
     }
 
     /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back.

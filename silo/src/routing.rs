@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::activation::{
-    self, ActivationHandle, ActivationShared, ActivationStart, Invocation, Mail, TurnCall, TurnEnd, TurnGuard,
+    self, ActivationHandle, ActivationShared, ActivationStart, IdleClaim, Invocation, Mail, TurnCall, TurnEnd,
 };
 use crate::cluster::{Backoff, Registration};
 use crate::silo::SiloInner;
@@ -56,7 +56,7 @@ impl SiloInner {
     /// the caller gets its timeout.
     pub(crate) fn run_inline(
         &self,
-        (shared, mailbox, mut guard): (Arc<ActivationShared>, Arc<activation::Mailbox>, TurnGuard),
+        IdleClaim { shared, mailbox, mut guard }: IdleClaim,
         call: Call,
         encoded: bool,
     ) -> BoxFuture<'static, Result<Payload, CallError>> {
@@ -159,8 +159,7 @@ impl SiloInner {
             let cached = self.cluster.cache.get(&id).map(|r| r.clone());
             let (registration, mode) = match cached {
                 Some(registration) => (registration, Mode::Cached),
-                // Cold and large (a directory round trip; below, a connection being opened): boxed, so a route
-                // task stays small.
+                // Cold and large (a directory round trip): boxed, so a route task stays small.
                 None => match Box::pin(self.cluster.locate(&id, self.placement(&id), deadline)).await {
                     Ok(registration) => {
                         // Local activations are found through the table; only remote locations are cached.
@@ -197,7 +196,7 @@ impl SiloInner {
                 Err(e) => return fail(invocation, e.into()),
             };
             invocation.payload = Payload::Encoded(payload.clone());
-            let conn = match Box::pin(self.cluster.peer(&registration.silo)).await {
+            let conn = match self.cluster.peer(&registration.silo).await {
                 Ok(conn) => conn,
                 Err(error) => {
                     // Nothing was sent: safe to try again once membership or the directory has moved on.
