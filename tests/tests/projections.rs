@@ -313,10 +313,17 @@ async fn a_postgres_projection_whose_silos_stop_mid_stream_applies_every_event_e
         acknowledged += writer.await.unwrap();
     }
     let last: i64 = sqlx::query_scalar("SELECT max(position) FROM grains_journal").fetch_one(&pool).await.unwrap();
-    wait_until(Duration::from_secs(30), "the projection to catch up", async || {
-        grains_storage::postgres::projection_offset(&pool, "applied").await.unwrap() == last as u64
-    })
-    .await;
+    // Applying takes the read model's 2 ms per event and the writers made thousands: allow for that, and say
+    // how far the projection got if it does not arrive (slow, or stuck).
+    let deadline = Instant::now() + scaled(Duration::from_secs(30) + Duration::from_millis(4) * last as u32);
+    loop {
+        let offset = grains_storage::postgres::projection_offset(&pool, "applied").await.unwrap();
+        if offset == last as u64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the projection stopped at {offset} of {last}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     let (events, silos_that_committed) = assert_exactly_once(&pool, "applied").await;
     let attempts = attempts.load(Ordering::Relaxed);
     println!(
