@@ -200,7 +200,7 @@ pub(crate) struct ActivationShared {
     /// Set when the directory finds this activation a duplicate: it runs no further turn.
     evicted: std::sync::atomic::AtomicBool,
     /// The grain once built, locked by whoever runs a turn: the activation task, or a caller running its call
-    /// inline (see [`run_inline`]). `None` before the grain is built and after it is gone.
+    /// inline (`SiloInner::run_inline`). `None` before the grain is built and after it is gone.
     pub(crate) turn: Arc<tokio::sync::Mutex<Option<Built>>>,
 }
 
