@@ -113,11 +113,25 @@ pub(crate) struct ConnectionInfo {
 /// An admitted connection: the TCP stream, its place among `max_connections`, and its timeouts.
 pub(crate) struct AdmittedStream {
     stream: Box<dyn Io>,
+    /// Bytes already read off the stream (to tell its transport), given back first.
+    unread: bytes::Bytes,
     info: ConnectionInfo,
     limits: AdmissionLimits,
     deadline: Pin<Box<Sleep>>,
     last_read: Instant,
     _permit: OwnedSemaphorePermit,
+}
+
+impl AdmittedStream {
+    /// What the gateway knows of the connection.
+    pub(crate) fn info(&self) -> &ConnectionInfo {
+        &self.info
+    }
+
+    /// Gives `bytes` (read off the stream) back: the next reads return them first.
+    pub(crate) fn unread(&mut self, bytes: bytes::Bytes) {
+        self.unread = bytes;
+    }
 }
 
 impl Connected for AdmittedStream {
@@ -130,6 +144,11 @@ impl Connected for AdmittedStream {
 
 impl AsyncRead for AdmittedStream {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match Pin::new(&mut self.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -259,7 +278,15 @@ pub(crate) fn accept_loop(
             };
             let info = ConnectionInfo { remote, established: Arc::new(AtomicBool::new(false)) };
             let deadline = Box::pin(tokio::time::sleep(limits.handshake_timeout));
-            let stream = AdmittedStream { stream, info, limits, deadline, last_read: Instant::now(), _permit: permit };
+            let stream = AdmittedStream {
+                stream,
+                unread: bytes::Bytes::new(),
+                info,
+                limits,
+                deadline,
+                last_read: Instant::now(),
+                _permit: permit,
+            };
             if admitted.send(Ok(stream)).await.is_err() {
                 return; // the server stopped
             }

@@ -54,8 +54,8 @@ pub struct ClientConfig {
     /// The deadline of calls that do not set their own (default 30s).
     pub call_timeout: Duration,
     /// The largest request payload the client sends, and the largest reply payload it reads, in bytes
-    /// (default 4 MiB). A larger request fails locally with [`CallError::PayloadTooLarge`]. A reply whose gRPC
-    /// frame header announces more than this plus 64 KiB ([`crate::wire::ENVELOPE_OVERHEAD`]) fails its call with
+    /// (default 4 MiB). A larger request fails locally with [`CallError::PayloadTooLarge`]. A reply whose frame
+    /// header announces more than this plus 64 KiB ([`crate::wire::ENVELOPE_OVERHEAD`]) fails its call with
     /// [`CallError::PayloadTooLarge`] at the header: none of it is buffered, it is skipped as it arrives, and
     /// the connection carries on — a broken or hostile gateway cannot make the client buffer a huge frame.
     pub max_payload_bytes: usize,
@@ -84,6 +84,21 @@ pub struct ClientConfig {
     /// A token sent once, when each connection to a gateway is set up (as `authorization: Bearer …`), for the
     /// silo's call filters to check (see [`crate::filter`]). Send it over TLS only: it travels as it is.
     pub bearer_token: Option<BearerToken>,
+    /// What the client speaks to `http://` gateways (default [`Transport::Framed`]; `https://` gateways are
+    /// always reached over gRPC).
+    pub transport: Transport,
+}
+
+/// How a client reaches a plaintext gateway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// Length-prefixed envelopes straight over TCP: the lowest latency, and what silos speak to each other.
+    #[default]
+    Framed,
+    /// The bidirectional gRPC stream (`grains.v1.Gateway/Connect`) that clients in other languages use: for
+    /// reaching gateways through an HTTP/2 proxy or load balancer. The environment variable
+    /// `GRAINS_TRANSPORT=grpc` makes every connection of the process use it, silos' included.
+    Grpc,
 }
 
 impl Default for ClientConfig {
@@ -100,6 +115,7 @@ impl Default for ClientConfig {
             tls_cert: None,
             tls_key: None,
             bearer_token: None,
+            transport: Transport::Framed,
         }
     }
 }
@@ -188,6 +204,7 @@ impl Client {
         let connections = ConnectionPool::new(PeerKind::Gateway, config.connect_timeout, identity)
             .with_tls(tls)
             .with_bearer_token(config.bearer_token.clone())
+            .with_grpc(config.transport == Transport::Grpc)
             .with_max_reply_payload(config.max_payload_bytes)
             .with_keep_alive(KeepAlive {
                 interval: config.gateway_liveness_timeout / 2,

@@ -1,15 +1,19 @@
 //! The calling side of one envelope stream: used by the external client (to a gateway) and by a silo (to each
 //! peer silo).
 //!
-//! One HTTP/2 connection carries one bidirectional stream. Callers from any task put request envelopes on the
-//! stream's outbound queue and wait on a oneshot keyed by correlation id; one reader task resolves them as
+//! A connection is a framed TCP connection (see `framed`) when it is plaintext, else (TLS, or
+//! `GRAINS_TRANSPORT=grpc`) one bidirectional gRPC stream on its own HTTP/2 connection; everything above this
+//! module sees one [`Connection`] either way. Callers from any task send request envelopes — on a framed
+//! connection writing them to the socket themselves when no other write is under way, on a gRPC stream through
+//! its outbound queue — and wait on a oneshot keyed by correlation id; one reader task resolves them as
 //! responses arrive. When the stream ends (or the peer is declared dead and the connection closed), every
 //! waiting call fails at once with the connection's "lost" error: delivery is at most once, so a call in flight
 //! on a lost connection has an unknown outcome and is never re-sent.
 //!
-//! Replies are read through a cap on frame size ([`ReplyFrames`]), checked on each gRPC frame's 5-byte header
-//! before any of the frame is buffered: a peer cannot make a caller buffer more than its payload limit (plus
-//! [`ENVELOPE_OVERHEAD`]) by announcing a huge frame. An oversized reply fails its own call with
+//! Replies are read through a cap on frame size (on a gRPC stream, [`ReplyFrames`]; on a framed connection, the
+//! frame reader itself), checked on each frame's 5-byte header before any of the frame is buffered: a peer
+//! cannot make a caller buffer more than its payload limit (plus [`ENVELOPE_OVERHEAD`]) by announcing a huge
+//! frame. An oversized reply fails its own call with
 //! [`CallError::PayloadTooLarge`] and is skipped unread; the stream goes on.
 
 use std::collections::VecDeque;
@@ -32,6 +36,7 @@ use tonic::codec::Streaming;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::filter::BearerToken;
+use crate::framed::{FrameReader, FrameWriter};
 use crate::maps::FastDashMap;
 use crate::peer_auth::PeerIdentity;
 use crate::tls::{ClientTls, error_chain};
@@ -74,14 +79,28 @@ pub(crate) struct StreamSettings {
     /// Replies in frames larger than this plus [`ENVELOPE_OVERHEAD`] fail their call with
     /// [`CallError::PayloadTooLarge`], unbuffered.
     pub(crate) max_reply_payload: usize,
+    /// A gRPC stream even to a plaintext peer.
+    pub(crate) grpc: bool,
+}
+
+/// A call waiting for its reply: the reply's channel, and (on a framed connection) the call's place among the
+/// calls in flight, given up with the entry.
+type Waiter = (oneshot::Sender<Result<Bytes, CallError>>, Option<crate::framed::InFlight>);
+
+/// How requests reach the peer.
+enum Outbound {
+    /// Queued for the HTTP/2 connection's task (a gRPC stream: over TLS, or `GRAINS_TRANSPORT=grpc`).
+    Grpc(mpsc::UnboundedSender<Envelope>),
+    /// Written to the socket by the caller itself when no other write is under way (see `framed`).
+    Framed(Arc<FrameWriter>),
 }
 
 /// One open stream and the calls waiting on it.
 pub(crate) struct Connection {
     peer: String,
     kind: PeerKind,
-    outbound: mpsc::UnboundedSender<Envelope>,
-    pending: FastDashMap<u64, oneshot::Sender<Result<Bytes, CallError>>>,
+    outbound: Outbound,
+    pending: FastDashMap<u64, Waiter>,
     next_id: AtomicU64,
     alive: AtomicBool,
     reader: std::sync::OnceLock<AbortHandle>,
@@ -110,14 +129,93 @@ impl Connection {
         keep_alive: KeepAlive,
     ) -> Result<Arc<Self>, CallError> {
         let tls = identity.and_then(|i| i.tls.as_ref());
-        let settings = StreamSettings { keep_alive, max_reply_payload: UNCONFIGURED_REPLY_PAYLOAD };
+        let settings = StreamSettings { keep_alive, max_reply_payload: UNCONFIGURED_REPLY_PAYLOAD, grpc: false };
         Self::open_with(peer, kind, connect_timeout, identity, tls, None, settings).await
     }
 
-    /// [`Connection::open`], speaking TLS with `tls` when given, sending a client's `bearer_token`, and
-    /// reading replies within `settings.max_reply_payload`. A server that fails the TLS handshake (it does not
-    /// speak TLS, or its certificate is not trusted) is unreachable: the call fails, it never hangs.
+    /// Opens a connection over the framed TCP transport when the connection is plaintext (no `tls`, no
+    /// `https://` address) and `GRAINS_TRANSPORT` does not ask for gRPC; else a gRPC stream.
     async fn open_with(
+        peer: &str,
+        kind: PeerKind,
+        connect_timeout: Duration,
+        identity: Option<&PeerIdentity>,
+        tls: Option<&ClientTls>,
+        bearer_token: Option<&BearerToken>,
+        settings: StreamSettings,
+    ) -> Result<Arc<Self>, CallError> {
+        match framed_address(peer, tls, settings.grpc) {
+            Some((host, port)) => {
+                Self::open_framed(peer, host, port, kind, connect_timeout, identity, bearer_token, settings).await
+            }
+            None => Self::open_grpc(peer, kind, connect_timeout, identity, tls, bearer_token, settings).await,
+        }
+    }
+
+    /// Opens a framed TCP connection (see `framed`) to `host:port`, sending its credentials in the hello frame
+    /// and waiting for the peer's hello: a refusal is [`CallError::PermissionDenied`].
+    #[expect(clippy::too_many_arguments, reason = "the settings of one connection, passed once")]
+    async fn open_framed(
+        peer: &str,
+        host: &str,
+        port: u16,
+        kind: PeerKind,
+        connect_timeout: Duration,
+        identity: Option<&PeerIdentity>,
+        bearer_token: Option<&BearerToken>,
+        settings: StreamSettings,
+    ) -> Result<Arc<Self>, CallError> {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        if let Some(identity) = identity {
+            identity.stamp(&mut metadata);
+        }
+        if let Some(token) = bearer_token {
+            crate::peer_auth::stamp_bearer_token(token, &mut metadata);
+        }
+        let hello = Envelope {
+            kind: Kind::Hello as i32,
+            metadata: crate::framed::metadata_to_pairs(&metadata),
+            ..Default::default()
+        };
+        let max_frame = frame_limit(settings.max_reply_payload);
+        let handshake = async {
+            let io = connect(host, port).await.map_err(|e| lost(kind, peer, &e.to_string()))?;
+            let (read, mut write) = tokio::io::split(io);
+            crate::framed::write_hello(&mut write, true, &hello).await.map_err(|e| lost(kind, peer, &e.to_string()))?;
+            let mut reader = FrameReader::new(read, max_frame);
+            let answer = crate::framed::read_hello(&mut reader).await.map_err(|e| lost(kind, peer, &e))?;
+            if let Some(error) = answer.error {
+                return Err(match error.to_call_error() {
+                    CallError::PermissionDenied(why) => {
+                        CallError::PermissionDenied(format!("{peer} refused this connection: {why}"))
+                    }
+                    other => other,
+                });
+            }
+            Ok((reader, write))
+        };
+        let (reader, write) = tokio::time::timeout(connect_timeout, handshake)
+            .await
+            .map_err(|_| lost(kind, peer, &format!("no answer to the handshake within {connect_timeout:?}")))??;
+        let conn = Arc::new(Connection {
+            peer: peer.to_owned(),
+            kind,
+            outbound: Outbound::Framed(Arc::new(FrameWriter::new(Box::new(write), None))),
+            pending: FastDashMap::default(),
+            next_id: AtomicU64::new(1),
+            alive: AtomicBool::new(true),
+            reader: std::sync::OnceLock::new(),
+        });
+        let reading = tokio::spawn(read_framed(conn.clone(), reader, settings));
+        let _ = conn.reader.set(reading.abort_handle());
+        Ok(conn)
+    }
+
+    /// [`Connection::open`] over a gRPC stream, speaking TLS with `tls` when given, sending a client's
+    /// `bearer_token`, and reading replies within `settings.max_reply_payload`. A server that fails the TLS
+    /// handshake (it does not speak TLS, or its certificate is not trusted) is unreachable: the call fails, it
+    /// never hangs.
+    async fn open_grpc(
         peer: &str,
         kind: PeerKind,
         connect_timeout: Duration,
@@ -171,7 +269,7 @@ impl Connection {
         let conn = Arc::new(Connection {
             peer: peer.to_owned(),
             kind,
-            outbound,
+            outbound: Outbound::Grpc(outbound),
             pending: FastDashMap::default(),
             next_id: AtomicU64::new(1),
             alive: AtomicBool::new(true),
@@ -189,35 +287,52 @@ impl Connection {
 
     /// Sends `envelope` as a request and waits for its response until `deadline`.
     pub(crate) async fn call(&self, mut envelope: Envelope, deadline: Instant) -> Result<Bytes, CallError> {
-        let timeout = deadline.saturating_duration_since(Instant::now());
         let correlation_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         envelope.correlation_id = correlation_id;
         envelope.kind = Kind::Request as i32;
         envelope.set_deadline(deadline);
+        let timeout_ms = envelope.timeout_ms;
         let (waiter_tx, waiter) = oneshot::channel();
-        self.pending.insert(correlation_id, waiter_tx);
+        let in_flight = match &self.outbound {
+            Outbound::Framed(writer) => Some(writer.in_flight()),
+            Outbound::Grpc(_) => None,
+        };
+        self.pending.insert(correlation_id, (waiter_tx, in_flight));
         // Checked after inserting: a reader that has already failed every pending call will not see ours.
         if !self.is_alive() {
             self.pending.remove(&correlation_id);
             return Err(self.lost("connection closed"));
         }
-        if self.outbound.send(envelope).is_err() {
+        let sent = match &self.outbound {
+            Outbound::Grpc(queue) => queue.send(envelope).is_ok(),
+            Outbound::Framed(writer) => writer.send(&envelope).is_ok(),
+        };
+        if !sent {
             self.pending.remove(&correlation_id);
             return Err(self.lost("connection closed"));
+        }
+        if let Outbound::Framed(writer) = &self.outbound {
+            // Awaited apart from the reply (not in one future with it): the call's future, which every route task
+            // holds, stays the size of the larger of the two. A flush cut short by the deadline is finished by a
+            // task of its own.
+            if tokio::time::timeout_at(deadline, writer.flush()).await.is_err() {
+                self.pending.remove(&correlation_id);
+                return Err(CallError::Timeout(Duration::from_millis(timeout_ms)));
+            }
         }
         match tokio::time::timeout_at(deadline, waiter).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(self.lost("connection lost during the call")),
             Err(_) => {
                 self.pending.remove(&correlation_id);
-                Err(CallError::Timeout(timeout))
+                Err(CallError::Timeout(Duration::from_millis(timeout_ms)))
             }
         }
     }
 
     /// Fails the call waiting under `correlation_id`, if one is.
     fn fail(&self, correlation_id: u64, error: CallError) {
-        if let Some((_, waiter)) = self.pending.remove(&correlation_id) {
+        if let Some((_, (waiter, _))) = self.pending.remove(&correlation_id) {
             tracing::debug!(peer = %self.peer, correlation_id, %error, "reply refused");
             let _ = waiter.send(Err(error));
         }
@@ -229,8 +344,127 @@ impl Connection {
         if let Some(reader) = self.reader.get() {
             reader.abort();
         }
+        if let Outbound::Framed(writer) = &self.outbound {
+            writer.close();
+        }
         self.pending.clear();
     }
+
+    /// Hands a frame read off the stream to the call waiting for it.
+    fn deliver(&self, frame: Inbound, max_reply_payload: usize) {
+        let envelope = match frame {
+            Inbound::Envelope(envelope) => envelope,
+            Inbound::TooLarge { correlation_id, size } => {
+                let limit = max_reply_payload as u64;
+                self.fail(correlation_id, CallError::PayloadTooLarge { size: size as u64, limit });
+                return;
+            }
+            Inbound::Malformed { correlation_id, reason } => {
+                tracing::warn!(peer = %self.peer, correlation_id, %reason, "undecodable reply from peer");
+                self.fail(
+                    correlation_id,
+                    CallError::Protocol(format!("undecodable reply from {}: {reason}", self.peer)),
+                );
+                return;
+            }
+        };
+        if envelope.kind != Kind::Response as i32 {
+            return;
+        }
+        if let Some((_, (waiter, _))) = self.pending.remove(&envelope.correlation_id) {
+            let result = match envelope.error {
+                Some(error) => Err(error.to_call_error()),
+                None => Ok(envelope.payload),
+            };
+            let _ = waiter.send(result);
+        }
+    }
+
+    /// Marks the connection dead and fails every waiting call.
+    fn ended(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        if let Outbound::Framed(writer) = &self.outbound {
+            writer.close();
+        }
+        // Dropping the senders fails every waiting call.
+        self.pending.clear();
+    }
+}
+
+/// Where a framed connection goes: `host:port` of a plaintext address, unless gRPC is asked for.
+fn framed_address<'a>(peer: &'a str, tls: Option<&ClientTls>, grpc: bool) -> Option<(&'a str, u16)> {
+    if tls.is_some() || grpc || grpc_forced() {
+        return None;
+    }
+    let address = match peer.split_once("://") {
+        Some(("http", rest)) => rest,
+        Some(_) => return None,
+        None => peer,
+    };
+    let address = address.trim_end_matches('/');
+    let (host, port) = address.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host, port.parse().ok()?))
+}
+
+/// Whether `GRAINS_TRANSPORT=grpc` asks this process to open gRPC streams even where the framed transport
+/// would do (to compare the two, or to reach a port through an HTTP/2 proxy). Read once.
+fn grpc_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("GRAINS_TRANSPORT").is_ok_and(|v| v.eq_ignore_ascii_case("grpc")))
+}
+
+/// Opens a byte stream to `host:port`: through the simulator's network if one is installed, else TCP with
+/// Nagle's algorithm off.
+async fn connect(host: &str, port: u16) -> std::io::Result<Box<dyn crate::sim::Io>> {
+    if let Some(network) = crate::sim::network() {
+        return network.connect(host.to_owned(), port).await;
+    }
+    let stream = tokio::net::TcpStream::connect((host, port)).await?;
+    stream.set_nodelay(true)?;
+    Ok(Box::new(stream))
+}
+
+/// Resolves pending calls as replies arrive on a framed connection, pinging the peer when nothing has come for
+/// the keep-alive interval; fails them all when the stream ends or a ping goes unanswered.
+async fn read_framed(
+    conn: Arc<Connection>,
+    mut reader: FrameReader<tokio::io::ReadHalf<Box<dyn crate::sim::Io>>>,
+    settings: StreamSettings,
+) {
+    let KeepAlive { interval, timeout } = settings.keep_alive;
+    let mut pinged = false;
+    loop {
+        let wait = if pinged { timeout } else { interval };
+        match tokio::time::timeout(wait, reader.next()).await {
+            Ok(Ok(Some(frame))) => {
+                pinged = false;
+                if matches!(&frame, Inbound::Envelope(e) if e.kind == Kind::Pong as i32) {
+                    continue;
+                }
+                conn.deliver(frame, settings.max_reply_payload);
+            }
+            Ok(Ok(None)) => break,
+            Ok(Err(error)) => {
+                tracing::debug!(peer = %conn.peer, %error, "connection failed");
+                break;
+            }
+            Err(_) if pinged => {
+                tracing::debug!(peer = %conn.peer, ?timeout, "no answer to a ping; closing the connection");
+                break;
+            }
+            Err(_) => {
+                pinged = true;
+                if let Outbound::Framed(writer) = &conn.outbound {
+                    let ping = Envelope { kind: Kind::Ping as i32, ..Default::default() };
+                    if writer.write(&ping).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    conn.ended();
 }
 
 fn lost(kind: PeerKind, peer: &str, what: &str) -> CallError {
@@ -243,41 +477,16 @@ fn lost(kind: PeerKind, peer: &str, what: &str) -> CallError {
 /// Resolves pending calls as their responses arrive; fails them all when the stream ends.
 async fn read_responses(conn: Arc<Connection>, mut inbound: Streaming<Inbound>, max_reply_payload: usize) {
     loop {
-        let envelope = match inbound.message().await {
-            Ok(Some(Inbound::Envelope(envelope))) => envelope,
-            Ok(Some(Inbound::TooLarge { correlation_id, size })) => {
-                let limit = max_reply_payload as u64;
-                conn.fail(correlation_id, CallError::PayloadTooLarge { size: size as u64, limit });
-                continue;
-            }
-            Ok(Some(Inbound::Malformed { correlation_id, reason })) => {
-                tracing::warn!(peer = %conn.peer, correlation_id, %reason, "undecodable reply from peer");
-                conn.fail(
-                    correlation_id,
-                    CallError::Protocol(format!("undecodable reply from {}: {reason}", conn.peer)),
-                );
-                continue;
-            }
+        match inbound.message().await {
+            Ok(Some(frame)) => conn.deliver(frame, max_reply_payload),
             Ok(None) => break,
             Err(status) => {
                 tracing::debug!(peer = %conn.peer, %status, "stream failed");
                 break;
             }
-        };
-        if envelope.kind != Kind::Response as i32 {
-            continue;
-        }
-        if let Some((_, waiter)) = conn.pending.remove(&envelope.correlation_id) {
-            let result = match envelope.error {
-                Some(error) => Err(error.to_call_error()),
-                None => Ok(envelope.payload),
-            };
-            let _ = waiter.send(result);
         }
     }
-    conn.alive.store(false, Ordering::SeqCst);
-    // Dropping the senders fails every waiting call.
-    conn.pending.clear();
+    conn.ended();
 }
 
 /// Open connections by endpoint, each opened once even when many callers want it at the same moment. A slow
@@ -288,6 +497,8 @@ pub(crate) struct ConnectionPool {
     identity: Option<PeerIdentity>,
     tls: Option<ClientTls>,
     bearer_token: Option<BearerToken>,
+    /// Open gRPC streams even to plaintext peers.
+    grpc: bool,
     keep_alive: KeepAlive,
     max_reply_payload: usize,
     open: FastDashMap<String, Arc<Connection>>,
@@ -303,12 +514,18 @@ impl ConnectionPool {
             connect_timeout,
             tls: identity.as_ref().and_then(|i| i.tls.clone()),
             bearer_token: None,
+            grpc: false,
             identity,
             keep_alive: KeepAlive::BETWEEN_SILOS,
             max_reply_payload: UNCONFIGURED_REPLY_PAYLOAD,
             open: FastDashMap::default(),
             opening: FastDashMap::default(),
         }
+    }
+
+    /// The same pool, opening gRPC streams even where the framed transport would do (`grpc`).
+    pub(crate) fn with_grpc(self, grpc: bool) -> Self {
+        Self { grpc, ..self }
     }
 
     /// The same pool, opening its connections with `keep_alive`.
@@ -358,7 +575,7 @@ impl ConnectionPool {
             self.identity.as_ref(),
             self.tls.as_ref(),
             self.bearer_token.as_ref(),
-            StreamSettings { keep_alive: self.keep_alive, max_reply_payload: self.max_reply_payload },
+            StreamSettings { keep_alive: self.keep_alive, max_reply_payload: self.max_reply_payload, grpc: self.grpc },
         )
         .await?;
         self.open.insert(endpoint.to_owned(), conn.clone());

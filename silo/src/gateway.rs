@@ -1,14 +1,18 @@
-//! The client gateway: a tonic server whose one method is a bidirectional stream of envelopes.
+//! The silo's port: framed TCP connections (see `framed`) from silos and Rust clients, and a tonic server whose
+//! one gRPC method is a bidirectional stream of envelopes (clients in other languages; every connection of a
+//! TLS port), told apart by a connection's first bytes.
 //!
-//! Each connection gets one reader loop and one outbound queue. Every request is handed to the silo's call
-//! path as it arrives and answered when it completes, so one slow grain never holds up the other calls on the
-//! same connection. Tonic batches queued responses into as few HTTP/2 writes as it can.
+//! Each connection gets one reader loop (`serve_connection`, the same for both transports). Every request is
+//! handed to the silo's call path as it arrives and answered when it completes, so one slow grain never holds up
+//! the other calls on the same connection. Responses are batched: on a gRPC stream tonic writes queued
+//! responses in as few HTTP/2 writes as it can; on a framed connection whoever writes takes everything queued.
 //!
 //! # Who may call what
 //!
 //! The port serves two kinds of caller, told apart when a stream is set up (see `peer_auth`):
 //!
-//! - **Silos of the cluster** prove membership in the stream's request metadata: their endpoint, a timestamp,
+//! - **Silos of the cluster** prove membership in the stream's request metadata (on a framed connection, in its
+//!   hello frame): their endpoint, a timestamp,
 //!   a nonce and an HMAC-SHA256 over them keyed with the cluster secret (`cluster_secret`,
 //!   `GRAINS_CLUSTER_SECRET`, `--cluster-secret[-file]`), accepted once, within two minutes of this silo's
 //!   clock. A stream whose proof is wrong, stale or replayed is refused before it carries a frame
@@ -34,8 +38,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use grains::__private::runtime::BoxFuture;
 use grains::CallError;
+use tokio::io::{AsyncReadExt, ReadHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
@@ -45,9 +51,10 @@ use tonic::codec::Streaming;
 use tonic::transport::ServerTlsConfig;
 use tonic::transport::server::TlsConnectInfo;
 
-use crate::admission::{self, AdmissionLimits, ConnectionInfo};
+use crate::admission::{self, AdmissionLimits, AdmittedStream, ConnectionInfo};
 use crate::cluster::system::SystemRequest;
 use crate::filter::{CallerIdentity, ClientIdentity};
+use crate::framed::{self, FrameReader, FrameWriter, MAGIC};
 use crate::peer_auth::{self, Caller, ClusterCredentials, PeerVerifier};
 use crate::silo::SiloInner;
 use crate::wire::{
@@ -65,6 +72,8 @@ pub(crate) struct GatewayHandle {
     pub(crate) local_addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// Closed once every framed connection has ended (each holds a sender).
+    framed_ended: mpsc::Receiver<()>,
 }
 
 impl GatewayHandle {
@@ -72,7 +81,11 @@ impl GatewayHandle {
     /// Waits up to `grace`, then drops whatever is left.
     pub(crate) async fn stop(mut self, grace: Duration) {
         let _ = self.stop.send(true);
-        if tokio::time::timeout(grace, &mut self.task).await.is_err() {
+        let ended = async {
+            let _ = (&mut self.task).await;
+            while self.framed_ended.recv().await.is_some() {}
+        };
+        if tokio::time::timeout(grace, ended).await.is_err() {
             self.task.abort();
         }
     }
@@ -95,7 +108,10 @@ pub(crate) fn start(
         handshake_timeout: service.silo.config.handshake_timeout,
         idle_timeout: service.silo.config.connection_idle_timeout,
     };
-    let incoming = ReceiverStream::new(admission::accept_loop(listener, limits, stopped.clone()));
+    let admitted = admission::accept_loop(listener, limits, stopped.clone());
+    let (framed_alive, framed_ended) = mpsc::channel(1);
+    let framed = FramedServing { service: service.clone(), alive: framed_alive };
+    let incoming = ReceiverStream::new(sort_connections(admitted, tls.is_none().then_some(framed)));
     let mut server = tonic::transport::Server::builder().accept_http1(true);
     if let Some(tls) = tls {
         // Handshakes run concurrently, each bounded by the handshake timeout; one that fails (a plaintext
@@ -109,7 +125,176 @@ pub(crate) fn start(
         }
     });
     tracing::info!(%local_addr, "gateway listening");
-    Ok(GatewayHandle { local_addr, stop, task })
+    Ok(GatewayHandle { local_addr, stop, task, framed_ended })
+}
+
+/// What serving a framed connection needs.
+#[derive(Clone)]
+struct FramedServing {
+    service: GatewayService,
+    alive: mpsc::Sender<()>,
+}
+
+/// Tells each admitted connection's transport by its first bytes: framed connections (see `framed`) are served
+/// here; the rest, with the bytes read, go on to the HTTP server. With `framed` absent (a TLS port) every
+/// connection goes to the HTTP server untouched.
+fn sort_connections(
+    mut admitted: mpsc::Receiver<std::io::Result<AdmittedStream>>,
+    framed: Option<FramedServing>,
+) -> mpsc::Receiver<std::io::Result<AdmittedStream>> {
+    let (to_http, incoming) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(connection) = admitted.recv().await {
+            let stream = match connection {
+                Ok(stream) => stream,
+                Err(error) => {
+                    let _ = to_http.send(Err(error)).await;
+                    continue;
+                }
+            };
+            let Some(framed) = framed.clone() else {
+                if to_http.send(Ok(stream)).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let to_http = to_http.clone();
+            tokio::spawn(async move {
+                match sniff(stream).await {
+                    Ok(Sniff::Framed(stream)) => serve_framed(framed, stream).await,
+                    Ok(Sniff::Other(sniffed)) => {
+                        let _ = to_http.send(Ok(sniffed)).await;
+                    }
+                    Err(error) => tracing::debug!(%error, "connection closed before it said what it speaks"),
+                }
+            });
+        }
+    });
+    incoming
+}
+
+enum Sniff {
+    Framed(AdmittedStream),
+    /// For the HTTP server, with the bytes read given back.
+    Other(AdmittedStream),
+}
+
+/// Reads a connection's first bytes, as far as they agree with [`MAGIC`] (within the handshake timeout).
+async fn sniff(mut stream: AdmittedStream) -> std::io::Result<Sniff> {
+    let mut read = [0u8; MAGIC.len()];
+    let mut filled = 0;
+    while filled < MAGIC.len() {
+        let n = stream.read(&mut read[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+        if read[..filled] != MAGIC[..filled] {
+            break;
+        }
+    }
+    if filled == MAGIC.len() && read == *MAGIC {
+        return Ok(Sniff::Framed(stream));
+    }
+    stream.unread(Bytes::copy_from_slice(&read[..filled]));
+    Ok(Sniff::Other(stream))
+}
+
+/// Serves a framed connection: its hello frame (credentials, checked as a gRPC stream's metadata is), then its
+/// requests through [`serve_connection`].
+async fn serve_framed(framed: FramedServing, stream: AdmittedStream) {
+    let FramedServing { service, alive } = framed;
+    let info = stream.info().clone();
+    let (read, mut write) = tokio::io::split(stream);
+    // As on a gRPC stream: frames up to the payload limit (and room for the envelope's own fields) are read;
+    // a larger one fails its call, unbuffered.
+    let max_frame = service.silo.config.max_payload_bytes.saturating_add(1024);
+    let mut reader = FrameReader::new(read, max_frame);
+    let hello = match framed::read_hello(&mut reader).await {
+        Ok(hello) => hello,
+        Err(reason) => {
+            tracing::debug!(remote = %info.remote, %reason, "framed connection closed at its hello");
+            return;
+        }
+    };
+    let metadata = framed::pairs_to_metadata(&hello.metadata);
+    let caller = match service.verifier.verify(&metadata) {
+        Ok(caller) => caller,
+        Err(refused) => {
+            tracing::warn!(remote = %info.remote, %refused, "peer connection refused");
+            let error = CallError::PermissionDenied(refused.to_string());
+            let answer = Envelope { kind: Kind::Hello as i32, ..Envelope::response(0, Err(error)) };
+            let _ = framed::write_hello(&mut write, false, &answer).await;
+            return;
+        }
+    };
+    info.established.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answer = Envelope { kind: Kind::Hello as i32, ..Default::default() };
+    if framed::write_hello(&mut write, false, &answer).await.is_err() {
+        return;
+    }
+    let identity = Arc::new(caller_identity(&caller, None, &metadata));
+    let writer = Arc::new(FrameWriter::new(Box::new(write), Some(alive)));
+    let GatewayService { silo, stopped, .. } = service;
+    serve_connection(silo, caller, identity, Source::Framed(reader), Responder::Framed(writer), stopped).await;
+}
+
+/// Who a connection's calls are from, as call filters see it: settled once, at set-up.
+fn caller_identity(
+    caller: &Caller,
+    certificate_subject: Option<String>,
+    metadata: &tonic::metadata::MetadataMap,
+) -> CallerIdentity {
+    match caller {
+        Caller::Peer(endpoint) => CallerIdentity::Member(endpoint.clone()),
+        Caller::Client => {
+            CallerIdentity::Client(ClientIdentity::new(certificate_subject, peer_auth::bearer_token(metadata)))
+        }
+    }
+}
+
+/// Where a connection's frames come from.
+enum Source {
+    Grpc(Streaming<Inbound>),
+    Framed(FrameReader<ReadHalf<AdmittedStream>>),
+}
+
+impl Source {
+    /// The next frame; `None` at the end of the stream. Cancel-safe.
+    async fn next(&mut self) -> Result<Option<Inbound>, String> {
+        match self {
+            Source::Grpc(stream) => stream.message().await.map_err(|status| status.to_string()),
+            Source::Framed(reader) => reader.next().await.map_err(|error| error.to_string()),
+        }
+    }
+}
+
+/// Where a connection's responses go.
+#[derive(Clone)]
+enum Responder {
+    Grpc(mpsc::UnboundedSender<Result<Envelope, Status>>),
+    Framed(Arc<FrameWriter>),
+}
+
+impl Responder {
+    /// Counts a request in flight until the guard is dropped (framed connections batch writes by it).
+    fn in_flight(&self) -> Option<framed::InFlight> {
+        match self {
+            Responder::Grpc(_) => None,
+            Responder::Framed(writer) => Some(writer.in_flight()),
+        }
+    }
+
+    async fn send(&self, envelope: Envelope) {
+        match self {
+            Responder::Grpc(queue) => {
+                let _ = queue.send(Ok(envelope));
+            }
+            Responder::Framed(writer) => {
+                let _ = writer.write(&envelope).await;
+            }
+        }
+    }
 }
 
 async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
@@ -218,17 +403,18 @@ impl tower_service::Service<tonic::Request<Streaming<Inbound>>> for ConnectMetho
                 return std::future::ready(Err(Status::unauthenticated(refused.to_string())));
             }
         };
-        // Who the stream's calls are from, as call filters see it: settled once, at set-up.
-        let identity = Arc::new(match &caller {
-            Caller::Peer(endpoint) => CallerIdentity::Member(endpoint.clone()),
-            Caller::Client => CallerIdentity::Client(ClientIdentity::new(
-                client_certificate_subject(request.extensions()),
-                peer_auth::bearer_token(request.metadata()),
-            )),
-        });
+        let subject = client_certificate_subject(request.extensions());
+        let identity = Arc::new(caller_identity(&caller, subject, request.metadata()));
         let (tx, rx) = mpsc::unbounded_channel();
-        let connection = request.into_inner();
-        let serve = serve_connection(self.silo.clone(), caller, identity, connection, tx, self.stopped.clone());
+        let connection = Source::Grpc(request.into_inner());
+        let serve = serve_connection(
+            self.silo.clone(),
+            caller,
+            identity,
+            connection,
+            Responder::Grpc(tx),
+            self.stopped.clone(),
+        );
         tokio::spawn(serve);
         std::future::ready(Ok(tonic::Response::new(UnboundedReceiverStream::new(rx))))
     }
@@ -242,8 +428,8 @@ async fn serve_connection(
     silo: Arc<SiloInner>,
     caller: Caller,
     identity: Arc<CallerIdentity>,
-    mut inbound: Streaming<Inbound>,
-    outbound: mpsc::UnboundedSender<Result<Envelope, Status>>,
+    mut inbound: Source,
+    outbound: Responder,
     stopped: watch::Receiver<bool>,
 ) {
     tracing::debug!(?caller, "gateway connection opened");
@@ -255,14 +441,14 @@ async fn serve_connection(
     let calls_in_flight = matches!(caller, Caller::Client).then(|| Arc::new(tokio::sync::Semaphore::new(limit)));
     loop {
         let next = if draining {
-            match tokio::time::timeout(DRAIN_IDLE, inbound.message()).await {
+            match tokio::time::timeout(DRAIN_IDLE, inbound.next()).await {
                 Ok(next) => next,
                 Err(_) => break,
             }
         } else {
             tokio::select! {
                 biased; // no random branch order: a simulated run repeats exactly
-                next = inbound.message() => next,
+                next = inbound.next() => next,
                 () = &mut stop => {
                     draining = true;
                     continue;
@@ -272,15 +458,15 @@ async fn serve_connection(
         let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
-            Err(status) => {
-                tracing::debug!(%status, "gateway connection ended with an error");
+            Err(error) => {
+                tracing::debug!(%error, "gateway connection ended with an error");
                 break;
             }
         };
         match frame {
             Inbound::Envelope(envelope) if envelope.kind == Kind::Request as i32 => {
                 if let Err(denied) = authorize(&caller, &envelope) {
-                    let _ = outbound.send(Ok(Envelope::response(envelope.correlation_id, Err(denied))));
+                    outbound.send(Envelope::response(envelope.correlation_id, Err(denied))).await;
                     continue;
                 }
                 let permit = match &calls_in_flight {
@@ -289,7 +475,7 @@ async fn serve_connection(
                         Err(_) => {
                             let full = format!("this connection has its limit of {limit} calls in flight");
                             let refused = Envelope::response(envelope.correlation_id, Err(CallError::Overloaded(full)));
-                            let _ = outbound.send(Ok(refused));
+                            outbound.send(refused).await;
                             continue;
                         }
                     },
@@ -298,8 +484,10 @@ async fn serve_connection(
                 let silo = silo.clone();
                 let outbound = outbound.clone();
                 let identity = identity.clone();
+                let in_flight = outbound.in_flight();
                 tokio::spawn(async move {
                     let _permit = permit;
+                    let _in_flight = in_flight;
                     let correlation_id = envelope.correlation_id;
                     let limit = silo.config.max_payload_bytes;
                     let result = silo.serve_request(envelope, &identity).await.and_then(|reply| {
@@ -309,22 +497,25 @@ async fn serve_connection(
                             Ok(reply)
                         }
                     });
-                    let _ = outbound.send(Ok(Envelope::response(correlation_id, result)));
+                    outbound.send(Envelope::response(correlation_id, result)).await;
                 });
+            }
+            Inbound::Envelope(envelope) if envelope.kind == Kind::Ping as i32 => {
+                outbound.send(Envelope { kind: Kind::Pong as i32, ..Default::default() }).await;
             }
             Inbound::Envelope(envelope) => {
                 let error = CallError::Protocol("a client sends requests only".to_owned());
-                let _ = outbound.send(Ok(Envelope::response(envelope.correlation_id, Err(error))));
+                outbound.send(Envelope::response(envelope.correlation_id, Err(error))).await;
             }
             Inbound::Malformed { correlation_id, reason } => {
                 tracing::debug!(correlation_id, %reason, "malformed frame");
                 let error = CallError::Protocol(format!("malformed frame: {reason}"));
-                let _ = outbound.send(Ok(Envelope::response(correlation_id, Err(error))));
+                outbound.send(Envelope::response(correlation_id, Err(error))).await;
             }
             Inbound::TooLarge { correlation_id, size } => {
                 let limit = silo.config.max_payload_bytes as u64;
                 let error = CallError::PayloadTooLarge { size: size as u64, limit };
-                let _ = outbound.send(Ok(Envelope::response(correlation_id, Err(error))));
+                outbound.send(Envelope::response(correlation_id, Err(error))).await;
             }
         }
     }

@@ -51,13 +51,14 @@
 mod client;
 mod connection;
 pub mod filter;
+mod framed;
 mod maps;
 mod peer_auth;
 pub mod sim;
 pub mod tls;
 pub mod wire;
 
-pub use client::{Client, ClientConfig, ConnectError};
+pub use client::{Client, ClientConfig, ConnectError, Transport};
 pub use filter::{BearerToken, CallInfo, CallerIdentity, ClientIdentity};
 pub use peer_auth::{ClusterCredentials, ClusterSecret, PROOF_WINDOW};
 pub use tls::PemSource;

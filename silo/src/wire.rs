@@ -43,6 +43,14 @@ pub enum Kind {
     Request = 0,
     /// The answer to a call.
     Response = 1,
+    /// The first frame each side sends on a framed TCP connection (see `framed`): the opening side's carries
+    /// its credentials in `metadata`; the answer carries `error` when the connection is refused. Not used on a
+    /// gRPC stream, which carries credentials in its request metadata.
+    Hello = 2,
+    /// Asks the other side to show it is alive (framed connections; gRPC streams use HTTP/2 pings).
+    Ping = 3,
+    /// The answer to a [`Kind::Ping`].
+    Pong = 4,
 }
 
 /// One frame on a connection.
@@ -280,7 +288,7 @@ pub enum Inbound {
 }
 
 /// Reads the `correlation_id` (field 1, varint) from the start of an encoded envelope, if it is there.
-fn peek_correlation_id(mut frame: &[u8]) -> u64 {
+pub(crate) fn peek_correlation_id(mut frame: &[u8]) -> u64 {
     match prost::encoding::decode_key(&mut frame) {
         Ok((1, prost::encoding::WireType::Varint)) => prost::encoding::decode_varint(&mut frame).unwrap_or(0),
         _ => 0,

@@ -74,6 +74,9 @@ fn envelope_as_schema(e: &Envelope) -> DynamicMessage {
     let kind = match Kind::try_from(e.kind).expect("a known kind") {
         Kind::Request => "KIND_REQUEST",
         Kind::Response => "KIND_RESPONSE",
+        Kind::Hello => "KIND_HELLO",
+        Kind::Ping => "KIND_PING",
+        Kind::Pong => "KIND_PONG",
     };
     let mode = match Mode::try_from(e.mode).expect("a known mode") {
         Mode::Route => "MODE_ROUTE",
@@ -214,7 +217,16 @@ fn envelopes_written_from_the_schema_decode_to_the_same_rust_envelopes() {
 #[test]
 fn the_schema_names_the_same_enum_values_and_method_as_the_silo() {
     for (name, rust) in [
-        ("Kind", vec![("KIND_REQUEST", Kind::Request as i32), ("KIND_RESPONSE", Kind::Response as i32)]),
+        (
+            "Kind",
+            vec![
+                ("KIND_REQUEST", Kind::Request as i32),
+                ("KIND_RESPONSE", Kind::Response as i32),
+                ("KIND_HELLO", Kind::Hello as i32),
+                ("KIND_PING", Kind::Ping as i32),
+                ("KIND_PONG", Kind::Pong as i32),
+            ],
+        ),
         (
             "Mode",
             vec![
@@ -230,7 +242,7 @@ fn the_schema_names_the_same_enum_values_and_method_as_the_silo() {
         assert_eq!(schema, rust, "enum {name}");
     }
     // No Rust variant beyond those listed above.
-    assert_eq!((0..64).filter(|n| Kind::try_from(*n).is_ok()).count(), 2);
+    assert_eq!((0..64).filter(|n| Kind::try_from(*n).is_ok()).count(), 5);
     assert_eq!((0..64).filter(|n| Mode::try_from(*n).is_ok()).count(), 3);
 
     let service = pool().get_service_by_name(&format!("{PACKAGE}.Gateway")).expect("the service exists");

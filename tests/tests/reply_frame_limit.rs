@@ -141,7 +141,9 @@ async fn a_reply_frame_over_the_client_limit_fails_its_call_at_the_header_and_th
         tonic::transport::Server::builder()
             .serve_with_incoming(gateway, tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    let client = Client::connect(format!("http://{addr}")).await.unwrap();
+    // The fake gateway speaks gRPC only (the framed transport's reader has its own cap, unit-tested in `framed`).
+    let config = grains_silo::ClientConfig { transport: grains_silo::Transport::Grpc, ..Default::default() };
+    let client = Client::connect_with(format!("http://{addr}"), config).await.unwrap();
     let limit = grains_silo::ClientConfig::default().max_payload_bytes;
     let grain = client.grain::<Counter>("huge-reply").with_timeout(Duration::from_secs(20));
     let before = rss_mib();
