@@ -33,7 +33,7 @@ fn main() -> std::io::Result<()> {
     let over_frame_limit = [&[0u8, 0x7f, 0xff, 0xff, 0xff][..], &[0u8; 16]].concat();
     let truncated = request[..request.len() - 2].to_vec();
     let grpc_seeds = vec![
-        ("three-requests", stream),
+        ("three-requests", stream.clone()),
         ("compressed-flag", compressed),
         ("unknown-flag", bad_flag),
         ("header-over-frame-limit", over_frame_limit),
@@ -47,6 +47,29 @@ fn main() -> std::io::Result<()> {
         .map(|(i, (name, body))| (name.to_string(), [&[255u8, i as u8 * 37][..], &body].concat()))
         .collect();
     write(&root.join("grpc_frames"), &grpc_seeds)?;
+
+    // framed: limit pick (x8 bytes), chunking pick, then a whole framed connection (after its magic).
+    let flagged = {
+        let mut frame = framed(&envelopes[0].1);
+        frame[0] = 1;
+        frame
+    };
+    let framed_seeds = vec![
+        ("three-requests", 255u8, stream),
+        ("oversized-then-small", 1, [framed(&envelopes[0].1), framed(&envelopes[1].1)].concat()),
+        ("flagged", 255, [flagged, framed(&envelopes[1].1)].concat()),
+        ("truncated-frame", 255, request[..request.len() - 2].to_vec()),
+        ("header-only", 255, request[..5].to_vec()),
+        ("empty-frame", 255, framed(&[])),
+        ("undecodable", 255, framed(&[0x08, 0x05, 0xff])),
+        ("huge-header", 255, vec![0, 0xff, 0xff, 0xff, 0xff, 0x08, 0x80, 0x01]),
+    ];
+    let framed_seeds: Vec<(String, Vec<u8>)> = framed_seeds
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, limit, body))| (name.to_string(), [&[limit, (i as u8).wrapping_mul(37)][..], &body].concat()))
+        .collect();
+    write(&root.join("framed"), &framed_seeds)?;
 
     // arguments: method pick, then the encoded arguments.
     let mut argument_seeds = argument_seeds();

@@ -12,9 +12,9 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use grains::prelude::*;
-use grains::Uuid;
 use grains::__private::GrainRegistration;
+use grains::Uuid;
+use grains::prelude::*;
 use grains_silo::wire::{EnvelopeCodec, Inbound, frame_limit};
 use tonic::Status;
 use tonic::codec::Streaming;
@@ -70,6 +70,44 @@ pub fn read_frames(max_payload_bytes: usize, chunks: Vec<Bytes>) -> (Vec<Inbound
             Ok(Some(frame)) => frames.push(frame),
             Ok(None) => return (frames, StreamEnd::Clean),
             Err(status) => return (frames, StreamEnd::Failed(status)),
+        }
+    }
+}
+
+/// A byte stream that yields the given chunks (empty ones skipped), then ends: always ready, so a reader over
+/// it runs to the end without a runtime.
+pub struct ChunkedReader(VecDeque<Bytes>);
+
+impl tokio::io::AsyncRead for ChunkedReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while let Some(chunk) = self.0.front_mut() {
+            if chunk.is_empty() {
+                self.0.pop_front();
+                continue;
+            }
+            let n = chunk.len().min(buf.remaining());
+            buf.put_slice(&chunk.split_to(n));
+            break;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Reads `chunks` as a silo reads a framed connection (the Rust client's and the silos' transport) with frames
+/// of up to `max_frame` bytes: every frame read, then whether the stream ended cleanly.
+pub fn read_framed(max_frame: usize, chunks: Vec<Bytes>) -> (Vec<Inbound>, std::io::Result<()>) {
+    let mut reader = grains_silo::__private::FrameReader::new(ChunkedReader(chunks.into()), max_frame);
+    let mut frames = Vec::new();
+    loop {
+        let next = reader.next().now_or_never().expect("a stream that is always ready never leaves a read pending");
+        match next {
+            Ok(Some(frame)) => frames.push(frame),
+            Ok(None) => return (frames, Ok(())),
+            Err(error) => return (frames, Err(error)),
         }
     }
 }

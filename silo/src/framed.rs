@@ -11,9 +11,9 @@
 //!
 //! # On the wire
 //!
-//! The opening side sends [`MAGIC`] (8 bytes), then frames. A frame is a 1-byte flag (0) and a 4-byte
-//! big-endian length, then that many bytes of an [`Envelope`] — the framing of a gRPC message, so a frame
-//! means the same bytes on either transport. The first frame is a [`Kind::Hello`] envelope whose `metadata`
+//! The opening side sends [`MAGIC`] (8 bytes), then frames. A frame is a 1-byte flag (always 0: no
+//! compression) and a 4-byte big-endian length, then that many bytes of an [`Envelope`] — the framing of a gRPC
+//! message, so a frame means the same bytes on either transport. The first frame is a [`Kind::Hello`] envelope whose `metadata`
 //! carries what a gRPC stream carries in its request metadata (a peer's membership proof, a client's bearer
 //! token); the accepting side answers with a `Hello` of its own, with `error` set when it refuses the
 //! connection (and then closes it). [`Kind::Ping`] is answered with [`Kind::Pong`]: the opening side pings a
@@ -60,7 +60,11 @@ pub(crate) fn encode_frame(envelope: &Envelope, out: &mut BytesMut) {
 
 /// Reads frames off a byte stream. Cancel-safe: every byte read is kept in the reader, so a `next` dropped
 /// half-way (a timeout, a `select!`) loses nothing and the next call goes on where it stopped.
-pub(crate) struct FrameReader<R> {
+///
+/// Every frame within the limit becomes an [`Inbound::Envelope`], or [`Inbound::Malformed`] (undecodable, or a
+/// flag other than 0); every larger one [`Inbound::TooLarge`], skipped unbuffered. A stream that ends inside a
+/// frame is an error.
+pub struct FrameReader<R> {
     io: R,
     buf: BytesMut,
     /// Frames larger than this are not decoded: they become [`Inbound::TooLarge`], unbuffered.
@@ -78,7 +82,7 @@ struct Skip {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// A reader decoding frames of up to `max_frame` bytes.
-    pub(crate) fn new(io: R, max_frame: usize) -> Self {
+    pub fn new(io: R, max_frame: usize) -> Self {
         FrameReader { io, buf: BytesMut::with_capacity(READ_CHUNK), max_frame, skipping: None }
     }
 
@@ -92,7 +96,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next frame; `None` when the stream ends between frames. A stream that ends inside a frame is an
     /// error.
-    pub(crate) async fn next(&mut self) -> std::io::Result<Option<Inbound>> {
+    pub async fn next(&mut self) -> std::io::Result<Option<Inbound>> {
         loop {
             if let Some(skip) = &mut self.skipping {
                 let n = skip.left.min(self.buf.len());
@@ -107,8 +111,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 let size = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
                 if size <= self.max_frame {
                     if self.buf.len() >= HEADER + size {
+                        let flag = self.buf[0];
                         self.buf.advance(HEADER);
                         let frame = self.buf.split_to(size).freeze();
+                        if flag != 0 {
+                            // No compression is agreed on a framed connection: the frame is refused, whole.
+                            let correlation_id = peek_correlation_id(&frame);
+                            let reason = format!("a frame flagged {flag} (compressed or unknown); only 0 is spoken");
+                            return Ok(Some(Inbound::Malformed { correlation_id, reason }));
+                        }
                         return Ok(Some(decode(frame)));
                     }
                     self.buf.reserve(HEADER + size - self.buf.len());
@@ -208,10 +219,12 @@ impl FrameWriter {
     }
 
     /// Refuses further frames, drops what is queued, and shuts the socket's writing side down.
+    /// Outside a runtime (a client dropped after its runtime) the socket closes when the writer is dropped.
     pub(crate) fn close(self: &Arc<Self>) {
         self.mark_closed();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let writer = self.clone();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let mut side = writer.side.lock().await;
             let _ = side.io.shutdown().await;
         });
@@ -463,6 +476,17 @@ mod tests {
         let (frames, end) = read_all(stream, 4, 1024).await;
         assert_eq!(frames.len(), 1);
         assert_eq!(end.unwrap_err().kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_flagged_frame_is_refused_and_the_stream_goes_on() {
+        let mut stream = frames(&[request(5, 3)]);
+        stream[0] = 1;
+        stream.extend(frames(&[request(6, 3)]));
+        let (frames, end) = read_all(stream, 3, 1024).await;
+        assert!(end.is_ok());
+        assert!(matches!(&frames[0], Inbound::Malformed { correlation_id: 5, .. }), "{:?}", frames[0]);
+        assert!(matches!(&frames[1], Inbound::Envelope(e) if e.correlation_id == 6));
     }
 
     #[tokio::test]

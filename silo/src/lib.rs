@@ -130,6 +130,7 @@ pub use silo::Silo;
 #[doc(hidden)]
 pub mod __private {
     pub use crate::cluster::ring::{HashRing, VIRTUAL_NODES, grain_hash};
+    pub use crate::framed::FrameReader;
 }
 
 /// Exports this process's spans (turns, client calls, HTTP calls) to an OpenTelemetry collector over OTLP/HTTP

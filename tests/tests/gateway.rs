@@ -78,6 +78,21 @@ async fn a_dropped_client_closes_its_connection() {
     silo.shutdown(Duration::from_secs(5)).await;
 }
 
+#[test]
+fn a_client_dropped_outside_its_runtime_closes_quietly() {
+    // A CLI's `main` drops its client after `block_on` has returned: closing its connections must not need a
+    // runtime (spawning there would panic).
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (silo, client) = runtime.block_on(async {
+        let (silo, url) = silo_with_gateway(4 << 20).await;
+        let client = Client::connect(&url).await.unwrap();
+        client.grain::<Counter>("dropped-outside").increment().await.unwrap().unwrap();
+        (silo, client)
+    });
+    drop(client);
+    runtime.block_on(silo.shutdown(Duration::from_secs(5)));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_concurrent_calls_share_one_connection() {
     let (silo, url) = silo_with_gateway(4 << 20).await;
