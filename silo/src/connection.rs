@@ -309,6 +309,9 @@ impl Connection {
         };
         if !sent {
             self.pending.remove(&correlation_id);
+            // A framed connection whose socket failed a write is done with, even while its reader has not seen
+            // the failure yet: the pool opens a new one for the next call.
+            self.close();
             return Err(self.lost("connection closed"));
         }
         if let Outbound::Framed(writer) = &self.outbound {
@@ -320,6 +323,11 @@ impl Connection {
                 return Err(CallError::Timeout(Duration::from_millis(timeout_ms)));
             }
         }
+        if self.write_failed() {
+            // This call's frame, and those queued with it, may or may not have gone out.
+            self.close();
+            return Err(self.lost("connection lost during the call"));
+        }
         match tokio::time::timeout_at(deadline, waiter).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(self.lost("connection lost during the call")),
@@ -328,6 +336,11 @@ impl Connection {
                 Err(CallError::Timeout(Duration::from_millis(timeout_ms)))
             }
         }
+    }
+
+    /// Whether this is a framed connection whose socket failed a write.
+    fn write_failed(&self) -> bool {
+        matches!(&self.outbound, Outbound::Framed(writer) if writer.is_closed())
     }
 
     /// Fails the call waiting under `correlation_id`, if one is.
