@@ -1,7 +1,11 @@
 //! The external client: calls grains from another process through the cluster's gateways.
 //!
 //! A client knows one or more gateway addresses (every silo is a gateway) and keeps one connection — one
-//! multiplexed stream — per gateway it uses. Calls are spread over the gateways round-robin. A call is moved to
+//! multiplexed stream — per gateway it uses. A grain's first call goes to the next gateway round-robin; when
+//! the grain lives on another silo, that gateway forwards the call and its reply names the silo's gateway
+//! (`Envelope::location`), and the client sends the grain's next calls straight there — one network hop instead
+//! of two, as an Akka sharding proxy does. Where a grain lives is a hint (remembered for up to 100,000 grains):
+//! a stale one costs a forward, never a wrong answer. A call is moved to
 //! another gateway only when it certainly did not run: the connection could not be opened, or the silo refused
 //! it because it is shutting down. A call lost in flight fails with [`CallError::Unavailable`] (outcome
 //! unknown: at most once). The gateway list is refreshed from the cluster's membership in the background.
@@ -13,6 +17,7 @@
 //! for that long: the calls waiting on it fail as unavailable (never re-sent), and the gateway is *avoided* —
 //! new calls go to the others — until a background probe gets an answer from it again.
 
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
@@ -25,6 +30,7 @@ use tokio::time::Instant;
 use crate::cluster::system::{self, SystemRequest, SystemResponse};
 use crate::connection::{Connection, ConnectionPool, KeepAlive, PeerKind};
 use crate::filter::BearerToken;
+use crate::maps::FastDashMap;
 use crate::peer_auth::{ClusterCredentials, PeerIdentity};
 use crate::tls::{ClientTls, PemSource, TlsError};
 use crate::wire::{Envelope, Mode, WireGrainId};
@@ -132,22 +138,35 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// How many grains' locations a client remembers; past it, about half are forgotten.
+const LOCATION_CAPACITY: usize = 100_000;
+
 struct ClientInner {
     config: ClientConfig,
-    gateways: RwLock<Vec<String>>,
+    gateways: RwLock<Arc<[String]>>,
+    /// The gateway of the silo each grain was last found on (see the module doc).
+    locations: FastDashMap<GrainId, Arc<str>>,
     connections: ConnectionPool,
     /// Gateways that stopped answering; each has one probe waiting for it to answer again.
-    avoided: crate::maps::FastDashMap<String, ()>,
+    avoided: FastDashMap<String, ()>,
     next: AtomicUsize,
     this: Weak<ClientInner>,
 }
 
-/// The order in which one call tries the gateways: round-robin from `start` over those not avoided, then the
-/// avoided ones as a last resort (when every gateway is avoided, calls still go somewhere).
-fn gateway_order(gateways: &[String], start: usize, avoided: impl Fn(&str) -> bool) -> Vec<&String> {
-    let rotated = (0..gateways.len()).map(|i| &gateways[(start + i) % gateways.len()]);
-    let (answering, silent): (Vec<&String>, Vec<&String>) = rotated.partition(|g| !avoided(g));
-    answering.into_iter().chain(silent).collect()
+/// The order in which one call tries the gateways: `preferred` (where the grain was last found) if it is listed
+/// and not avoided, then round-robin from `start` over the others not avoided, then the avoided ones as a last
+/// resort (when every gateway is avoided, calls still go somewhere).
+fn gateway_order<'a>(
+    gateways: &'a [String],
+    preferred: Option<&str>,
+    start: usize,
+    avoided: &'a impl Fn(&str) -> bool,
+) -> impl Iterator<Item = &'a String> {
+    let preferred = preferred.and_then(|p| gateways.iter().find(|g| *g == p)).filter(|g| !avoided(g));
+    let rotated = move || {
+        (0..gateways.len()).map(move |i| &gateways[(start + i) % gateways.len()]).filter(move |g| Some(*g) != preferred)
+    };
+    preferred.into_iter().chain(rotated().filter(|g| !avoided(g))).chain(rotated().filter(|g| avoided(g)))
 }
 
 /// `http://host:port/` → `host:port`.
@@ -212,7 +231,8 @@ impl Client {
             });
         let inner = Arc::new_cyclic(|this| ClientInner {
             config,
-            gateways: RwLock::new(gateways.clone()),
+            gateways: RwLock::new(gateways.clone().into()),
+            locations: FastDashMap::default(),
             connections,
             avoided: Default::default(),
             next: AtomicUsize::new(0),
@@ -277,7 +297,25 @@ async fn refresh_loop(inner: Weak<ClientInner>) {
 
 impl ClientInner {
     fn gateways(&self) -> Vec<String> {
+        self.gateway_list().to_vec()
+    }
+
+    /// The gateways calls go to, shared (no copy per call).
+    fn gateway_list(&self) -> Arc<[String]> {
         self.gateways.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Remembers that `grain` lives behind `gateway` (an answer from `gateway` named no other).
+    fn remember(&self, grain: &GrainId, known: Option<&Arc<str>>, gateway: &str) {
+        if known.is_some_and(|known| **known == *gateway) {
+            return;
+        }
+        self.locations.insert(grain.clone(), Arc::from(gateway));
+        if self.locations.len() > LOCATION_CAPACITY {
+            let hasher = self.locations.hasher().clone();
+            let half = hasher.hash_one(grain) % 2;
+            self.locations.retain(|grain, _| hasher.hash_one(grain) % 2 != half);
+        }
     }
 
     /// The open connection to `gateway`, opening one if there is none or the last one died.
@@ -289,8 +327,8 @@ impl ClientInner {
     /// Each gateway gets its own deadline, and avoided gateways are asked last: a frozen one costs one
     /// deadline, not the refresh.
     async fn refresh_gateways(&self) {
-        let gateways = self.gateways();
-        for gateway in gateway_order(&gateways, 0, |g| self.is_avoided(g)) {
+        let gateways = self.gateway_list();
+        for gateway in gateway_order(&gateways, None, 0, &|g| self.is_avoided(g)) {
             let deadline = Instant::now() + self.config.connect_timeout;
             let answer = tokio::time::timeout_at(deadline, async {
                 let conn = self.connection(gateway).await?;
@@ -299,7 +337,7 @@ impl ClientInner {
             if let Ok(Ok(SystemResponse::Gateways(list))) = answer.await
                 && !list.is_empty()
             {
-                *self.gateways.write().unwrap_or_else(|e| e.into_inner()) = list;
+                *self.gateways.write().unwrap_or_else(|e| e.into_inner()) = list.into();
                 return;
             }
         }
@@ -350,11 +388,13 @@ impl ClientInner {
             metadata: call.metadata.to_map(),
             ..Default::default()
         };
-        let gateways = self.gateways();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let gateways = self.gateway_list();
+        let known = self.locations.get(&call.target).map(|at| at.value().clone());
+        let start = if known.is_some() { 0 } else { self.next.fetch_add(1, Ordering::Relaxed) };
         let timeout = call.deadline.saturating_duration_since(Instant::now());
         let mut last_error = CallError::Unavailable("no gateway".to_owned());
-        for gateway in gateway_order(&gateways, start, |g| self.is_avoided(g)) {
+        let avoided = |g: &str| self.is_avoided(g);
+        for gateway in gateway_order(&gateways, known.as_deref(), start, &avoided) {
             if Instant::now() >= call.deadline {
                 break;
             }
@@ -367,20 +407,26 @@ impl ClientInner {
                 }
                 Err(_) => return Err(CallError::Timeout(timeout)), // still connecting: nothing was sent
             };
-            match conn.call(envelope.clone(), call.deadline).await {
-                Ok(bytes) => return Ok(Payload::Encoded(bytes)),
+            match conn.call_located(envelope.clone(), call.deadline).await {
+                Ok(reply) => {
+                    let at = if reply.location.is_empty() { gateway.as_str() } else { reply.location.as_str() };
+                    self.remember(&call.target, known.as_ref(), at);
+                    return Ok(Payload::Encoded(reply.payload));
+                }
                 Err(CallError::ShuttingDown) => {
                     // Refused before running: safe to move. Leave this gateway out until the next refresh.
                     last_error = CallError::ShuttingDown;
+                    self.locations.remove(&call.target);
                     let mut list = self.gateways.write().unwrap_or_else(|e| e.into_inner());
                     if list.len() > 1 {
-                        list.retain(|g| g != gateway);
+                        *list = list.iter().filter(|g| *g != gateway).cloned().collect();
                     }
                     continue;
                 }
                 Err(e) => {
                     if !conn.is_alive() {
                         self.avoid(gateway); // lost, or closed for not answering the keep-alive ping
+                        self.locations.remove(&call.target);
                     }
                     return Err(e);
                 }
@@ -441,18 +487,31 @@ impl GrainRuntime for ClientInner {
 mod tests {
     use super::*;
 
-    fn names(order: Vec<&String>) -> Vec<&str> {
-        order.into_iter().map(String::as_str).collect()
+    fn names<'a>(order: impl Iterator<Item = &'a String>) -> Vec<&'a str> {
+        order.map(String::as_str).collect()
     }
 
     #[test]
     fn calls_rotate_over_the_answering_gateways_and_try_an_avoided_one_last() {
         let gateways: Vec<String> = ["a", "b", "c"].map(String::from).into();
-        assert_eq!(names(gateway_order(&gateways, 1, |_| false)), ["b", "c", "a"]);
+        let none = |_: &str| false;
+        assert_eq!(names(gateway_order(&gateways, None, 1, &none)), ["b", "c", "a"]);
         let avoid_b = |g: &str| g == "b";
-        assert_eq!(names(gateway_order(&gateways, 0, avoid_b)), ["a", "c", "b"]);
-        assert_eq!(names(gateway_order(&gateways, 1, avoid_b)), ["c", "a", "b"]);
-        assert_eq!(names(gateway_order(&gateways, 2, |_| true)), ["c", "a", "b"], "all avoided: still round-robin");
-        assert!(gateway_order(&[], 5, |_| false).is_empty());
+        assert_eq!(names(gateway_order(&gateways, None, 0, &avoid_b)), ["a", "c", "b"]);
+        assert_eq!(names(gateway_order(&gateways, None, 1, &avoid_b)), ["c", "a", "b"]);
+        let all = |_: &str| true;
+        assert_eq!(names(gateway_order(&gateways, None, 2, &all)), ["c", "a", "b"], "all avoided: still round-robin");
+        assert!(names(gateway_order(&[], None, 5, &none)).is_empty());
+    }
+
+    #[test]
+    fn a_grain_s_known_gateway_goes_first_unless_avoided_or_unlisted() {
+        let gateways: Vec<String> = ["a", "b", "c"].map(String::from).into();
+        let none = |_: &str| false;
+        assert_eq!(names(gateway_order(&gateways, Some("c"), 0, &none)), ["c", "a", "b"]);
+        assert_eq!(names(gateway_order(&gateways, Some("a"), 0, &none)), ["a", "b", "c"]);
+        let avoid_c = |g: &str| g == "c";
+        assert_eq!(names(gateway_order(&gateways, Some("c"), 0, &avoid_c)), ["a", "b", "c"], "avoided: last");
+        assert_eq!(names(gateway_order(&gateways, Some("gone"), 1, &none)), ["b", "c", "a"], "unlisted: ignored");
     }
 }

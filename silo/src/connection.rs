@@ -85,7 +85,15 @@ pub(crate) struct StreamSettings {
 
 /// A call waiting for its reply: the reply's channel, and (on a framed connection) the call's place among the
 /// calls in flight, given up with the entry.
-type Waiter = (oneshot::Sender<Result<Bytes, CallError>>, Option<crate::framed::InFlight>);
+type Waiter = (oneshot::Sender<Result<Reply, CallError>>, Option<crate::framed::InFlight>);
+
+/// A successful response: its payload, and the gateway a client's next calls to the grain may go to (empty
+/// when the silo that answered holds the grain, or does not know; see `Envelope::location`).
+#[derive(Debug)]
+pub(crate) struct Reply {
+    pub(crate) payload: Bytes,
+    pub(crate) location: String,
+}
 
 /// How requests reach the peer.
 enum Outbound {
@@ -285,8 +293,13 @@ impl Connection {
         self.alive.load(Ordering::SeqCst)
     }
 
+    /// Sends `envelope` as a request and waits for its response's payload until `deadline`.
+    pub(crate) async fn call(&self, envelope: Envelope, deadline: Instant) -> Result<Bytes, CallError> {
+        self.call_located(envelope, deadline).await.map(|reply| reply.payload)
+    }
+
     /// Sends `envelope` as a request and waits for its response until `deadline`.
-    pub(crate) async fn call(&self, mut envelope: Envelope, deadline: Instant) -> Result<Bytes, CallError> {
+    pub(crate) async fn call_located(&self, mut envelope: Envelope, deadline: Instant) -> Result<Reply, CallError> {
         let correlation_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         envelope.correlation_id = correlation_id;
         envelope.kind = Kind::Request as i32;
@@ -387,7 +400,7 @@ impl Connection {
         if let Some((_, (waiter, _))) = self.pending.remove(&envelope.correlation_id) {
             let result = match envelope.error {
                 Some(error) => Err(error.to_call_error()),
-                None => Ok(envelope.payload),
+                None => Ok(Reply { payload: envelope.payload, location: envelope.location }),
             };
             let _ = waiter.send(result);
         }

@@ -490,14 +490,17 @@ async fn serve_connection(
                     let _in_flight = in_flight;
                     let correlation_id = envelope.correlation_id;
                     let limit = silo.config.max_payload_bytes;
-                    let result = silo.serve_request(envelope, &identity).await.and_then(|reply| {
-                        if reply.len() > limit {
-                            Err(CallError::PayloadTooLarge { size: reply.len() as u64, limit: limit as u64 })
-                        } else {
-                            Ok(reply)
+                    let (result, location) = match silo.serve_request(envelope, &identity).await {
+                        Ok(served) if served.payload.len() > limit => {
+                            let size = served.payload.len() as u64;
+                            (Err(CallError::PayloadTooLarge { size, limit: limit as u64 }), None)
                         }
-                    });
-                    outbound.send(Envelope::response(correlation_id, result)).await;
+                        Ok(served) => (Ok(served.payload), served.location),
+                        Err(error) => (Err(error), None),
+                    };
+                    let mut response = Envelope::response(correlation_id, result);
+                    response.location = location.unwrap_or_default();
+                    outbound.send(response).await;
                 });
             }
             Inbound::Envelope(envelope) if envelope.kind == Kind::Ping as i32 => {

@@ -443,7 +443,7 @@ where
             tracing::debug!(error = %e, "HTTP grain call failed");
             call_problem(&e)
         })?;
-        let result = (http_methods.result_to_json)(&method, &reply).map_err(|e| {
+        let result = (http_methods.result_to_json)(&method, &reply.payload).map_err(|e| {
             Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "codec", "The result cannot be written as JSON", e.0)
         })?;
         Ok(respond(StatusCode::OK, "application/json", result))

@@ -19,6 +19,8 @@ pub(crate) struct Metrics {
     /// Counted on every call, from every worker: sharded like the method counters.
     pub(crate) calls: ShardedCounter,
     pub(crate) call_errors: AtomicU64,
+    /// Client calls this silo's gateway passed on to the silo holding the grain.
+    pub(crate) gateway_forwards: AtomicU64,
     pub(crate) activations: AtomicU64,
     pub(crate) activation_failures: AtomicU64,
     pub(crate) deactivations: AtomicU64,
@@ -38,6 +40,7 @@ impl Default for Metrics {
         Self {
             calls: ShardedCounter::default(),
             call_errors: AtomicU64::new(0),
+            gateway_forwards: AtomicU64::new(0),
             activations: AtomicU64::new(0),
             activation_failures: AtomicU64::new(0),
             deactivations: AtomicU64::new(0),
@@ -419,6 +422,9 @@ pub struct MetricsSnapshot {
     pub calls: u64,
     /// Calls refused before delivery (unknown type or method, cycles, shutdown).
     pub call_errors: u64,
+    /// Client calls this silo's gateway passed on to another silo, the one holding the grain (the client then
+    /// learns where the grain lives and calls that silo directly; a steady count means clients keep missing).
+    pub gateway_forwards: u64,
     /// Activations built successfully since start.
     pub activations: u64,
     /// Activations that failed to build (state load or `on_activate`).
@@ -436,6 +442,7 @@ impl Metrics {
         MetricsSnapshot {
             calls: self.calls.sum(),
             call_errors: self.call_errors.load(Ordering::Relaxed),
+            gateway_forwards: self.gateway_forwards.load(Ordering::Relaxed),
             activations: self.activations.load(Ordering::Relaxed),
             activation_failures: self.activation_failures.load(Ordering::Relaxed),
             deactivations: self.deactivations.load(Ordering::Relaxed),
@@ -452,6 +459,12 @@ impl MetricsSnapshot {
         for (name, kind, help, value) in [
             ("grains_calls_total", "counter", "Calls accepted for delivery.", self.calls),
             ("grains_call_errors_total", "counter", "Calls refused before delivery.", self.call_errors),
+            (
+                "grains_gateway_forwards_total",
+                "counter",
+                "Client calls passed on to the silo holding the grain.",
+                self.gateway_forwards,
+            ),
             ("grains_activations_total", "counter", "Activations built.", self.activations),
             (
                 "grains_activation_failures_total",

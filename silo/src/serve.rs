@@ -6,10 +6,12 @@
 //! recovery) is answered here; the gateway serves system calls only to authenticated peers.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use grains::__private::runtime::{Call, Payload, RequestMetadata};
-use grains::CallError;
+use grains::{CallError, GrainId};
+use grains_storage::SiloStatus;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
@@ -20,6 +22,21 @@ use crate::filter::{CallInfo, CallerIdentity};
 use crate::routing::wait_reply;
 use crate::silo::SiloInner;
 use crate::wire::{Envelope, Mode};
+
+/// A served request's reply payload, and for a client's call that went on to another silo, that silo's gateway
+/// (see `Envelope::location`).
+#[derive(Debug)]
+pub(crate) struct Served {
+    pub(crate) payload: Bytes,
+    pub(crate) location: Option<String>,
+}
+
+impl Served {
+    /// A reply from this silo.
+    fn here(payload: Bytes) -> Self {
+        Self { payload, location: None }
+    }
+}
 
 impl SiloInner {
     /// Runs the call filters on a call entering the silo from `caller`.
@@ -32,13 +49,13 @@ impl SiloInner {
         self: Arc<Self>,
         envelope: Envelope,
         caller: &CallerIdentity,
-    ) -> Result<Bytes, CallError> {
+    ) -> Result<Served, CallError> {
         let target =
             envelope.target.as_ref().ok_or_else(|| CallError::Protocol("request without a target".to_owned()))?;
         if target.grain_type == crate::wire::SYSTEM_TYPE {
             let request: SystemRequest = grains::codec::decode_named(&envelope.payload)?;
             let response = self.serve_system(request).await?;
-            return Ok(Bytes::from(grains::codec::encode_named(&response)?));
+            return Ok(Served::here(Bytes::from(grains::codec::encode_named(&response)?)));
         }
         if self.is_shutting_down() {
             // Refused before running: the caller may safely send it elsewhere.
@@ -78,14 +95,19 @@ impl SiloInner {
         }
         if let Some(claim) = self.table.claim_idle(&call.target) {
             // Its activation is here and idle (whatever the mode said): the turn runs on this task.
-            return Ok(self.run_inline(claim, call, true).await?.into_bytes()?);
+            return Ok(Served::here(self.run_inline(claim, call, true).await?.into_bytes()?));
         }
         let (reply, waiter) = oneshot::channel();
         let (id, invocation) = Invocation::of(call, reply);
         let deadline = invocation.deadline;
+        // A client's call routed to another silo: the reply says which, so the client's next calls go there.
+        let mut located = None;
         match mode {
             Mode::Route => {
                 if let Err(invocation) = self.try_local(&id, invocation) {
+                    if matches!(caller, CallerIdentity::Client(_)) {
+                        located = Some(id.clone());
+                    }
                     tokio::spawn(self.clone().route(id, invocation));
                 }
             }
@@ -100,8 +122,25 @@ impl SiloInner {
                 }
             }
         }
-        let reply = wait_reply(waiter, deadline).await?;
-        Ok(reply.into_bytes()?)
+        let payload = wait_reply(waiter, deadline).await?.into_bytes()?;
+        let location = match located {
+            // Routed, and not to an activation placed here: forwarded to the grain's silo.
+            Some(id) if !self.table.is_confirmed(&id) => {
+                self.metrics.gateway_forwards.fetch_add(1, Ordering::Relaxed);
+                self.activation_gateway(&id)
+            }
+            _ => None,
+        };
+        Ok(Served { payload, location })
+    }
+
+    /// The gateway of the silo that holds `id`'s activation as far as this silo knows (its routing cache), when
+    /// that is another active silo with a gateway.
+    fn activation_gateway(&self, id: &GrainId) -> Option<String> {
+        let silo = self.cluster.cache.get(id)?.silo.clone();
+        let view = self.cluster.view();
+        let row = view.rows().iter().find(|row| row.silo == silo && row.status == SiloStatus::Active)?;
+        row.gateway.clone()
     }
 
     /// Answers a system request.

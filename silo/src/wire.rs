@@ -98,6 +98,11 @@ pub struct Envelope {
     /// The caller's request metadata (requests): string pairs that flow on to the calls this one makes.
     #[prost(btree_map = "string, string", tag = "12")]
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// Set by a gateway on the response to a client's routed request when the grain's activation lives on
+    /// another silo: that silo's gateway (`host:port`, as the cluster's gateway list names it). A client may
+    /// send the grain's next calls there, saving the gateway's hop; a hint, never needed for correctness.
+    #[prost(string, tag = "13")]
+    pub location: String,
 }
 
 /// Wall-clock milliseconds since the Unix epoch.

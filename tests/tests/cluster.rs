@@ -109,6 +109,59 @@ async fn a_grain_moves_to_a_live_silo_when_its_silo_leaves_and_keeps_its_state()
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_calls_the_silo_holding_a_grain_directly_and_follows_it_when_it_moves() {
+    let silos = start_cluster(2).await;
+    let client = Client::connect(format!("http://{}", silos[0].gateway_addr().unwrap())).await.unwrap();
+    assert_eq!(client.gateways().len(), 2, "the client learned both gateways");
+    let forwards = || silos.iter().map(|s| s.metrics().gateway_forwards).sum::<u64>();
+    let keys: Vec<String> = (0..20).map(|i| format!("direct-{i}")).collect();
+    for key in &keys {
+        assert_eq!(client.grain::<Peer>(key.as_str()).name().await.unwrap(), *key);
+    }
+    let held_by =
+        |silo: &Silo| silo.active_grains().iter().filter(|g| g.key().to_string().starts_with("direct-")).count();
+    assert!(held_by(&silos[0]) > 0 && held_by(&silos[1]) > 0, "both silos hold some of the grains");
+    let warmed = forwards();
+    for _ in 0..10 {
+        for key in &keys {
+            assert_eq!(client.grain::<Peer>(key.as_str()).name().await.unwrap(), *key);
+        }
+    }
+    assert_eq!(forwards(), warmed, "after a grain's first call, its calls go straight to the silo holding it");
+
+    // The grain moves (deactivated until its next activation lands on the other silo): the client's first call
+    // goes to where it was, which forwards it and says where the grain is now; the calls after it go there.
+    let key = keys[0].as_str();
+    let id = GrainId::new("Peer", key);
+    let grain = client.grain::<Peer>(key);
+    let first = silos.iter().position(|s| s.is_active(&id)).expect("someone holds it");
+    let mut moved = false;
+    for _ in 0..100 {
+        let holder = silos.iter().position(|s| s.is_active(&id)).expect("someone holds it");
+        grain.deactivate().await.unwrap();
+        let gone = tokio::time::Instant::now() + scaled(Duration::from_secs(5));
+        while silos[holder].is_active(&id) {
+            assert!(tokio::time::Instant::now() < gone, "{id} never deactivated");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(grain.name().await.unwrap(), key, "a call to a grain that left the silo it was known on");
+        if !silos[first].is_active(&id) {
+            moved = true;
+            break;
+        }
+    }
+    assert!(moved, "{id} was placed on the same silo 100 times in a row");
+    let settled = forwards();
+    for _ in 0..10 {
+        assert_eq!(grain.name().await.unwrap(), key);
+    }
+    assert_eq!(forwards(), settled, "the client follows a grain that moved");
+    for silo in silos {
+        silo.shutdown(Duration::from_secs(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_call_cycle_across_silos_is_refused() {
     let silos = start_cluster(2).await;

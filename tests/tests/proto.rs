@@ -106,6 +106,7 @@ fn envelope_as_schema(e: &Envelope) -> DynamicMessage {
     let metadata: HashMap<MapKey, Value> =
         e.metadata.iter().map(|(k, v)| (MapKey::String(k.clone()), Value::String(v.clone()))).collect();
     set(&mut m, "metadata", Value::Map(metadata));
+    set(&mut m, "location", Value::String(e.location.clone()));
     m
 }
 
@@ -131,6 +132,7 @@ fn full_envelopes() -> Vec<Envelope> {
         registration: 1 << 40,
         deadline_unix_ms: 1_795_000_000_000,
         metadata: BTreeMap::from([("tenant".into(), "acme".into()), ("trace".into(), "00-ab".into())]),
+        location: "10.0.0.7:30001".into(),
     };
     let cached = Envelope {
         kind: Kind::Request as i32,

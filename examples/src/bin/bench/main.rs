@@ -41,6 +41,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // As a silo binary does (`grains_silo::cli`): a subscriber is installed, so disabled spans cost what they
+    // cost in production. Without one, `tracing`'s `log` fallback (which sqlx turns on) handles every span.
+    grains_silo::cli::init_logging(&std::env::var("GRAINS_LOG").unwrap_or_else(|_| "warn".to_owned()));
     let window = if args.quick { Duration::from_millis(300) } else { Duration::from_secs(3) };
     let wants = |s: Section| args.only.is_empty() || args.only.contains(&s);
     println!(
