@@ -100,14 +100,12 @@ impl SiloInner {
         let (reply, waiter) = oneshot::channel();
         let (id, invocation) = Invocation::of(call, reply);
         let deadline = invocation.deadline;
-        // A client's call routed to another silo: the reply says which, so the client's next calls go there.
-        let mut located = None;
+        // A client's call that ends up served by another silo — routed there, or handed on by an activation
+        // here that was leaving — gets a reply naming that silo, so the client's next calls go there.
+        let located = (mode == Mode::Route && matches!(caller, CallerIdentity::Client(_))).then(|| id.clone());
         match mode {
             Mode::Route => {
                 if let Err(invocation) = self.try_local(&id, invocation) {
-                    if matches!(caller, CallerIdentity::Client(_)) {
-                        located = Some(id.clone());
-                    }
                     tokio::spawn(self.clone().route(id, invocation));
                 }
             }
@@ -124,7 +122,7 @@ impl SiloInner {
         }
         let payload = wait_reply(waiter, deadline).await?.into_bytes()?;
         let location = match located {
-            // Routed, and not to an activation placed here: forwarded to the grain's silo.
+            // Not served by an activation here (now confirmed): forwarded to the grain's silo.
             Some(id) if !self.table.is_confirmed(&id) => {
                 self.metrics.gateway_forwards.fetch_add(1, Ordering::Relaxed);
                 self.activation_gateway(&id)
