@@ -9,8 +9,7 @@
 
 #![no_main]
 
-use bytes::Bytes;
-use grains_fuzz::read_framed;
+use grains_fuzz::{chunks, read_framed};
 use grains_silo::wire::{Envelope, Inbound};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -42,22 +41,6 @@ enum Expected<'a> {
     Frame(&'a [u8]),
     Flagged { id: u64 },
     TooLarge { id: u64, len: usize },
-}
-
-/// Cuts `stream` into chunks whose sizes cycle through a pattern picked by `seed` (some empty).
-fn chunks(stream: &[u8], seed: u8) -> Vec<Bytes> {
-    let sizes = [seed as usize % 7, (seed as usize >> 3) % 5 + 1, 1, (seed as usize) * 3 + 2];
-    let mut out = Vec::new();
-    let mut rest = stream;
-    for size in sizes.iter().cycle() {
-        if rest.is_empty() {
-            break;
-        }
-        let (chunk, tail) = rest.split_at((*size).min(rest.len()));
-        out.push(Bytes::copy_from_slice(chunk));
-        rest = tail;
-    }
-    out
 }
 
 /// The correlation id (field 1, varint) at the start of `bytes`, or 0, as prost reads it.

@@ -9,8 +9,7 @@
 
 #![no_main]
 
-use bytes::Bytes;
-use grains_fuzz::{StreamEnd, read_frames};
+use grains_fuzz::{StreamEnd, chunks, read_frames};
 use grains_silo::wire::{Envelope, Inbound, frame_limit};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -38,22 +37,6 @@ fuzz_target!(|data: &[u8]| {
         (end, expected) => panic!("the stream ended {end:?}, expected {expected:?}"),
     }
 });
-
-/// Cuts `body` into chunks whose sizes cycle through a pattern picked by `seed` (some empty).
-fn chunks(body: &[u8], seed: u8) -> Vec<Bytes> {
-    let sizes = [seed as usize % 7, (seed as usize >> 3) % 5 + 1, 1, (seed as usize) * 3 + 2];
-    let mut out = Vec::new();
-    let mut rest = body;
-    for size in sizes.iter().cycle() {
-        if rest.is_empty() {
-            break;
-        }
-        let (chunk, tail) = rest.split_at((*size).min(rest.len()));
-        out.push(Bytes::copy_from_slice(chunk));
-        rest = tail;
-    }
-    out
-}
 
 /// The gRPC framing read by hand: the frame bodies up to the first error, and that error's code.
 fn reference_reading(mut body: &[u8], limit: usize) -> (Vec<&[u8]>, Option<Code>) {

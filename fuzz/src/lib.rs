@@ -22,6 +22,23 @@ use tonic::codec::Streaming;
 /// Links the example grains, so their registrations are fuzzed too.
 pub use grains_examples as examples;
 
+/// Cuts `bytes` into chunks whose sizes cycle through a pattern picked by `seed` (some empty): how the stream
+/// targets feed one input to a reader in pieces, as a socket would.
+pub fn chunks(bytes: &[u8], seed: u8) -> Vec<Bytes> {
+    let sizes = [seed as usize % 7, (seed as usize >> 3) % 5 + 1, 1, (seed as usize) * 3 + 2];
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    for size in sizes.iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let (chunk, tail) = rest.split_at((*size).min(rest.len()));
+        out.push(Bytes::copy_from_slice(chunk));
+        rest = tail;
+    }
+    out
+}
+
 /// A request body that yields the given chunks, then ends: always ready, so a stream over it is read to the
 /// end without a runtime.
 pub struct ChunkedBody(VecDeque<Bytes>);

@@ -379,7 +379,7 @@ impl ClientInner {
         if payload.len() > limit {
             return Err(CallError::PayloadTooLarge { size: payload.len() as u64, limit: limit as u64 });
         }
-        let envelope = Envelope {
+        let mut envelope = Envelope {
             target: Some(WireGrainId::from(&call.target)),
             method: call.method.into_owned(),
             payload,
@@ -407,7 +407,7 @@ impl ClientInner {
                 }
                 Err(_) => return Err(CallError::Timeout(timeout)), // still connecting: nothing was sent
             };
-            match conn.call_located(envelope.clone(), call.deadline).await {
+            match conn.call_located(&mut envelope, call.deadline).await {
                 Ok(reply) => {
                     let at = if reply.location.is_empty() { gateway.as_str() } else { reply.location.as_str() };
                     self.remember(&call.target, known.as_ref(), at);

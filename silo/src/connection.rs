@@ -83,6 +83,20 @@ pub(crate) struct StreamSettings {
     pub(crate) grpc: bool,
 }
 
+/// Everything that opening one connection takes: whom to reach, as what, and how the stream runs.
+#[derive(Clone, Copy)]
+struct Dial<'a> {
+    peer: &'a str,
+    kind: PeerKind,
+    connect_timeout: Duration,
+    /// The cluster membership proof to show (a silo's connections to its peers).
+    identity: Option<&'a PeerIdentity>,
+    tls: Option<&'a ClientTls>,
+    /// A client's token, sent once when the connection is set up.
+    bearer_token: Option<&'a BearerToken>,
+    settings: StreamSettings,
+}
+
 /// A call waiting for its reply: the reply's channel, and (on a framed connection) the call's place among the
 /// calls in flight, given up with the entry.
 type Waiter = (oneshot::Sender<Result<Reply, CallError>>, Option<crate::framed::InFlight>);
@@ -138,41 +152,35 @@ impl Connection {
     ) -> Result<Arc<Self>, CallError> {
         let tls = identity.and_then(|i| i.tls.as_ref());
         let settings = StreamSettings { keep_alive, max_reply_payload: UNCONFIGURED_REPLY_PAYLOAD, grpc: false };
-        Self::open_with(peer, kind, connect_timeout, identity, tls, None, settings).await
+        Self::open_with(Dial { peer, kind, connect_timeout, identity, tls, bearer_token: None, settings }).await
     }
 
     /// Opens a connection over the framed TCP transport when the connection is plaintext (no `tls`, no
     /// `https://` address) and `GRAINS_TRANSPORT` does not ask for gRPC; else a gRPC stream.
-    async fn open_with(
-        peer: &str,
-        kind: PeerKind,
-        connect_timeout: Duration,
-        identity: Option<&PeerIdentity>,
-        tls: Option<&ClientTls>,
-        bearer_token: Option<&BearerToken>,
-        settings: StreamSettings,
-    ) -> Result<Arc<Self>, CallError> {
-        match framed_address(peer, tls, settings.grpc) {
-            Some((host, port)) => {
-                Self::open_framed(peer, host, port, kind, connect_timeout, identity, bearer_token, settings).await
-            }
-            None => Self::open_grpc(peer, kind, connect_timeout, identity, tls, bearer_token, settings).await,
+    async fn open_with(dial: Dial<'_>) -> Result<Arc<Self>, CallError> {
+        match framed_address(dial.peer, dial.tls, dial.settings.grpc) {
+            Some((host, port)) => Self::open_framed(dial, host, port).await,
+            None => Self::open_grpc(dial).await,
         }
+    }
+
+    /// A new open connection to `peer`, with no call waiting yet.
+    fn new(peer: &str, kind: PeerKind, outbound: Outbound) -> Arc<Self> {
+        Arc::new(Connection {
+            peer: peer.to_owned(),
+            kind,
+            outbound,
+            pending: FastDashMap::default(),
+            next_id: AtomicU64::new(1),
+            alive: AtomicBool::new(true),
+            reader: std::sync::OnceLock::new(),
+        })
     }
 
     /// Opens a framed TCP connection (see `framed`) to `host:port`, sending its credentials in the hello frame
     /// and waiting for the peer's hello: a refusal is [`CallError::PermissionDenied`].
-    #[expect(clippy::too_many_arguments, reason = "the settings of one connection, passed once")]
-    async fn open_framed(
-        peer: &str,
-        host: &str,
-        port: u16,
-        kind: PeerKind,
-        connect_timeout: Duration,
-        identity: Option<&PeerIdentity>,
-        bearer_token: Option<&BearerToken>,
-        settings: StreamSettings,
-    ) -> Result<Arc<Self>, CallError> {
+    async fn open_framed(dial: Dial<'_>, host: &str, port: u16) -> Result<Arc<Self>, CallError> {
+        let Dial { peer, kind, connect_timeout, identity, bearer_token, settings, .. } = dial;
         let mut metadata = tonic::metadata::MetadataMap::new();
         if let Some(identity) = identity {
             identity.stamp(&mut metadata);
@@ -205,15 +213,7 @@ impl Connection {
         let (reader, write) = tokio::time::timeout(connect_timeout, handshake)
             .await
             .map_err(|_| lost(kind, peer, &format!("no answer to the handshake within {connect_timeout:?}")))??;
-        let conn = Arc::new(Connection {
-            peer: peer.to_owned(),
-            kind,
-            outbound: Outbound::Framed(Arc::new(FrameWriter::new(Box::new(write), None))),
-            pending: FastDashMap::default(),
-            next_id: AtomicU64::new(1),
-            alive: AtomicBool::new(true),
-            reader: std::sync::OnceLock::new(),
-        });
+        let conn = Self::new(peer, kind, Outbound::Framed(Arc::new(FrameWriter::new(Box::new(write), None))));
         let reading = tokio::spawn(read_framed(conn.clone(), reader, settings));
         let _ = conn.reader.set(reading.abort_handle());
         Ok(conn)
@@ -223,15 +223,8 @@ impl Connection {
     /// `bearer_token`, and reading replies within `settings.max_reply_payload`. A server that fails the TLS
     /// handshake (it does not speak TLS, or its certificate is not trusted) is unreachable: the call fails, it
     /// never hangs.
-    async fn open_grpc(
-        peer: &str,
-        kind: PeerKind,
-        connect_timeout: Duration,
-        identity: Option<&PeerIdentity>,
-        tls: Option<&ClientTls>,
-        bearer_token: Option<&BearerToken>,
-        settings: StreamSettings,
-    ) -> Result<Arc<Self>, CallError> {
+    async fn open_grpc(dial: Dial<'_>) -> Result<Arc<Self>, CallError> {
+        let Dial { peer, kind, connect_timeout, identity, tls, bearer_token, settings } = dial;
         let keep_alive = settings.keep_alive;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let url = if peer.contains("://") { peer.to_owned() } else { format!("{scheme}://{peer}") };
@@ -274,15 +267,7 @@ impl Connection {
                 }
                 _ => lost(kind, peer, &status.to_string()),
             })?;
-        let conn = Arc::new(Connection {
-            peer: peer.to_owned(),
-            kind,
-            outbound: Outbound::Grpc(outbound),
-            pending: FastDashMap::default(),
-            next_id: AtomicU64::new(1),
-            alive: AtomicBool::new(true),
-            reader: std::sync::OnceLock::new(),
-        });
+        let conn = Self::new(peer, kind, Outbound::Grpc(outbound));
         let reader = tokio::spawn(read_responses(conn.clone(), response.into_inner(), max_reply_payload));
         let _ = conn.reader.set(reader.abort_handle());
         Ok(conn)
@@ -294,12 +279,14 @@ impl Connection {
     }
 
     /// Sends `envelope` as a request and waits for its response's payload until `deadline`.
-    pub(crate) async fn call(&self, envelope: Envelope, deadline: Instant) -> Result<Bytes, CallError> {
-        self.call_located(envelope, deadline).await.map(|reply| reply.payload)
+    pub(crate) async fn call(&self, mut envelope: Envelope, deadline: Instant) -> Result<Bytes, CallError> {
+        self.call_located(&mut envelope, deadline).await.map(|reply| reply.payload)
     }
 
-    /// Sends `envelope` as a request and waits for its response until `deadline`.
-    pub(crate) async fn call_located(&self, mut envelope: Envelope, deadline: Instant) -> Result<Reply, CallError> {
+    /// Sends `envelope` as a request and waits for its response until `deadline`. The envelope is borrowed (its
+    /// correlation id, kind and deadline set here): a framed connection encodes it where it is, and a caller
+    /// that may send it again elsewhere keeps it without a copy.
+    pub(crate) async fn call_located(&self, envelope: &mut Envelope, deadline: Instant) -> Result<Reply, CallError> {
         let correlation_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         envelope.correlation_id = correlation_id;
         envelope.kind = Kind::Request as i32;
@@ -317,8 +304,8 @@ impl Connection {
             return Err(self.lost("connection closed"));
         }
         let sent = match &self.outbound {
-            Outbound::Grpc(queue) => queue.send(envelope).is_ok(),
-            Outbound::Framed(writer) => writer.send(&envelope).is_ok(),
+            Outbound::Grpc(queue) => queue.send(envelope.clone()).is_ok(),
+            Outbound::Framed(writer) => writer.send(envelope).is_ok(),
         };
         if !sent {
             self.pending.remove(&correlation_id);
@@ -594,15 +581,19 @@ impl ConnectionPool {
         if let Some(conn) = self.open.get(endpoint).filter(|c| c.is_alive()) {
             return Ok(conn.clone());
         }
-        let conn = Connection::open_with(
-            endpoint,
-            self.kind,
-            self.connect_timeout,
-            self.identity.as_ref(),
-            self.tls.as_ref(),
-            self.bearer_token.as_ref(),
-            StreamSettings { keep_alive: self.keep_alive, max_reply_payload: self.max_reply_payload, grpc: self.grpc },
-        )
+        let conn = Connection::open_with(Dial {
+            peer: endpoint,
+            kind: self.kind,
+            connect_timeout: self.connect_timeout,
+            identity: self.identity.as_ref(),
+            tls: self.tls.as_ref(),
+            bearer_token: self.bearer_token.as_ref(),
+            settings: StreamSettings {
+                keep_alive: self.keep_alive,
+                max_reply_payload: self.max_reply_payload,
+                grpc: self.grpc,
+            },
+        })
         .await?;
         self.open.insert(endpoint.to_owned(), conn.clone());
         Ok(conn)
