@@ -100,13 +100,10 @@ impl SiloInner {
         let (reply, waiter) = oneshot::channel();
         let (id, invocation) = Invocation::of(call, reply);
         let deadline = invocation.deadline;
-        // A client's call that ends up served by another silo — routed there, or handed on by an activation
-        // here that was leaving — gets a reply naming that silo, so the client's next calls go there.
-        let located = (mode == Mode::Route && matches!(caller, CallerIdentity::Client(_))).then(|| id.clone());
         match mode {
             Mode::Route => {
                 if let Err(invocation) = self.try_local(&id, invocation) {
-                    tokio::spawn(self.clone().route(id, invocation));
+                    tokio::spawn(self.clone().route(id.clone(), invocation));
                 }
             }
             Mode::Cached => {
@@ -121,13 +118,17 @@ impl SiloInner {
             }
         }
         let payload = wait_reply(waiter, deadline).await?.into_bytes()?;
-        let location = match located {
-            // Not served by an activation here (now confirmed): forwarded to the grain's silo.
-            Some(id) if !self.table.is_confirmed(&id) => {
+        // A client's call that was not served by an activation here (now confirmed) — routed to another silo,
+        // or handed on by an activation here that was leaving — gets a reply naming the grain's silo, so the
+        // client's next calls go there.
+        let forwarded =
+            mode == Mode::Route && matches!(caller, CallerIdentity::Client(_)) && !self.table.is_confirmed(&id);
+        let location = match forwarded {
+            true => {
                 self.metrics.gateway_forwards.fetch_add(1, Ordering::Relaxed);
                 self.activation_gateway(&id)
             }
-            _ => None,
+            false => None,
         };
         Ok(Served { payload, location })
     }
