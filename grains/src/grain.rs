@@ -5,15 +5,21 @@
 //! reference) and registers the type in the [`GrainRegistration`] inventory. A silo collects every registration
 //! linked into its binary and drives activations through the object-safe [`ErasedGrain`].
 
+use std::borrow::Cow;
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::task::Poll;
 use std::time::Duration;
+
+use tracing::Instrument;
 
 use crate::codec::CodecError;
 use crate::context::GrainContext;
 use crate::error::{CallError, GrainError};
+use crate::id::GrainId;
 use crate::reference::GrainRef;
 use crate::reminder::{REMINDER_METHOD, ReminderAck, ReminderTick};
-use crate::runtime::{BoxFuture, LocalMessage, Payload};
+use crate::runtime::{BoxFuture, CallChain, LocalMessage, Payload, RequestMetadata, run_in_turn};
 
 /// Per-type options set with `#[grain(...)]` on the struct.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -158,11 +164,45 @@ pub trait Grain: GrainType {
     }
 }
 
+/// What a turn runs under: the calls waiting on it, the grain it belongs to, the metadata of the call it serves
+/// (see [`run_in_turn`]), and the span it is recorded in.
+pub struct TurnScope {
+    /// The grains whose turns wait on this one.
+    pub chain: CallChain,
+    /// The grain whose turn it is.
+    pub grain: GrainId,
+    /// The metadata of the call the turn serves.
+    pub metadata: RequestMetadata,
+    /// The span the turn runs in.
+    pub span: tracing::Span,
+}
+
+/// How a turn run by [`ErasedGrain::run_turn`] ended.
+pub struct TurnOutcome {
+    /// The grain, given back for its next turn; `None` when the turn panicked (the grain may hold broken
+    /// state, and is dropped without its `on_deactivate` hook).
+    pub grain: Option<Box<dyn ErasedGrain>>,
+    /// The method called, given back.
+    pub method: Cow<'static, str>,
+    /// The call's answer, or the panic's payload.
+    pub result: std::thread::Result<Result<Payload, CallError>>,
+}
+
 /// A live activation, with its type erased so the silo can drive every grain type alike.
 pub trait ErasedGrain: Send {
-    /// Runs one call. A local payload must hold the grain's request type; an encoded one is decoded first,
-    /// and its reply is encoded.
-    fn handle<'a>(&'a mut self, method: &'a str, payload: Payload) -> BoxFuture<'a, Result<Payload, CallError>>;
+    /// Runs one call as a turn. A local payload must hold the grain's request type; an encoded one is decoded
+    /// first, and its reply is encoded.
+    ///
+    /// The turn owns the grain while it runs and gives it back in its [`TurnOutcome`]: the turn's future
+    /// borrows nothing, so one allocation holds the whole turn, and a runtime can move a turn under way (to a
+    /// task of its own when its caller stops waiting) without cutting it short. A panic in the method is
+    /// caught and ends the turn.
+    fn run_turn(
+        self: Box<Self>,
+        method: Cow<'static, str>,
+        payload: Payload,
+        scope: TurnScope,
+    ) -> BoxFuture<'static, TurnOutcome>;
 
     /// Runs the grain's `on_activate`.
     fn on_activate<'a>(&'a mut self, ctx: &'a GrainContext) -> BoxFuture<'a, Result<(), GrainError>>;
@@ -175,26 +215,27 @@ pub trait ErasedGrain: Send {
 }
 
 impl<G: Grain> ErasedGrain for G {
-    fn handle<'a>(&'a mut self, method: &'a str, payload: Payload) -> BoxFuture<'a, Result<Payload, CallError>> {
+    fn run_turn(
+        self: Box<Self>,
+        method: Cow<'static, str>,
+        payload: Payload,
+        scope: TurnScope,
+    ) -> BoxFuture<'static, TurnOutcome> {
         Box::pin(async move {
-            if method == REMINDER_METHOD {
-                return deliver_reminder(self, payload).await;
-            }
-            match payload {
-                Payload::Local(message) => {
-                    let request = message
-                        .into_any()
-                        .downcast::<G::Request>()
-                        .map_err(|_| CallError::Protocol(format!("local request is not a {} request", G::TYPE_NAME)))?;
-                    let response = Grain::handle(self, *request).await;
-                    Ok(Payload::Local(Box::new(response)))
-                }
-                Payload::Encoded(body) => {
-                    let request = G::decode_request(method, &body)?;
-                    let response = Grain::handle(self, request).await;
-                    Ok(Payload::Encoded(response.encode_body()?.into()))
-                }
-            }
+            let mut grain = self;
+            let TurnScope { chain, grain: id, metadata, span } = scope;
+            let result = {
+                let turn = run_in_turn(chain, id, metadata, handle_call(&mut *grain, &method, payload));
+                let mut turn = std::pin::pin!(turn.instrument(span));
+                std::future::poll_fn(|cx| match catch_unwind(AssertUnwindSafe(|| turn.as_mut().poll(cx))) {
+                    Ok(Poll::Pending) => Poll::Pending,
+                    Ok(Poll::Ready(answer)) => Poll::Ready(Ok(answer)),
+                    Err(panic) => Poll::Ready(Err(panic)),
+                })
+                .await
+            };
+            let grain = result.is_ok().then_some(grain as Box<dyn ErasedGrain>);
+            TurnOutcome { grain, method, result }
         })
     }
 
@@ -208,6 +249,28 @@ impl<G: Grain> ErasedGrain for G {
 
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
+    }
+}
+
+/// Runs one call against `grain`: a reminder tick, a local request, or an encoded one (answered encoded).
+async fn handle_call<G: Grain>(grain: &mut G, method: &str, payload: Payload) -> Result<Payload, CallError> {
+    if method == REMINDER_METHOD {
+        return deliver_reminder(grain, payload).await;
+    }
+    match payload {
+        Payload::Local(message) => {
+            let request = message
+                .into_any()
+                .downcast::<G::Request>()
+                .map_err(|_| CallError::Protocol(format!("local request is not a {} request", G::TYPE_NAME)))?;
+            let response = Grain::handle(grain, *request).await;
+            Ok(Payload::Local(Box::new(response)))
+        }
+        Payload::Encoded(body) => {
+            let request = G::decode_request(method, &body)?;
+            let response = Grain::handle(grain, request).await;
+            Ok(Payload::Encoded(response.encode_body()?.into()))
+        }
     }
 }
 

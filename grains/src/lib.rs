@@ -200,7 +200,8 @@ pub mod __private {
     pub use crate::codec::{ValueCodec, begin_args, json_args, json_result, json_value, read_args};
     pub use crate::context::{ActivationServices, Services};
     pub use crate::grain::{
-        BuildFn, DecodeRequestFn, ErasedGrain, GrainOptions, GrainRegistration, HttpMethods, WireMessage,
+        BuildFn, DecodeRequestFn, ErasedGrain, GrainOptions, GrainRegistration, HttpMethods, TurnOutcome, TurnScope,
+        WireMessage,
     };
     pub use crate::reference::{RefCore, mismatched_reply};
     pub use crate::reminder::{REMINDER_METHOD, ReminderAck, ReminderRegistry};

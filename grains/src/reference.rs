@@ -54,20 +54,17 @@ impl RefCore {
         Self { timeout: Some(timeout), ..self.clone() }
     }
 
-    /// The deadline a call started now gets.
-    fn deadline(&self) -> Instant {
-        Instant::now() + self.timeout.unwrap_or_else(|| self.runtime.default_timeout())
-    }
-
     /// Sends `request` to the grain and waits for its response: the call path of every generated method.
     pub async fn call<G: Grain>(&self, request: G::Request) -> Result<G::Response, CallError> {
         let method = G::method_name(&request);
         let span = tracing::debug_span!("grain.call", grain_type = G::TYPE_NAME, key = %self.id.key(), method);
+        let issued = Instant::now();
         let call = Call {
             target: self.id.clone(),
             method: method.into(),
             payload: Payload::Local(Box::new(request)),
-            deadline: self.deadline(),
+            deadline: issued + self.timeout.unwrap_or_else(|| self.runtime.default_timeout()),
+            issued,
             chain: current_chain(),
             metadata: RequestMetadata::current(),
         };

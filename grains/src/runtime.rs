@@ -84,7 +84,31 @@ impl fmt::Debug for Payload {
 }
 
 /// The grains a call descends from, outermost first. Used to refuse call cycles at once.
-pub type CallChain = Arc<[GrainId]>;
+///
+/// Cheap to clone; the empty chain of a call from outside any grain holds nothing at all (not even a shared
+/// reference count, which every core making such calls would otherwise write).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct CallChain(Option<Arc<[GrainId]>>);
+
+impl std::ops::Deref for CallChain {
+    type Target = [GrainId];
+
+    fn deref(&self) -> &[GrainId] {
+        self.0.as_deref().unwrap_or_default()
+    }
+}
+
+impl From<Vec<GrainId>> for CallChain {
+    fn from(chain: Vec<GrainId>) -> Self {
+        Self((!chain.is_empty()).then(|| chain.into()))
+    }
+}
+
+impl fmt::Debug for CallChain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
 
 /// One grain call on its way to a runtime.
 #[derive(Debug)]
@@ -97,6 +121,10 @@ pub struct Call {
     pub payload: Payload,
     /// When the caller stops waiting.
     pub deadline: Instant,
+    /// When the call was made: the clock reading its deadline was set from. A runtime takes it as "now" on
+    /// the call's way in (a clock read costs as much as a quarter of a warm local call), so a `Call` is
+    /// handed to a runtime as soon as it is made.
+    pub issued: Instant,
     /// The grains whose turns are waiting on this call (empty for a call from outside any grain).
     pub chain: CallChain,
     /// The caller's request metadata, which flows on to the calls this one makes.
@@ -181,11 +209,66 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for RequestMetadata 
 /// Something that can carry grain calls: a silo, or an external client connected to one.
 pub trait GrainRuntime: Send + Sync + 'static {
     /// Delivers `call` and resolves with the reply, an error, or [`CallError::Timeout`] at the call's deadline.
-    fn invoke(&self, call: Call) -> BoxFuture<'static, Result<Payload, CallError>>;
+    ///
+    /// A runtime may start the call before the returned future is first polled, and even finish it: a silo
+    /// runs a call to an idle local activation at once, on the caller's task (see [`Invoked`]).
+    fn invoke(&self, call: Call) -> Invoked;
 
     /// The deadline applied to calls that do not set their own.
     fn default_timeout(&self) -> Duration {
         DEFAULT_CALL_TIMEOUT
+    }
+}
+
+/// The answer to a call handed to a [`GrainRuntime`]: already known (a turn run on the caller's task that
+/// finished at once, a call refused before it was sent), or a future.
+///
+/// A call that is answered at once costs no allocation for its future: on a silo, a warm call to an idle
+/// local activation usually is. Awaiting such an answer still counts against tokio's cooperative budget, so a
+/// loop of them yields to the worker's other tasks as a loop over a channel would.
+#[must_use = "a call's answer is only seen by awaiting it"]
+pub struct Invoked(InvokedState);
+
+enum InvokedState {
+    Ready(Option<Result<Payload, CallError>>),
+    Pending(BoxFuture<'static, Result<Payload, CallError>>),
+}
+
+impl Invoked {
+    /// An answer known already.
+    pub fn ready(answer: Result<Payload, CallError>) -> Self {
+        Self(InvokedState::Ready(Some(answer)))
+    }
+
+    /// An answer still to come from `future`.
+    pub fn pending(future: impl Future<Output = Result<Payload, CallError>> + Send + 'static) -> Self {
+        Self(InvokedState::Pending(Box::pin(future)))
+    }
+}
+
+impl Future for Invoked {
+    type Output = Result<Payload, CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        match &mut self.0 {
+            InvokedState::Ready(answer) => {
+                // An answer ready at once spends the task's cooperative budget, as tokio's own channels do: a
+                // task calling warm grains in a loop still yields to the other tasks of its worker now and then.
+                let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+                coop.made_progress();
+                std::task::Poll::Ready(answer.take().expect("`Invoked` polled after completion"))
+            }
+            InvokedState::Pending(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl fmt::Debug for Invoked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            InvokedState::Ready(answer) => f.debug_tuple("Invoked::Ready").field(answer).finish(),
+            InvokedState::Pending(_) => f.write_str("Invoked::Pending(..)"),
+        }
     }
 }
 
@@ -224,13 +307,7 @@ pub fn current_chain() -> CallChain {
             chain.push(turn.grain.clone());
             CallChain::from(chain)
         })
-        .unwrap_or_else(|_| empty_chain())
-}
-
-/// The chain of a call made outside any grain turn (shared, so it costs no allocation).
-fn empty_chain() -> CallChain {
-    static EMPTY: std::sync::OnceLock<CallChain> = std::sync::OnceLock::new();
-    EMPTY.get_or_init(|| CallChain::from(Vec::new())).clone()
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -241,7 +318,7 @@ mod tests {
     async fn calls_carry_the_innermost_scope_then_the_turns_metadata_then_none() {
         assert!(RequestMetadata::current().is_empty());
         let served = RequestMetadata::new().with("trace", "from-caller");
-        let turn = run_in_turn(empty_chain(), GrainId::new("A", "a"), served.clone(), async {
+        let turn = run_in_turn(CallChain::default(), GrainId::new("A", "a"), served.clone(), async {
             assert_eq!(RequestMetadata::current(), served, "a turn's calls carry its call's metadata");
             let narrowed = RequestMetadata::current().with("step", "2");
             narrowed

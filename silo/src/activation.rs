@@ -14,12 +14,14 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use grains::__private::runtime::{Call, CallChain, Payload, RequestMetadata, current_chain, run_in_turn};
-use grains::__private::{ErasedGrain, GrainRegistration, TimerHost};
+use std::task::{Context, Poll};
+
+use grains::__private::runtime::{BoxFuture, Call, CallChain, Payload, RequestMetadata, current_chain, run_in_turn};
+use grains::__private::{ErasedGrain, GrainRegistration, TimerHost, TurnOutcome, TurnScope};
 use grains::{CallError, GrainContext, GrainError, GrainId, StorageError};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -65,7 +67,7 @@ pub(crate) struct Invocation {
 impl Invocation {
     /// `call` as an invocation answered through `reply`, beside the grain it is for.
     pub(crate) fn of(call: Call, reply: oneshot::Sender<Result<Payload, CallError>>) -> (GrainId, Invocation) {
-        let Call { target, method, payload, deadline, chain, metadata } = call;
+        let Call { target, method, payload, deadline, chain, metadata, .. } = call;
         (target, Invocation { method, payload, deadline, chain, metadata, reply })
     }
 }
@@ -91,6 +93,9 @@ pub(crate) enum Mail {
 #[derive(Debug)]
 pub(crate) struct Mailbox {
     queue: std::sync::Mutex<MailQueue>,
+    /// How many mails are queued, kept beside the queue so that a caller about to run a turn inline can see
+    /// whether any wait without taking the lock (one cache line fewer written per warm call).
+    queued: AtomicUsize,
     arrived: tokio::sync::Notify,
     /// The most calls it queues (`max_mailbox_length`); a call past it is answered `Overloaded` at once.
     limit: usize,
@@ -119,7 +124,12 @@ impl Mailbox {
 
     /// An empty mailbox that queues at most `limit` calls.
     pub(crate) fn with_limit(limit: usize) -> Self {
-        Self { queue: std::sync::Mutex::default(), arrived: tokio::sync::Notify::new(), limit }
+        Self {
+            queue: std::sync::Mutex::default(),
+            queued: AtomicUsize::new(0),
+            arrived: tokio::sync::Notify::new(),
+            limit,
+        }
     }
 
     /// Queues `mail`, or hands it back if the mailbox is closed. A call that finds the mailbox full is
@@ -139,6 +149,7 @@ impl Mailbox {
                 return Ok(());
             }
             queue.items.push_back(mail);
+            self.queued.store(queue.items.len(), Ordering::Release);
         }
         self.arrived.notify_one();
         Ok(())
@@ -150,6 +161,7 @@ impl Mailbox {
             {
                 let mut queue = self.lock();
                 if let Some(mail) = queue.items.pop_front() {
+                    self.queued.store(queue.items.len(), Ordering::Release);
                     return Some(mail);
                 }
                 if queue.closed {
@@ -168,7 +180,10 @@ impl Mailbox {
 
     /// The next mail if one is queued.
     pub(crate) fn try_recv(&self) -> Option<Mail> {
-        self.lock().items.pop_front()
+        let mut queue = self.lock();
+        let mail = queue.items.pop_front();
+        self.queued.store(queue.items.len(), Ordering::Release);
+        mail
     }
 
     /// Refuses further mail; what is queued can still be taken.
@@ -178,7 +193,7 @@ impl Mailbox {
 
     /// How many calls wait in the mailbox.
     pub(crate) fn len(&self) -> usize {
-        self.lock().items.len()
+        self.queued.load(Ordering::Acquire)
     }
 
     /// Whether the mailbox refuses mail.
@@ -187,9 +202,11 @@ impl Mailbox {
     }
 }
 
-/// What the activation task and the idle collector share.
+/// What the activation task, the table, the idle collector and inline callers share.
 #[derive(Debug)]
 pub(crate) struct ActivationShared {
+    /// The activation's queue of calls.
+    pub(crate) mailbox: Mailbox,
     /// Milliseconds since the silo's clock origin at the end of the last turn.
     last_active_ms: AtomicU64,
     /// How long this activation may idle.
@@ -211,14 +228,15 @@ pub(crate) type TurnGuard = tokio::sync::OwnedMutexGuard<Option<Built>>;
 /// need (the idle stamp; the mailbox, to queue the activation's departure).
 pub(crate) struct IdleClaim {
     pub(crate) shared: Arc<ActivationShared>,
-    pub(crate) mailbox: Arc<Mailbox>,
     pub(crate) guard: TurnGuard,
 }
 
 /// A built grain and what its turns need, so that a caller running a turn inline needs nothing of the silo
 /// (no reference count of it touched per call).
 pub(crate) struct Built {
-    grain: Box<dyn ErasedGrain>,
+    /// The grain; out of here, inside its turn's future, while a turn runs (see [`Turn`]), and `None` for good
+    /// once a turn has panicked.
+    grain: Option<Box<dyn ErasedGrain>>,
     ctx: GrainContext,
     /// The grain type's per-method counters.
     stats: Option<Arc<TypeStats>>,
@@ -243,8 +261,9 @@ impl std::fmt::Debug for Built {
 }
 
 impl ActivationShared {
-    pub(crate) fn new(now_ms: u64, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(mailbox: Mailbox, now_ms: u64, idle_timeout: Duration) -> Self {
         Self {
+            mailbox,
             last_active_ms: AtomicU64::new(now_ms),
             idle_timeout,
             confirmed: std::sync::atomic::AtomicBool::new(false),
@@ -277,13 +296,13 @@ impl ActivationShared {
     /// it, it is not evicted, no turn is running and none is queued, and its grain is built and has not asked
     /// to leave. Calls queued earlier keep their place: a caller only runs inline at an activation with an
     /// empty mailbox.
-    pub(crate) fn claim_idle(&self, mailbox: &Mailbox) -> Option<TurnGuard> {
-        if !self.is_confirmed() || self.is_evicted() || mailbox.len() != 0 {
+    pub(crate) fn claim_idle(&self) -> Option<TurnGuard> {
+        if !self.is_confirmed() || self.is_evicted() || self.mailbox.len() != 0 {
             return None;
         }
         let guard = self.turn.clone().try_lock_owned().ok()?;
         let built = guard.as_ref()?;
-        (!built.ctx.deactivation_requested()).then_some(guard)
+        (built.grain.is_some() && !built.ctx.deactivation_requested()).then_some(guard)
     }
 
     /// Whether the activation has been idle for its whole timeout at `now_ms`.
@@ -297,7 +316,7 @@ impl ActivationShared {
 pub(crate) struct ActivationHandle {
     /// Unique per activation, so that a dying activation removes only its own entry.
     pub(crate) activation_id: u64,
-    pub(crate) mailbox: Arc<Mailbox>,
+    /// The activation's mailbox and state, shared with its task.
     pub(crate) shared: Arc<ActivationShared>,
     /// The directory registration the activation lives under.
     pub(crate) registration: Registration,
@@ -312,7 +331,6 @@ pub(crate) struct ActivationStart<H> {
     pub(crate) activation_id: u64,
     pub(crate) grain_type: &'static GrainRegistration,
     pub(crate) registration: Registration,
-    pub(crate) mailbox: Arc<Mailbox>,
     pub(crate) shared: Arc<ActivationShared>,
 }
 
@@ -357,9 +375,9 @@ async fn confirm_registration<H: ActivationHost>(start: &mut ActivationStart<H>)
         Ok(winner) => {
             tracing::debug!(grain = %start.id, winner = %winner.silo, "lost the registration race; forwarding");
             host.activations().remove(&start.id, start.activation_id);
-            start.mailbox.close();
+            start.shared.mailbox.close();
             host.cluster().remember(start.id.clone(), winner, host.cache_capacity());
-            while let Some(mail) = start.mailbox.try_recv() {
+            while let Some(mail) = start.shared.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
                     host.redeliver(start.id.clone(), call);
                 }
@@ -370,8 +388,8 @@ async fn confirm_registration<H: ActivationHost>(start: &mut ActivationStart<H>)
     };
     tracing::warn!(grain = %start.id, %error, "activation not registered");
     host.activations().remove(&start.id, start.activation_id);
-    start.mailbox.close();
-    while let Some(mail) = start.mailbox.try_recv() {
+    start.shared.mailbox.close();
+    while let Some(mail) = start.shared.mailbox.try_recv() {
         if let Mail::Call(call) = mail {
             let _ = call.reply.send(Err(error.clone()));
         }
@@ -388,7 +406,7 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
         return;
     }
     start.shared.confirmed.store(true, Ordering::Release);
-    let timers = ActivationTimers::new(&start.mailbox);
+    let timers = ActivationTimers::new(&start.shared);
     let ctx = host.context(id.clone(), timers.clone());
 
     let grain = match Box::pin(activate(&start, &ctx)).await {
@@ -399,8 +417,8 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
             host.metrics().activation_failures.fetch_add(1, Ordering::Relaxed);
             Box::pin(host.cluster().unregister(id.clone(), start.registration.clone())).await;
             host.activations().remove(&id, start.activation_id);
-            start.mailbox.close();
-            while let Some(mail) = start.mailbox.try_recv() {
+            start.shared.mailbox.close();
+            while let Some(mail) = start.shared.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
                     let _ = call.reply.send(Err(error.clone()));
                 }
@@ -409,7 +427,7 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
         }
     };
     *start.shared.turn.lock().await = Some(Built {
-        grain,
+        grain: Some(grain),
         ctx: ctx.clone(),
         stats: host.metrics().grain_type(start.grain_type.type_name).cloned(),
         clock: host.coarse_clock().clone(),
@@ -421,7 +439,7 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
 
     let mut panicked = false;
     let mut unrun = None;
-    while let Some(mail) = start.mailbox.recv().await {
+    while let Some(mail) = start.shared.mailbox.recv().await {
         match mail {
             Mail::Call(call) => {
                 // Taken first: a caller may be running a turn inline, and what follows is judged after it.
@@ -444,7 +462,7 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
                     let _ = call.reply.send(Err(CallError::Timeout(Duration::ZERO)));
                     continue;
                 }
-                let Some(built) = turn.as_mut() else {
+                let Some(built) = turn.as_mut().filter(|built| built.grain.is_some()) else {
                     // The grain is gone: a turn run inline panicked, and a forced deactivation is queued.
                     unrun = Some(call);
                     break;
@@ -479,14 +497,10 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
                 }
                 let Some((mut callback, keep_alive)) = timers.take(tick.timer) else { continue };
                 let mut slot = start.shared.turn.lock().await;
-                let Some(built) = slot.as_mut() else { break };
+                let Some(grain) = slot.as_mut().and_then(|built| built.grain.as_mut()) else { break };
                 let span = tracing::debug_span!("grain.timer", grain = %id, timer = tick.timer);
-                let turn = run_in_turn(
-                    current_chain(),
-                    id.clone(),
-                    RequestMetadata::new(),
-                    callback(built.grain.as_any_mut()),
-                );
+                let turn =
+                    run_in_turn(current_chain(), id.clone(), RequestMetadata::new(), callback(grain.as_any_mut()));
                 let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
                 timers.put_back(tick.timer, callback);
                 drop(tick); // its ticker goes on
@@ -514,8 +528,8 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
     let evicted = start.shared.is_evicted() || host.cluster().is_stopped();
     // Taking the grain out ends inline turns too: a caller finding `None` queues its call instead.
     let built = start.shared.turn.lock().await.take();
-    if let Some(mut built) = built.filter(|_| !panicked && !evicted) {
-        match Box::pin(AssertUnwindSafe(built.grain.on_deactivate(&ctx)).catch_unwind()).await {
+    if let Some(mut grain) = built.and_then(|built| built.grain).filter(|_| !panicked && !evicted) {
+        match Box::pin(AssertUnwindSafe(grain.on_deactivate(&ctx)).catch_unwind()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(grain = %id, error = %e, "on_deactivate failed"),
             Err(panic) => tracing::warn!(grain = %id, message = %panic_message(&*panic), "on_deactivate panicked"),
@@ -526,13 +540,13 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
     start.shared.confirmed.store(false, Ordering::Release);
     Box::pin(host.cluster().unregister(id.clone(), start.registration.clone())).await;
     host.activations().remove(&id, start.activation_id);
-    start.mailbox.close();
+    start.shared.mailbox.close();
     host.metrics().deactivations.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(grain = %id, activation = start.activation_id, evicted, "deactivated");
     if let Some(call) = unrun {
         host.redeliver(id.clone(), call);
     }
-    while let Some(mail) = start.mailbox.try_recv() {
+    while let Some(mail) = start.shared.mailbox.try_recv() {
         if let Mail::Call(call) = mail {
             host.redeliver(id.clone(), call);
         }
@@ -562,51 +576,101 @@ pub(crate) struct TurnCall {
 /// Runs `call` as one turn of `built`, on whichever task holds its turn lock; the caller has checked the
 /// lease, eviction and the deadline. Returns how the turn ended and the call's answer.
 pub(crate) async fn run_call(id: &GrainId, built: &mut Built, call: TurnCall) -> (TurnEnd, Result<Payload, CallError>) {
-    let TurnCall { method, payload, chain, metadata, started } = call;
-    let span = tracing::debug_span!("grain.turn", grain = %id, method = %method);
+    let mut turn = Turn::start(id, built, call);
+    std::future::poll_fn(|cx| turn.poll_end(cx, id, built)).await
+}
+
+/// One turn under way. Its grain is out of its [`Built`], owned by the turn's future, until the turn ends
+/// and [`Turn::poll_end`] puts it back: so the turn borrows nothing, lives in one allocation, and can be moved
+/// while it runs (to a task of its own, when an inline caller stops waiting).
+pub(crate) struct Turn {
+    /// `None` when the grain was already gone (a turn panicked before): the turn ends at once, as a panic.
+    future: Option<BoxFuture<'static, TurnOutcome>>,
+    /// When the turn started (its latency is measured from here).
+    started: Instant,
     #[cfg(feature = "otlp")]
-    let (metadata, trace) = crate::otlp::start(
-        || format!("{}.{}", id.grain_type(), method),
-        crate::otlp::Kind::Server,
-        metadata,
-        || vec![("grains.grain", id.to_string()), ("grains.silo", built.silo.to_string())],
-    );
-    let turn = run_in_turn(chain, id.clone(), metadata, built.grain.handle(&method, payload));
-    let outcome = AssertUnwindSafe(turn.instrument(span)).catch_unwind().await;
-    let method_stats = built.stats.as_ref().and_then(|s| s.method(&method));
-    match outcome {
-        Ok(result) => {
-            let failed = match &result {
-                Ok(Payload::Local(reply)) => reply.is_error(),
-                Ok(Payload::Encoded(_)) => false,
-                Err(_) => true,
-            };
-            if let Some(method_stats) = method_stats {
-                method_stats.record(started.elapsed(), failed);
-            }
+    trace: Option<crate::otlp::ActiveSpan>,
+}
+
+impl Turn {
+    /// Starts `call` as a turn of `built`'s grain (nothing runs until it is polled).
+    pub(crate) fn start(id: &GrainId, built: &mut Built, call: TurnCall) -> Turn {
+        let TurnCall { method, payload, chain, metadata, started } = call;
+        let span = tracing::debug_span!("grain.turn", grain = %id, method = %method);
+        #[cfg(feature = "otlp")]
+        let (metadata, trace) = crate::otlp::start(
+            || format!("{}.{}", id.grain_type(), method),
+            crate::otlp::Kind::Server,
+            metadata,
+            || vec![("grains.grain", id.to_string()), ("grains.silo", built.silo.to_string())],
+        );
+        let scope = TurnScope { chain, grain: id.clone(), metadata, span };
+        let future = built.grain.take().map(|grain| grain.run_turn(method, payload, scope));
+        Turn {
+            future,
+            started,
             #[cfg(feature = "otlp")]
-            if let Some(trace) = trace {
-                trace.end(match &result {
-                    Err(error) => Some(error.to_string()),
-                    Ok(_) => failed.then(|| "the method returned its error".to_owned()),
-                });
-            }
-            let end = if built.ctx.deactivation_requested() { TurnEnd::Deactivate } else { TurnEnd::Ran };
-            (end, result)
+            trace,
         }
-        Err(panic) => {
-            if let Some(method_stats) = method_stats {
-                method_stats.record(started.elapsed(), true);
+    }
+
+    /// Polls the turn; once it has ended, puts its grain back into `built` (the one it started from), records
+    /// its latency, and says how it ended.
+    pub(crate) fn poll_end(
+        &mut self,
+        cx: &mut Context<'_>,
+        id: &GrainId,
+        built: &mut Built,
+    ) -> Poll<(TurnEnd, Result<Payload, CallError>)> {
+        let Some(future) = self.future.as_mut() else {
+            let error = CallError::Unavailable(format!("the activation of {id} lost its grain to a panic"));
+            return Poll::Ready((TurnEnd::Panicked, Err(error)));
+        };
+        let TurnOutcome { grain, method, result } = std::task::ready!(future.as_mut().poll(cx));
+        self.future = None;
+        built.grain = grain;
+        let method_stats = built.stats.as_ref().and_then(|s| s.method(&method));
+        #[cfg(feature = "otlp")]
+        let trace = self.trace.take();
+        match result {
+            Ok(result) => {
+                let failed = match &result {
+                    Ok(Payload::Local(reply)) => reply.is_error(),
+                    Ok(Payload::Encoded(_)) => false,
+                    Err(_) => true,
+                };
+                if let Some(method_stats) = method_stats {
+                    method_stats.record(self.started.elapsed(), failed);
+                }
+                #[cfg(feature = "otlp")]
+                if let Some(trace) = trace {
+                    trace.end(match &result {
+                        Err(error) => Some(error.to_string()),
+                        Ok(_) => failed.then(|| "the method returned its error".to_owned()),
+                    });
+                }
+                let end = if built.ctx.deactivation_requested() { TurnEnd::Deactivate } else { TurnEnd::Ran };
+                Poll::Ready((end, result))
             }
-            let message = panic_message(&*panic);
-            #[cfg(feature = "otlp")]
-            if let Some(trace) = trace {
-                trace.end(Some(format!("panicked: {message}")));
+            Err(panic) => {
+                if let Some(method_stats) = method_stats {
+                    method_stats.record(self.started.elapsed(), true);
+                }
+                let message = panic_message(&*panic);
+                #[cfg(feature = "otlp")]
+                if let Some(trace) = trace {
+                    trace.end(Some(format!("panicked: {message}")));
+                }
+                tracing::error!(grain = %id, method = %method, %message, "grain method panicked; deactivating");
+                let error = CallError::Panicked { grain: id.to_string(), method: method.into_owned(), message };
+                Poll::Ready((TurnEnd::Panicked, Err(error)))
             }
-            tracing::error!(grain = %id, method = %method, %message, "grain method panicked; deactivating");
-            let error = CallError::Panicked { grain: id.to_string(), method: method.into_owned(), message };
-            (TurnEnd::Panicked, Err(error))
         }
+    }
+
+    /// Whether the turn has ended (and given its grain back).
+    pub(crate) fn has_ended(&self) -> bool {
+        self.future.is_none()
     }
 }
 

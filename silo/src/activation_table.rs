@@ -61,8 +61,8 @@ impl ActivationTable {
     /// (see [`ActivationShared::claim_idle`](crate::activation::ActivationShared::claim_idle)).
     pub(crate) fn claim_idle(&self, id: &GrainId) -> Option<IdleClaim> {
         let handle = self.map.get(id)?;
-        let guard = handle.shared.claim_idle(&handle.mailbox)?;
-        Some(IdleClaim { shared: handle.shared.clone(), mailbox: handle.mailbox.clone(), guard })
+        let guard = handle.shared.claim_idle()?;
+        Some(IdleClaim { shared: handle.shared.clone(), guard })
     }
 
     /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back.
@@ -70,12 +70,12 @@ impl ActivationTable {
         let mut mail = Mail::Call(invocation);
         for _ in 0..MAX_DELIVERY_ATTEMPTS {
             let Some(handle) = self.map.get(id) else { break };
-            match handle.mailbox.send(mail) {
+            match handle.shared.mailbox.send(mail) {
                 Ok(()) => return Ok(()),
                 Err(back) => {
                     drop(handle);
                     // That activation closed its mailbox (it failed or is leaving); drop its stale entry.
-                    self.map.remove_if(id, |_, h| h.mailbox.is_closed());
+                    self.map.remove_if(id, |_, h| h.shared.mailbox.is_closed());
                     mail = back;
                 }
             }
@@ -99,10 +99,10 @@ impl ActivationTable {
         for _ in 0..MAX_DELIVERY_ATTEMPTS {
             let mail = Mail::Call(invocation);
             let sent = match self.map.entry(id.clone()) {
-                Entry::Occupied(slot) => slot.get().mailbox.send(mail),
+                Entry::Occupied(slot) => slot.get().shared.mailbox.send(mail),
                 Entry::Vacant(slot) => {
                     let handle = activate();
-                    let sent = handle.mailbox.send(mail);
+                    let sent = handle.shared.mailbox.send(mail);
                     slot.insert(handle);
                     sent
                 }
@@ -110,7 +110,7 @@ impl ActivationTable {
             match sent {
                 Ok(()) => return Ok(()),
                 Err(Mail::Call(back)) => {
-                    self.map.remove_if(id, |_, h| h.mailbox.is_closed());
+                    self.map.remove_if(id, |_, h| h.shared.mailbox.is_closed());
                     invocation = back;
                 }
                 Err(_) => unreachable!("only calls are delivered"),
@@ -143,7 +143,7 @@ impl ActivationTable {
     pub(crate) fn signal(&self, now_ms: u64, force: bool) {
         for entry in self.map.iter() {
             if force || entry.shared.is_idle(now_ms) {
-                let _ = entry.mailbox.send(Mail::Deactivate { force });
+                let _ = entry.shared.mailbox.send(Mail::Deactivate { force });
             }
         }
     }
@@ -153,7 +153,7 @@ impl ActivationTable {
     pub(crate) fn evict_all(&self) {
         for entry in self.map.iter() {
             entry.shared.evict();
-            let _ = entry.mailbox.send(Mail::Deactivate { force: true });
+            let _ = entry.shared.mailbox.send(Mail::Deactivate { force: true });
         }
     }
 
@@ -185,7 +185,7 @@ impl LocalActivations for ActivationTable {
     fn evict(&self, grain: &GrainId, registration: &Registration) {
         if let Some(handle) = self.map.get(grain).filter(|h| &h.registration == registration) {
             handle.shared.evict();
-            let _ = handle.mailbox.send(Mail::Deactivate { force: true });
+            let _ = handle.shared.mailbox.send(Mail::Deactivate { force: true });
         }
     }
 

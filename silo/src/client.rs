@@ -23,7 +23,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use grains::__private::RefCore;
-use grains::__private::runtime::{BoxFuture, Call, GrainRuntime, Payload};
+use grains::__private::runtime::{Call, GrainRuntime, Invoked, Payload};
 use grains::{CallError, Grain, GrainId, GrainKey, GrainRef};
 use tokio::time::Instant;
 
@@ -471,11 +471,11 @@ impl Drop for ClientInner {
 }
 
 impl GrainRuntime for ClientInner {
-    fn invoke(&self, call: Call) -> BoxFuture<'static, Result<Payload, CallError>> {
+    fn invoke(&self, call: Call) -> Invoked {
         let Some(client) = self.this.upgrade() else {
-            return Box::pin(std::future::ready(Err(CallError::Unavailable("client dropped".to_owned()))));
+            return Invoked::ready(Err(CallError::Unavailable("client dropped".to_owned())));
         };
-        Box::pin(async move { client.send(call).await })
+        Invoked::pending(async move { client.send(call).await })
     }
 
     fn default_timeout(&self) -> Duration {

@@ -521,11 +521,13 @@ impl ReminderService {
                 Duration::from_millis(delivery.period_ms as u64),
                 delivery.missed,
             );
+            let issued = Instant::now();
             let call = Call {
                 target: grain,
                 method: Cow::Borrowed(REMINDER_METHOD),
                 payload: Payload::Local(Box::new(tick)),
-                deadline: Instant::now() + self.settings.call_timeout,
+                deadline: issued + self.settings.call_timeout,
+                issued,
                 chain: current_chain(),
                 metadata: RequestMetadata::new(),
             };

@@ -7,18 +7,20 @@
 //! moving grain ("not here", "shutting down", an unreachable owner) is routed again, within its deadline.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use grains::__private::runtime::{BoxFuture, Call, Payload};
+use grains::__private::runtime::{Call, Invoked, Payload};
 use grains::{CallError, GrainId};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::activation::{
-    self, ActivationHandle, ActivationShared, ActivationStart, IdleClaim, Invocation, Mail, TurnCall, TurnEnd,
+    self, ActivationHandle, ActivationShared, ActivationStart, IdleClaim, Invocation, Mail, Turn, TurnCall, TurnEnd,
+    TurnGuard,
 };
 use crate::cluster::{Backoff, Registration};
 use crate::silo::SiloInner;
@@ -42,6 +44,71 @@ pub(crate) fn wait_reply(
     }
 }
 
+/// A turn run on its caller's task, holding the activation's turn lock until it ends. Dropped before its end
+/// (its caller timed out or went away), it goes on to its end on a task of its own.
+struct InlineTurn {
+    state: Option<InlineState>,
+    /// Already on a task of its own: if that task is dropped unfinished too (its runtime is shutting down), the
+    /// turn ends there, with the runtime, instead of being handed on again.
+    detached: bool,
+}
+
+struct InlineState {
+    turn: Turn,
+    guard: TurnGuard,
+    shared: Arc<ActivationShared>,
+    id: GrainId,
+}
+
+impl InlineTurn {
+    /// Starts `call` as a turn of the claimed activation (nothing runs until it is polled).
+    fn start(IdleClaim { shared, mut guard }: IdleClaim, call: Call, started: Instant) -> Self {
+        let Call { target: id, method, payload, chain, metadata, .. } = call;
+        let Some(built) = guard.as_mut() else { unreachable!("claimed with its grain built") };
+        let turn = Turn::start(&id, built, TurnCall { method, payload, chain, metadata, started });
+        Self { state: Some(InlineState { turn, guard, shared, id }), detached: false }
+    }
+}
+
+impl Future for InlineTurn {
+    type Output = Result<Payload, CallError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(state) = self.state.as_mut() else { panic!("an inline turn polled after its end") };
+        let Some(built) = state.guard.as_mut() else { unreachable!("the turn lock holds the built grain") };
+        let (end, result) = std::task::ready!(state.turn.poll_end(cx, &state.id, built));
+        state.shared.touch(built.now_ms());
+        let InlineState { mut guard, shared, .. } = self.state.take().expect("checked above");
+        match end {
+            TurnEnd::Ran => {}
+            TurnEnd::Panicked => {
+                *guard = None; // dropped without on_deactivate; the activation task leaves next
+                drop(guard);
+                let _ = shared.mailbox.send(Mail::Deactivate { force: true });
+            }
+            TurnEnd::Deactivate => {
+                drop(guard);
+                let _ = shared.mailbox.send(Mail::Deactivate { force: true });
+            }
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl Drop for InlineTurn {
+    fn drop(&mut self) {
+        let Some(state) = self.state.take() else { return };
+        if state.turn.has_ended() || self.detached {
+            return;
+        }
+        // Its caller stopped waiting mid-turn: the turn still runs to its end, its answer unread. Outside a
+        // runtime (the runtime itself shutting down) it cannot, and the activation goes with the runtime.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(InlineTurn { state: Some(state), detached: true });
+        }
+    }
+}
+
 impl SiloInner {
     /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back.
     pub(crate) fn try_local(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
@@ -54,54 +121,32 @@ impl SiloInner {
     /// [`ActivationTable::claim_idle`](crate::activation_table::ActivationTable::claim_idle): no mailbox, no
     /// wake-up of the activation task, no reply channel. The turn holds the activation's turn lock, so it is
     /// still the only turn of the grain running; calls arriving meanwhile queue in the mailbox and run after it.
-    /// A turn outliving the call's deadline is finished on a task of its own (a turn is never cut short) while
-    /// the caller gets its timeout.
-    pub(crate) fn run_inline(
-        &self,
-        IdleClaim { shared, mailbox, mut guard }: IdleClaim,
-        call: Call,
-        encoded: bool,
-    ) -> BoxFuture<'static, Result<Payload, CallError>> {
-        let started = Instant::now();
+    ///
+    /// The turn is polled once at once: most finish there, and their answer is ready before `invoke` returns
+    /// (no future is boxed, no timer armed). A turn outliving the call's deadline, or whose caller stops
+    /// waiting, is finished on a task of its own (a turn is never cut short) while the caller gets its timeout.
+    pub(crate) fn run_inline(&self, claim: IdleClaim, call: Call, encoded: bool) -> Invoked {
+        // The call was made a moment ago (see `check`): its clock reading is the turn's start.
+        let started = call.issued;
         let deadline = call.deadline;
         if started >= deadline {
-            return Box::pin(std::future::ready(Err(CallError::Timeout(Duration::ZERO))));
+            return Invoked::ready(Err(CallError::Timeout(Duration::ZERO)));
         }
         self.metrics.calls.increment();
-        let Call { target: id, method, payload, chain, metadata, .. } = call;
-        let turn = async move {
-            let Some(built) = guard.as_mut() else { unreachable!("claimed with its grain built") };
-            let request = TurnCall { method, payload, chain, metadata, started };
-            let (end, result) = activation::run_call(&id, built, request).await;
-            shared.touch(built.now_ms());
-            match end {
-                TurnEnd::Ran => {}
-                TurnEnd::Panicked => {
-                    *guard = None; // dropped without on_deactivate; the activation task leaves next
-                    drop(guard);
-                    let _ = mailbox.send(Mail::Deactivate { force: true });
-                }
-                TurnEnd::Deactivate => {
-                    drop(guard);
-                    let _ = mailbox.send(Mail::Deactivate { force: true });
-                }
-            }
-            result
-        };
-        Box::pin(async move {
-            let mut turn = Box::pin(turn);
-            // Most turns finish on their first poll: no timer for those (a timer entry costs more than the turn).
-            let result = match std::future::poll_fn(|cx| Poll::Ready(turn.as_mut().poll(cx))).await {
-                Poll::Ready(result) => result,
-                Poll::Pending => match tokio::time::timeout_at(deadline, &mut turn).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        tokio::spawn(turn);
-                        return Err(CallError::Timeout(deadline.saturating_duration_since(started)));
-                    }
-                },
-            };
+        let mut turn = InlineTurn::start(claim, call, started);
+        let answer = move |result: Result<Payload, CallError>| {
             if encoded { Ok(Payload::Encoded(result?.into_bytes()?)) } else { result }
+        };
+        // A waker that does nothing: if the turn is not done, the future below polls it again with its own.
+        if let Poll::Ready(result) = Pin::new(&mut turn).poll(&mut Context::from_waker(Waker::noop())) {
+            return Invoked::ready(answer(result));
+        }
+        Invoked::pending(async move {
+            match tokio::time::timeout_at(deadline, &mut turn).await {
+                Ok(result) => answer(result),
+                // Dropping the turn hands it to a task of its own.
+                Err(_) => Err(CallError::Timeout(deadline.saturating_duration_since(started))),
+            }
         })
     }
 
@@ -122,19 +167,18 @@ impl SiloInner {
             Some(&entry) => entry,
             None => unreachable!("calls are checked for their grain type first"),
         };
-        let mailbox = Arc::new(activation::Mailbox::with_limit(self.config.max_mailbox_length));
+        let mailbox = activation::Mailbox::with_limit(self.config.max_mailbox_length);
         let activation_id = self.table.next_activation_id();
-        let shared = Arc::new(ActivationShared::new(self.now_ms(), idle_timeout));
+        let shared = Arc::new(ActivationShared::new(mailbox, self.now_ms(), idle_timeout));
         let task = tokio::spawn(activation::run(ActivationStart {
             host: self.arc(),
             id: id.clone(),
             activation_id,
             grain_type,
             registration: registration.clone(),
-            mailbox: mailbox.clone(),
             shared: shared.clone(),
         }));
-        ActivationHandle { activation_id, mailbox, shared, registration, task: task.abort_handle() }
+        ActivationHandle { activation_id, shared, registration, task: task.abort_handle() }
     }
 
     /// Finds where `id` lives and delivers the call there; answers the caller through `invocation.reply`.

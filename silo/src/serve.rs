@@ -71,12 +71,14 @@ impl SiloInner {
             .map(|id| id.to_grain_id(self.grain_type(&id.grain_type).map(|r| r.type_name)))
             .collect::<Result<Vec<_>, _>>()?;
         // A client-chosen deadline is capped: a call never holds resources past `max_call_timeout`.
-        let deadline = envelope.deadline(self.config.call_timeout)?.min(Instant::now() + self.config.max_call_timeout);
+        let issued = Instant::now();
+        let deadline = envelope.deadline(self.config.call_timeout)?.min(issued + self.config.max_call_timeout);
         let mut call = Call {
             target: id,
             method: envelope.method.into(),
             payload: Payload::Encoded(envelope.payload),
             deadline,
+            issued,
             chain: chain.into(),
             metadata: RequestMetadata::from_map(envelope.metadata),
         };

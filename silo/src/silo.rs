@@ -20,7 +20,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
-use grains::__private::runtime::{BoxFuture, Call, GrainRuntime, Payload};
+use grains::__private::runtime::{Call, GrainRuntime, Invoked, Payload};
 use grains::__private::{ActivationServices, GrainRegistration, RefCore, ReminderRegistry, TimerHost};
 use grains::{CallError, Grain, GrainContext, GrainId, GrainKey, GrainRef, Placement};
 use grains_storage::{GrainStateStore, SiloAddress, SiloStatus};
@@ -153,11 +153,14 @@ impl SiloInner {
 
     /// Refuses calls the silo cannot take, before any routing, and decodes an encoded call's arguments: a call
     /// to an unknown method or with undecodable arguments never costs an activation (or its storage read).
+    ///
+    /// The lease is judged at the call's `issued` time, read by whoever made the call just before handing it
+    /// over: a freeze after that reading is no different from one after this check.
     pub(crate) fn check(&self, call: &mut Call) -> Result<(), CallError> {
         if self.is_shutting_down() {
             return Err(CallError::ShuttingDown);
         }
-        if !self.cluster.lease.is_valid() {
+        if !self.cluster.lease.is_valid_at(call.issued) {
             // This silo cannot confirm it is still a member: it may have been declared dead while it was frozen
             // or cut off, so it runs nothing until it has re-read the table. Refused before running: the caller
             // may send the call elsewhere.
@@ -248,18 +251,18 @@ impl ActivationHost for SiloInner {
 }
 
 impl GrainRuntime for SiloInner {
-    fn invoke(&self, mut call: Call) -> BoxFuture<'static, Result<Payload, CallError>> {
+    fn invoke(&self, mut call: Call) -> Invoked {
         let encoded = matches!(call.payload, Payload::Encoded(_));
         if let Err(error) = self.check(&mut call) {
             self.metrics.call_errors.fetch_add(1, Ordering::Relaxed);
-            return Box::pin(std::future::ready(Err(error)));
+            return Invoked::ready(Err(error));
         }
         if !self.filters.is_empty() {
             // A call from a grain's turn names its caller last in its chain.
             let caller = call.chain.last().map_or(CallerIdentity::Local, |grain| CallerIdentity::Grain(grain.clone()));
             if let Err(error) = self.filter(&caller, &call) {
                 self.metrics.call_errors.fetch_add(1, Ordering::Relaxed);
-                return Box::pin(std::future::ready(Err(error)));
+                return Invoked::ready(Err(error));
             }
         }
         if let Some(claim) = self.table.claim_idle(&call.target) {
@@ -272,10 +275,10 @@ impl GrainRuntime for SiloInner {
             tokio::spawn(self.arc().route(id, invocation));
         }
         if !encoded {
-            return Box::pin(wait_reply(waiter, deadline));
+            return Invoked::pending(wait_reply(waiter, deadline));
         }
         // Its arguments were decoded on arrival; an encoded call is still answered with an encoded reply.
-        Box::pin(async move { Ok(Payload::Encoded(wait_reply(waiter, deadline).await?.into_bytes()?)) })
+        Invoked::pending(async move { Ok(Payload::Encoded(wait_reply(waiter, deadline).await?.into_bytes()?)) })
     }
 
     fn default_timeout(&self) -> Duration {

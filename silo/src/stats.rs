@@ -173,7 +173,7 @@ pub(crate) fn activations_and_mailboxes(silo: &SiloInner) -> (BTreeMap<String, u
                 by_type.insert(entry.key().grain_type().to_owned(), 1);
             }
         }
-        let length = entry.mailbox.len() as u64;
+        let length = entry.shared.mailbox.len() as u64;
         queued += length;
         longest = longest.max(length);
     }

@@ -14,7 +14,7 @@ use grains::timer::{TimerCallback, TimerError, TimerHost};
 use tokio::sync::oneshot;
 use tokio::task::AbortHandle;
 
-use crate::activation::{Mail, Mailbox};
+use crate::activation::{ActivationShared, Mail};
 use crate::maps::FastHashMap;
 
 /// A timer's tick, waiting in the mailbox. Dropping it (its turn ran, or it never will) lets the ticker go on.
@@ -39,7 +39,7 @@ struct Slot {
 
 /// The timers of one activation.
 pub(crate) struct ActivationTimers {
-    mailbox: Weak<Mailbox>,
+    activation: Weak<ActivationShared>,
     slots: Mutex<FastHashMap<u64, Slot>>,
     next_id: AtomicU64,
     ended: AtomicBool,
@@ -52,10 +52,10 @@ impl std::fmt::Debug for ActivationTimers {
 }
 
 impl ActivationTimers {
-    /// The timers of the activation behind `mailbox` (none yet).
-    pub(crate) fn new(mailbox: &Arc<Mailbox>) -> Arc<Self> {
+    /// The timers of the activation `shared` belongs to (none yet).
+    pub(crate) fn new(shared: &Arc<ActivationShared>) -> Arc<Self> {
         Arc::new(Self {
-            mailbox: Arc::downgrade(mailbox),
+            activation: Arc::downgrade(shared),
             slots: Mutex::default(),
             next_id: AtomicU64::new(1),
             ended: AtomicBool::new(false),
@@ -104,11 +104,11 @@ impl TimerHost for ActivationTimers {
         }
         let mut slots = self.lock();
         // Checked under the lock `end` drains: no timer starts after the activation's timers have ended.
-        if self.ended.load(Ordering::Acquire) || self.mailbox.upgrade().is_none_or(|m| m.is_closed()) {
+        if self.ended.load(Ordering::Acquire) || self.activation.upgrade().is_none_or(|a| a.mailbox.is_closed()) {
             return Err(TimerError::ActivationEnded);
         }
         let timer = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let ticker = tokio::spawn(tick(self.mailbox.clone(), timer, due, period)).abort_handle();
+        let ticker = tokio::spawn(tick(self.activation.clone(), timer, due, period)).abort_handle();
         slots.insert(timer, Slot { callback: Some(callback), keep_alive: false, periodic: period.is_some(), ticker });
         Ok(timer)
     }
@@ -132,15 +132,15 @@ impl TimerHost for ActivationTimers {
 
 /// The ticker of one timer: after `due`, a tick into the mailbox; then, once that tick's turn has ended, every
 /// `period`. Ends when the mailbox closes (the activation ended), or after one tick without a period.
-async fn tick(mailbox: Weak<Mailbox>, timer: u64, due: Duration, period: Option<Duration>) {
+async fn tick(activation: Weak<ActivationShared>, timer: u64, due: Duration, period: Option<Duration>) {
     tokio::time::sleep(due).await;
     loop {
         let (ran, turn_ended) = oneshot::channel();
-        let Some(queue) = mailbox.upgrade() else { return };
-        if queue.send(Mail::Timer(TimerTick { timer, _ran: ran })).is_err() {
+        let Some(live) = activation.upgrade() else { return };
+        if live.mailbox.send(Mail::Timer(TimerTick { timer, _ran: ran })).is_err() {
             return;
         }
-        drop(queue);
+        drop(live);
         let _ = turn_ended.await; // the turn ran, or the tick was dropped unrun
         let Some(period) = period else { return };
         tokio::time::sleep(period).await;

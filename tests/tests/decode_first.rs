@@ -16,6 +16,7 @@ fn encoded_call(key: String, method: &'static str, payload: Vec<u8>) -> Call {
         method: method.into(),
         payload: Payload::Encoded(payload.into()),
         deadline: tokio::time::Instant::now() + Duration::from_secs(30),
+        issued: tokio::time::Instant::now(),
         chain: Vec::new().into(),
         metadata: Default::default(),
     }
@@ -76,7 +77,9 @@ async fn undecodable_calls_to_fresh_keys_activate_nothing_and_get_codec_errors()
 }
 
 /// Awaits every future, concurrently, in order.
-async fn futures_join<T: Send + 'static>(calls: Vec<grains::__private::runtime::BoxFuture<'static, T>>) -> Vec<T> {
+async fn futures_join<F: std::future::Future<Output: Send + 'static> + Send + 'static>(
+    calls: Vec<F>,
+) -> Vec<F::Output> {
     let handles: Vec<_> = calls.into_iter().map(tokio::spawn).collect();
     let mut out = Vec::with_capacity(handles.len());
     for handle in handles {

@@ -65,6 +65,7 @@ async fn a_deeply_nested_argument_is_a_codec_error_not_a_stack_overflow() {
             method: "depth".into(),
             payload: Payload::Encoded(nested_tree_call(levels).into()),
             deadline: tokio::time::Instant::now() + Duration::from_secs(30),
+            issued: tokio::time::Instant::now(),
             chain: Vec::new().into(),
             metadata: Default::default(),
         };

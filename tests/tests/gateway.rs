@@ -118,6 +118,7 @@ fn encoded_call(grain_type: &'static str, method: &'static str, payload: Vec<u8>
         method: method.into(),
         payload: Payload::Encoded(payload.into()),
         deadline: tokio::time::Instant::now() + Duration::from_secs(5),
+        issued: tokio::time::Instant::now(),
         chain: Vec::new().into(),
         metadata: Default::default(),
     }

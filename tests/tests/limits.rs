@@ -157,6 +157,7 @@ async fn a_call_whose_deadline_passed_in_the_queue_is_dropped_before_its_turn() 
         method: "increment".into(),
         payload: Payload::Encoded(grains::codec::encode(&()).unwrap().into()),
         deadline: tokio::time::Instant::now() + Duration::from_millis(100),
+        issued: tokio::time::Instant::now(),
         chain: Vec::new().into(),
         metadata: Default::default(),
     });

@@ -1,6 +1,7 @@
 //! The single-silo runtime: activation, turns, passivation, state, deadlines, failures, call cycles.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use grains::{CallError, GrainId, GrainKey, StorageError, Uuid};
@@ -173,6 +174,62 @@ async fn a_turn_run_inline_is_finished_after_its_caller_times_out() {
     assert!(matches!(result, Err(CallError::Timeout(_))), "got {result:?}");
     assert_eq!(counter.get().await.unwrap(), 2, "the timed-out turn ran to its end, before the next one");
     assert_eq!(counter.increment().await.unwrap().unwrap(), 3);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_run_inline_is_finished_after_its_caller_drops_the_call() {
+    let silo = start_silo(test_config()).await;
+    let counter = silo.grain::<Counter>("inline-dropped");
+    counter.increment().await.unwrap().unwrap();
+    // The caller stops polling mid-turn (a `select!`, an outer timeout, a dropped request): the turn it was
+    // running on its own task is not cut short between its read and its write, and the grain serves on.
+    let abandoned = tokio::time::timeout(Duration::from_millis(100), counter.increment_slowly(400)).await;
+    assert!(abandoned.is_err(), "the outer timeout fired first: {abandoned:?}");
+    assert_eq!(counter.get().await.unwrap(), 2, "the abandoned turn ran to its end, before the next one");
+    assert_eq!(counter.increment().await.unwrap().unwrap(), 3);
+    assert_eq!(silo.activation_count(), 1, "the grain kept its activation");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[test]
+fn a_runtime_dropped_mid_turn_drops_the_turn_it_ran_inline() {
+    // The turn's caller is dropped with the runtime; the turn cannot go on to a task of its own there (a task
+    // spawned on a runtime shutting down is dropped at once) and must end with it, not be handed on forever.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let silo = runtime.block_on(async {
+        let silo = start_silo(test_config()).await;
+        let counter = silo.grain::<Counter>("dropped-with-its-runtime");
+        counter.increment().await.unwrap().unwrap();
+        tokio::spawn(async move { counter.increment_slowly(60_000).await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        silo
+    });
+    drop(runtime);
+    drop(silo);
+}
+
+#[tokio::test]
+async fn a_loop_of_warm_calls_yields_to_the_other_tasks_of_its_thread() {
+    // One thread: a task calling an idle local grain in a loop runs each turn itself, and each answer is ready
+    // at once. Like a loop over a tokio channel, it must still give the thread up now and then.
+    let silo = start_silo(test_config()).await;
+    let counter = silo.grain::<Counter>("cooperative");
+    counter.increment().await.unwrap().unwrap();
+    let other_ran = Arc::new(AtomicBool::new(false));
+    tokio::spawn({
+        let other_ran = other_ran.clone();
+        async move { other_ran.store(true, Ordering::Relaxed) }
+    });
+    let mut calls_before_it_ran = None;
+    for call in 0..10_000 {
+        assert_eq!(counter.get().await.unwrap(), 1);
+        if other_ran.load(Ordering::Relaxed) {
+            calls_before_it_ran = Some(call);
+            break;
+        }
+    }
+    assert!(calls_before_it_ran.is_some_and(|calls| calls < 1_000), "ran after {calls_before_it_ran:?} calls");
     silo.shutdown(Duration::from_secs(5)).await;
 }
 

@@ -22,7 +22,7 @@ pub(crate) mod seed;
 pub(crate) mod system;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -167,8 +167,13 @@ impl Lease {
     /// Whether the lease holds now. Reads the clock (a frozen process must see the time it lost; outside a
     /// simulation, `tokio::time::Instant` is the system's monotonic clock).
     pub(crate) fn is_valid(&self) -> bool {
+        self.is_valid_at(Instant::now())
+    }
+
+    /// Whether the lease holds at `now`, a clock reading just taken.
+    pub(crate) fn is_valid_at(&self, now: Instant) -> bool {
         !self.revoked.load(Ordering::Acquire)
-            && (self.origin.elapsed().as_millis() as u64) < self.until_ms.load(Ordering::Acquire)
+            && (now.saturating_duration_since(self.origin).as_millis() as u64) < self.until_ms.load(Ordering::Acquire)
     }
 }
 
@@ -226,6 +231,9 @@ pub(crate) struct Cluster {
     activations: Arc<dyn LocalActivations>,
     /// Set once this silo serves no more: declared dead by the cluster, or shut down.
     stopped: watch::Sender<bool>,
+    /// The same, read on every call: a watch's value sits behind a lock whose readers all write its state,
+    /// one cache line two cores calling at once would fight over.
+    is_stopped: AtomicBool,
     /// The membership changes this silo has seen, for the dashboard.
     pub(crate) events: crate::stats::MembershipEvents,
 }
@@ -261,13 +269,14 @@ impl Cluster {
             draining: FastDashMap::default(),
             activations,
             stopped: watch::Sender::new(false),
+            is_stopped: AtomicBool::new(false),
             events: Default::default(),
         }
     }
 
     /// Whether this silo has stopped serving (declared dead, or shut down).
     pub(crate) fn is_stopped(&self) -> bool {
-        *self.stopped.borrow()
+        self.is_stopped.load(Ordering::Acquire)
     }
 
     /// Resolves once this silo has stopped serving.
@@ -282,6 +291,7 @@ impl Cluster {
     /// `evict` (declared dead: their grains may live elsewhere by now).
     pub(crate) fn stop(&self, evict: bool) {
         self.lease.revoke();
+        self.is_stopped.store(true, Ordering::Release);
         self.stopped.send_replace(true);
         if evict {
             self.activations.evict_all();
