@@ -72,6 +72,24 @@ async fn a_client_in_another_process_calls_the_example_silo() {
 }
 
 #[tokio::test]
+async fn the_demo_client_binary_calls_the_example_silo_from_a_third_process() {
+    // What `scripts/demo` runs: the silo binary and the client binary, each a process of its own.
+    let silo = SiloProcess::start(&[]);
+    let demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_grains-demo-client")).arg(&silo.url).output();
+    let demo = tokio::time::timeout(Duration::from_secs(60), demo).await.expect("the demo ends").unwrap();
+    let stdout = String::from_utf8_lossy(&demo.stdout);
+    assert!(demo.status.success(), "{}\n{stdout}\n{}", demo.status, String::from_utf8_lossy(&demo.stderr));
+    for line in [
+        "Cart/alice.add(apple, 3)  -> 5",
+        "Cart/alice.add(caviar, 1) -> refused",
+        "Cart/alice.items()        -> [(\"apple\", 5), (\"bread\", 1)]",
+        "100 carts keyed 0..99 each added one milk: 100 succeeded",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in:\n{stdout}");
+    }
+}
+
+#[tokio::test]
 async fn a_call_in_flight_when_the_silo_process_dies_ends_in_an_error_not_a_hang() {
     let mut silo = SiloProcess::start(&[]);
     let client = Client::connect(&silo.url).await.unwrap();
