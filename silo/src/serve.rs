@@ -125,12 +125,11 @@ impl SiloInner {
         // client's next calls go there.
         let forwarded =
             mode == Mode::Route && matches!(caller, CallerIdentity::Client(_)) && !self.table.is_confirmed(&id);
-        let location = match forwarded {
-            true => {
-                self.metrics.gateway_forwards.fetch_add(1, Ordering::Relaxed);
-                self.activation_gateway(&id)
-            }
-            false => None,
+        let location = if forwarded {
+            self.metrics.gateway_forwards.fetch_add(1, Ordering::Relaxed);
+            self.activation_gateway(&id)
+        } else {
+            None
         };
         Ok(Served { payload, location })
     }
