@@ -1,16 +1,24 @@
-//! Activations: the in-memory instances of grains, one task each, running one call at a time.
+//! Activations: the in-memory instances of grains, running one call at a time.
 //!
 //! The activation table maps a [`GrainId`] to the mailbox of its activation. A call to a grain that is not in
-//! the table claims the slot with the map's entry API and spawns the activation task in the same step, so
+//! the table claims the slot with the map's entry API and creates the activation in the same step, so
 //! concurrent first calls all land in the one mailbox being built: a grain id has exactly one activation per
-//! silo. The task first confirms with the grain's directory owner that it is the grain's one activation in the
-//! cluster (a loser forwards its queued calls to the winner before loading anything), then builds the grain
-//! (state loaded, `on_activate`) and drains its mailbox one call at a time: a turn runs to completion before
-//! the next starts, and no lock is held across the grain's `.await`s.
+//! silo. Its first drain confirms with the grain's directory owner that it is the grain's one activation in
+//! the cluster (a loser forwards its queued calls to the winner before loading anything), then builds the
+//! grain (state loaded, `on_activate`) and drains its mailbox one call at a time: a turn runs to completion
+//! before the next starts, and no lock is held across the grain's `.await`s.
 //!
-//! Leaving the table is the reverse: the task runs `on_deactivate` while new calls still queue in its mailbox,
-//! then removes its entry (only if it is still its own), closes the mailbox, and hands every call still queued
-//! back to the silo, which activates the grain afresh for them. A call never falls between two activations.
+//! An idle activation has no task. What its drainer needs between runs (a [`Life`]) waits in its mailbox;
+//! the mail that finds it there takes it and starts a drainer, which runs until the mailbox is empty and then
+//! parks the life again (as Orleans schedules an activation's work on the thread pool only while it has
+//! some). Most warm calls never queue at all: they run on their caller's task (`SiloInner::run_inline`). An
+//! idle activation thus costs a few small structs, not a task, and a cold one's drainer hands its memory back
+//! when it is done.
+//!
+//! Leaving the table is the reverse: the drainer runs `on_deactivate` while new calls still queue in the
+//! mailbox, then removes its entry (only if it is still its own), closes the mailbox, and hands every call
+//! still queued back to the silo, which activates the grain afresh for them. A call never falls between two
+//! activations.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -85,7 +93,8 @@ pub(crate) enum Mail {
     Timer(TimerTick),
 }
 
-/// An activation's queue of calls: a deque behind a lock, and a wake-up for the activation task.
+/// An activation's queue of calls: a deque behind a lock, and, while no drainer runs, the activation's
+/// [`Life`].
 ///
 /// Unlike a channel, an empty mailbox holds no buffer (a channel allocates its first block of slots up front),
 /// so a million idle activations cost a million small structs, and a burst's buffer is given back once the
@@ -96,15 +105,26 @@ pub(crate) struct Mailbox {
     /// How many mails are queued, kept beside the queue so that a caller about to run a turn inline can see
     /// whether any wait without taking the lock (one cache line fewer written per warm call).
     queued: AtomicUsize,
-    arrived: tokio::sync::Notify,
     /// The most calls it queues (`max_mailbox_length`); a call past it is answered `Overloaded` at once.
     limit: usize,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct MailQueue {
     items: std::collections::VecDeque<Mail>,
     closed: bool,
+    /// The activation's life while no drainer runs (`None` while one does, and once the activation ended).
+    parked: Option<Life>,
+    /// The running drainer, stopped where it stands by a shutdown past its grace period.
+    drainer: Option<tokio::task::AbortHandle>,
+}
+
+/// What became of a drainer's attempt to park its activation's life.
+enum Parked {
+    /// Parked: the drainer ends, and the next mail starts another.
+    Done,
+    /// Mail arrived meanwhile: the drainer keeps the life and serves it.
+    MailWaiting(Life),
 }
 
 impl std::fmt::Debug for Mail {
@@ -122,60 +142,12 @@ impl Mailbox {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An empty mailbox that queues at most `limit` calls.
-    pub(crate) fn with_limit(limit: usize) -> Self {
-        Self {
-            queue: std::sync::Mutex::default(),
-            queued: AtomicUsize::new(0),
-            arrived: tokio::sync::Notify::new(),
-            limit,
-        }
-    }
-
-    /// Queues `mail`, or hands it back if the mailbox is closed. A call that finds the mailbox full is
-    /// answered [`CallError::Overloaded`] here (it counts as delivered: it must not be retried elsewhere).
-    pub(crate) fn send(&self, mail: Mail) -> Result<(), Mail> {
-        {
-            let mut queue = self.lock();
-            if queue.closed {
-                return Err(mail);
-            }
-            if queue.items.len() >= self.limit
-                && let Mail::Call(call) = mail
-            {
-                drop(queue);
-                let full = format!("the grain's mailbox holds its limit of {} calls", self.limit);
-                let _ = call.reply.send(Err(CallError::Overloaded(full)));
-                return Ok(());
-            }
-            queue.items.push_back(mail);
-            self.queued.store(queue.items.len(), Ordering::Release);
-        }
-        self.arrived.notify_one();
-        Ok(())
-    }
-
-    /// The next mail, waiting for one; `None` once the mailbox is closed and empty.
-    pub(crate) async fn recv(&self) -> Option<Mail> {
-        loop {
-            {
-                let mut queue = self.lock();
-                if let Some(mail) = queue.items.pop_front() {
-                    self.queued.store(queue.items.len(), Ordering::Release);
-                    return Some(mail);
-                }
-                if queue.closed {
-                    return None;
-                }
-                // Drained: the buffer goes back before the task waits, so an idle activation holds none (warm
-                // calls mostly run inline and never touch the mailbox).
-                if queue.items.capacity() > 0 {
-                    queue.items = std::collections::VecDeque::new();
-                }
-            }
-            // A notification sent between the check above and this wait is kept as a permit: none is lost.
-            self.arrived.notified().await;
-        }
+    /// An empty mailbox that queues at most `limit` calls, holding the activation's `life` until its first
+    /// mail.
+    pub(crate) fn new(limit: usize, life: Life) -> Self {
+        let queue =
+            MailQueue { items: std::collections::VecDeque::new(), closed: false, parked: Some(life), drainer: None };
+        Self { queue: std::sync::Mutex::new(queue), queued: AtomicUsize::new(0), limit }
     }
 
     /// The next mail if one is queued.
@@ -184,6 +156,21 @@ impl Mailbox {
         let mail = queue.items.pop_front();
         self.queued.store(queue.items.len(), Ordering::Release);
         mail
+    }
+
+    /// Parks `life` if no mail is queued: its drainer ends, and the next mail starts another. The queue's buffer
+    /// goes back too, so an idle activation holds none (warm calls mostly run inline and never touch it).
+    fn park(&self, life: Life) -> Parked {
+        let mut queue = self.lock();
+        if !queue.items.is_empty() {
+            return Parked::MailWaiting(life);
+        }
+        if queue.items.capacity() > 0 {
+            queue.items = std::collections::VecDeque::new();
+        }
+        queue.parked = Some(life);
+        queue.drainer = None;
+        Parked::Done
     }
 
     /// Refuses further mail; what is queued can still be taken.
@@ -202,7 +189,7 @@ impl Mailbox {
     }
 }
 
-/// What the activation task, the table, the idle collector and inline callers share.
+/// What an activation's drainer, the table, the idle collector, timers and inline callers share.
 #[derive(Debug)]
 pub(crate) struct ActivationShared {
     /// The activation's queue of calls.
@@ -216,8 +203,8 @@ pub(crate) struct ActivationShared {
     confirmed: std::sync::atomic::AtomicBool,
     /// Set when the directory finds this activation a duplicate: it runs no further turn.
     evicted: std::sync::atomic::AtomicBool,
-    /// The grain once built, locked by whoever runs a turn: the activation task, or a caller running its call
-    /// inline (`SiloInner::run_inline`). `None` before the grain is built and after it is gone.
+    /// The grain once built, locked by whoever runs a turn: the activation's drainer, or a caller running its
+    /// call inline (`SiloInner::run_inline`). `None` before the grain is built and after it is gone.
     pub(crate) turn: Arc<tokio::sync::Mutex<Option<Built>>>,
 }
 
@@ -272,6 +259,45 @@ impl ActivationShared {
         }
     }
 
+    /// Queues `mail`, or hands it back if the mailbox is closed. A call that finds the mailbox full is
+    /// answered [`CallError::Overloaded`] here (it counts as delivered: it must not be retried elsewhere).
+    ///
+    /// Mail that finds the activation idle (its life parked) starts a drainer on the current runtime. Outside
+    /// one (a value dropped after its runtime), the mail waits for the next sender that has one.
+    pub(crate) fn send(self: &Arc<Self>, mail: Mail) -> Result<(), Mail> {
+        let mut queue = self.mailbox.lock();
+        if queue.closed {
+            return Err(mail);
+        }
+        if queue.items.len() >= self.mailbox.limit
+            && let Mail::Call(call) = mail
+        {
+            drop(queue);
+            let full = format!("the grain's mailbox holds its limit of {} calls", self.mailbox.limit);
+            let _ = call.reply.send(Err(CallError::Overloaded(full)));
+            return Ok(());
+        }
+        queue.items.push_back(mail);
+        self.mailbox.queued.store(queue.items.len(), Ordering::Release);
+        if queue.parked.is_some()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && let Some(life) = queue.parked.take()
+        {
+            // Started under the lock, so the abort handle stored is this drainer's: it cannot park (that takes
+            // the lock) before its handle is in place.
+            let drainer = runtime.spawn(drain(self.clone(), life));
+            queue.drainer = Some(drainer.abort_handle());
+        }
+        Ok(())
+    }
+
+    /// Stops the running drainer, if any, where it stands (a shutdown past its grace period).
+    pub(crate) fn abort_drainer(&self) {
+        if let Some(drainer) = self.mailbox.lock().drainer.take() {
+            drainer.abort();
+        }
+    }
+
     /// Marks the activation a duplicate: it leaves before its next turn, without `on_deactivate` (its state
     /// must not be flushed over the real activation's), and its queued calls go to the grain's one activation.
     pub(crate) fn evict(&self) {
@@ -320,18 +346,48 @@ pub(crate) struct ActivationHandle {
     pub(crate) shared: Arc<ActivationShared>,
     /// The directory registration the activation lives under.
     pub(crate) registration: Registration,
-    /// Stops the activation's task where it stands (a shutdown past its grace period).
-    pub(crate) task: tokio::task::AbortHandle,
 }
 
-/// Everything the activation task starts with.
-pub(crate) struct ActivationStart<H> {
-    pub(crate) host: Arc<H>,
+/// What an activation's drainer needs from one run to the next: parked in the mailbox while the activation
+/// idles, owned by its drainer while one runs.
+pub(crate) struct Life {
+    pub(crate) host: Arc<dyn ActivationHost>,
     pub(crate) id: GrainId,
     pub(crate) activation_id: u64,
     pub(crate) grain_type: &'static GrainRegistration,
     pub(crate) registration: Registration,
-    pub(crate) shared: Arc<ActivationShared>,
+    /// Set once the directory has confirmed the activation and its grain is built.
+    serving: Option<Serving>,
+}
+
+impl Life {
+    /// The life of a new activation, before its first drain (which confirms it and builds its grain).
+    pub(crate) fn new(
+        host: Arc<dyn ActivationHost>,
+        id: GrainId,
+        activation_id: u64,
+        grain_type: &'static GrainRegistration,
+        registration: Registration,
+    ) -> Self {
+        Life { host, id, activation_id, grain_type, registration, serving: None }
+    }
+}
+
+impl std::fmt::Debug for Life {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Life")
+            .field("id", &self.id)
+            .field("activation_id", &self.activation_id)
+            .field("serving", &self.serving.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a built activation's drains share: its timers and the context its grain was built with.
+#[derive(Clone)]
+struct Serving {
+    timers: Arc<ActivationTimers>,
+    ctx: GrainContext,
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -345,13 +401,13 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Builds the grain and runs `on_activate`; a panic in either counts as a failure.
-async fn activate<H>(start: &ActivationStart<H>, ctx: &GrainContext) -> Result<Box<dyn ErasedGrain>, CallError> {
+async fn activate(life: &Life, ctx: &GrainContext) -> Result<Box<dyn ErasedGrain>, CallError> {
     let build = async {
-        let mut grain = (start.grain_type.build)(ctx.clone()).await?;
+        let mut grain = (life.grain_type.build)(ctx.clone()).await?;
         grain.on_activate(ctx).await?;
         Ok::<_, GrainError>(grain)
     };
-    let grain = start.id.to_string();
+    let grain = life.id.to_string();
     match AssertUnwindSafe(build).catch_unwind().await {
         Ok(Ok(built)) => Ok(built),
         Ok(Err(GrainError::State(StorageError::Unavailable(reason)))) => {
@@ -366,30 +422,30 @@ async fn activate<H>(start: &ActivationStart<H>, ctx: &GrainContext) -> Result<B
 
 /// Confirms with the grain's directory owner that this activation is the grain's one activation (first
 /// writer wins). A loser hands its queued calls to the winner before it has run a turn or loaded any state.
-async fn confirm_registration<H: ActivationHost>(start: &mut ActivationStart<H>) -> bool {
-    let host = &start.host;
+async fn confirm_registration(shared: &ActivationShared, life: &Life) -> bool {
+    let host = &life.host;
     let deadline = tokio::time::Instant::now() + host.call_timeout();
-    let outcome = host.cluster().register(&start.id, &start.registration, deadline).await;
+    let outcome = host.cluster().register(&life.id, &life.registration, deadline).await;
     let error = match outcome {
-        Ok(winner) if winner == start.registration => return true,
+        Ok(winner) if winner == life.registration => return true,
         Ok(winner) => {
-            tracing::debug!(grain = %start.id, winner = %winner.silo, "lost the registration race; forwarding");
-            host.activations().remove(&start.id, start.activation_id);
-            start.shared.mailbox.close();
-            host.cluster().remember(start.id.clone(), winner, host.cache_capacity());
-            while let Some(mail) = start.shared.mailbox.try_recv() {
+            tracing::debug!(grain = %life.id, winner = %winner.silo, "lost the registration race; forwarding");
+            host.activations().remove(&life.id, life.activation_id);
+            shared.mailbox.close();
+            host.cluster().remember(life.id.clone(), winner, host.cache_capacity());
+            while let Some(mail) = shared.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
-                    host.redeliver(start.id.clone(), call);
+                    host.redeliver(life.id.clone(), call);
                 }
             }
             return false;
         }
         Err(error) => error,
     };
-    tracing::warn!(grain = %start.id, %error, "activation not registered");
-    host.activations().remove(&start.id, start.activation_id);
-    start.shared.mailbox.close();
-    while let Some(mail) = start.shared.mailbox.try_recv() {
+    tracing::warn!(grain = %life.id, %error, "activation not registered");
+    host.activations().remove(&life.id, life.activation_id);
+    shared.mailbox.close();
+    while let Some(mail) = shared.mailbox.try_recv() {
         if let Mail::Call(call) = mail {
             let _ = call.reply.send(Err(error.clone()));
         }
@@ -397,61 +453,100 @@ async fn confirm_registration<H: ActivationHost>(start: &mut ActivationStart<H>)
     false
 }
 
-/// The life of one activation, from build to the hand-back of its last queued calls.
-pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
-    let host = start.host.clone();
-    // The rare, large futures are boxed so the task stays small while it idles on its mailbox.
-    if !Box::pin(confirm_registration(&mut start)).await {
-        return;
+/// An activation's first drain, before any call: confirms it with the directory and builds its grain. `None`
+/// when it never serves (a losing duplicate, an unregistered or failed activation): its calls have been
+/// handed on or answered, and it is out of the table.
+async fn begin(shared: &Arc<ActivationShared>, life: &Life) -> Option<Serving> {
+    let host = &life.host;
+    let id = &life.id;
+    if !confirm_registration(shared, life).await {
+        return None;
     }
-    let id = &start.id;
-    start.shared.confirmed.store(true, Ordering::Release);
-    let timers = ActivationTimers::new(&start.shared);
+    shared.confirmed.store(true, Ordering::Release);
+    let timers = ActivationTimers::new(shared);
     let ctx = host.context(id.clone(), timers.clone());
-
-    let grain = match Box::pin(activate(&start, &ctx)).await {
+    let grain = match activate(life, &ctx).await {
         Ok(grain) => grain,
         Err(error) => {
             timers.end();
             tracing::warn!(grain = %id, %error, "activation failed");
             host.metrics().activation_failures.fetch_add(1, Ordering::Relaxed);
-            Box::pin(host.cluster().unregister(id.clone(), start.registration.clone())).await;
-            host.activations().remove(id, start.activation_id);
-            start.shared.mailbox.close();
-            while let Some(mail) = start.shared.mailbox.try_recv() {
+            host.cluster().unregister(id.clone(), life.registration.clone()).await;
+            host.activations().remove(id, life.activation_id);
+            shared.mailbox.close();
+            while let Some(mail) = shared.mailbox.try_recv() {
                 if let Mail::Call(call) = mail {
                     let _ = call.reply.send(Err(error.clone()));
                 }
             }
-            return;
+            return None;
         }
     };
-    *start.shared.turn.lock().await = Some(Built {
+    *shared.turn.lock().await = Some(Built {
         grain: Some(grain),
         ctx: ctx.clone(),
-        stats: host.metrics().grain_type(start.grain_type.type_name).cloned(),
+        stats: host.metrics().grain_type(life.grain_type.type_name).cloned(),
         clock: host.coarse_clock().clone(),
         #[cfg(feature = "otlp")]
         silo: host.cluster().me.clone(),
     });
     host.metrics().activations.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(grain = %id, activation = start.activation_id, "activated");
+    tracing::debug!(grain = %id, activation = life.activation_id, "activated");
+    Some(Serving { timers, ctx })
+}
 
-    let mut panicked = false;
-    // Boxed: rare, and an idle activation's task would otherwise carry its size.
-    let mut unrun: Option<Box<Invocation>> = None;
-    while let Some(mail) = start.shared.mailbox.recv().await {
+/// How a drain of the mailbox ended.
+enum Drained {
+    /// The mailbox is empty: the activation idles.
+    Empty,
+    /// The activation leaves.
+    Leave {
+        /// A turn panicked: the grain is dropped without `on_deactivate`.
+        panicked: bool,
+        /// A call taken from the mailbox but not run, handed on with the rest of the mailbox.
+        unrun: Option<Box<Invocation>>,
+    },
+}
+
+/// Drains the mailbox of an activation that mail found idle, on a task of its own, until it is empty (the
+/// activation's life is parked again and the task ends) or the activation leaves.
+pub(crate) async fn drain(shared: Arc<ActivationShared>, mut life: Life) {
+    // The rare, large futures are boxed so that a drain's task stays small.
+    if life.serving.is_none() {
+        match Box::pin(begin(&shared, &life)).await {
+            Some(serving) => life.serving = Some(serving),
+            None => return,
+        }
+    }
+    let Some(serving) = life.serving.clone() else { unreachable!("set above") };
+    loop {
+        match serve(&shared, &life, &serving).await {
+            Drained::Empty => match shared.mailbox.park(life) {
+                Parked::Done => return,
+                Parked::MailWaiting(back) => life = back,
+            },
+            Drained::Leave { panicked, unrun } => {
+                return Box::pin(leave(&shared, &life, &serving, panicked, unrun)).await;
+            }
+        }
+    }
+}
+
+/// Runs the activation's queued mail, one turn at a time, until the mailbox is empty or the activation leaves.
+async fn serve(shared: &ActivationShared, life: &Life, serving: &Serving) -> Drained {
+    let (host, id) = (&*life.host, &life.id);
+    while let Some(mail) = shared.mailbox.try_recv() {
         match mail {
             Mail::Call(call) => {
                 // Taken first: a caller may be running a turn inline, and what follows is judged after it.
-                let mut turn = start.shared.turn.lock().await;
+                let mut turn = shared.turn.lock().await;
                 if call.reply.is_closed() {
                     continue; // the caller gave up (its deadline passed): do not run a call nobody waits for
                 }
-                if start.shared.is_evicted() || !Box::pin(hold_lease(host.cluster(), call.deadline)).await {
-                    if start.shared.is_evicted() || host.cluster().is_stopped() {
-                        unrun = Some(Box::new(call)); // handed on below, with the rest of the mailbox
-                        break;
+                if shared.is_evicted() || !Box::pin(hold_lease(host.cluster(), call.deadline)).await {
+                    if shared.is_evicted() || host.cluster().is_stopped() {
+                        // Handed on below, with the rest of the mailbox.
+                        return Drained::Leave { panicked: false, unrun: Some(Box::new(call)) };
                     }
                     let _ = call.reply.send(Err(CallError::Timeout(Duration::ZERO)));
                     continue;
@@ -465,60 +560,71 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
                 }
                 let Some(built) = turn.as_mut().filter(|built| built.grain.is_some()) else {
                     // The grain is gone: a turn run inline panicked, and a forced deactivation is queued.
-                    unrun = Some(Box::new(call));
-                    break;
+                    return Drained::Leave { panicked: false, unrun: Some(Box::new(call)) };
                 };
                 let Invocation { method, payload, chain, metadata, reply, .. } = call;
                 let request = TurnCall { method, payload, chain, metadata, started };
                 let (end, result) = run_call(id, built, request).await;
-                start.shared.touch(host.now_ms());
+                shared.touch(host.now_ms());
                 let _ = reply.send(result);
                 match end {
                     TurnEnd::Ran => {}
                     TurnEnd::Panicked => {
                         *turn = None;
-                        panicked = true;
-                        break;
+                        return Drained::Leave { panicked: true, unrun: None };
                     }
-                    TurnEnd::Deactivate => break,
+                    TurnEnd::Deactivate => return Drained::Leave { panicked: false, unrun: None },
                 }
             }
             Mail::Deactivate { force } => {
-                if force || start.shared.is_idle(host.now_ms()) {
-                    break;
+                if force || shared.is_idle(host.now_ms()) {
+                    return Drained::Leave { panicked: false, unrun: None };
                 }
             }
             Mail::Timer(tick) => {
-                if start.shared.is_evicted() || host.cluster().is_stopped() {
-                    break;
+                if shared.is_evicted() || host.cluster().is_stopped() {
+                    return Drained::Leave { panicked: false, unrun: None };
                 }
                 if !host.cluster().lease.is_valid() {
                     host.cluster().refresh_now.notify_one();
                     continue; // not sure it is still a member: no turn runs, and the timer ticks on
                 }
-                // Boxed: rarer than calls, its future would otherwise size every idle activation's task.
-                match Box::pin(run_timer(&*host, id, &start.shared, &timers, tick)).await {
-                    TimerEnd::Ran if ctx.deactivation_requested() => break,
-                    TimerEnd::Ran => {}
-                    TimerEnd::GrainGone => break,
-                    TimerEnd::Panicked => {
-                        panicked = true;
-                        break;
+                // Boxed: rarer than calls, its future would otherwise size every drain's task.
+                match Box::pin(run_timer(host, id, shared, &serving.timers, tick)).await {
+                    TimerEnd::Ran if serving.ctx.deactivation_requested() => {
+                        return Drained::Leave { panicked: false, unrun: None };
                     }
+                    TimerEnd::Ran => {}
+                    TimerEnd::GrainGone => return Drained::Leave { panicked: false, unrun: None },
+                    TimerEnd::Panicked => return Drained::Leave { panicked: true, unrun: None },
                 }
             }
         }
     }
+    Drained::Empty
+}
+
+/// The activation's departure: its timers end, its grain runs `on_deactivate` (unless it panicked or is a
+/// duplicate), it unregisters and leaves the table, and the calls still queued go to the grain's next
+/// activation.
+async fn leave(
+    shared: &ActivationShared,
+    life: &Life,
+    serving: &Serving,
+    panicked: bool,
+    unrun: Option<Box<Invocation>>,
+) {
+    let (host, id) = (&*life.host, &life.id);
     // Timers end with the activation: no tick runs from here on.
-    timers.end();
+    serving.timers.end();
 
     // A grain that panicked may hold broken state, and a duplicate's state is not the grain's: they are
     // dropped without their on_deactivate hook.
-    let evicted = start.shared.is_evicted() || host.cluster().is_stopped();
+    let evicted = shared.is_evicted() || host.cluster().is_stopped();
     // Taking the grain out ends inline turns too: a caller finding `None` queues its call instead.
-    let built = start.shared.turn.lock().await.take();
+    let built = shared.turn.lock().await.take();
     if let Some(mut grain) = built.and_then(|built| built.grain).filter(|_| !panicked && !evicted) {
-        match Box::pin(AssertUnwindSafe(grain.on_deactivate(&ctx)).catch_unwind()).await {
+        match AssertUnwindSafe(grain.on_deactivate(&serving.ctx)).catch_unwind().await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(grain = %id, error = %e, "on_deactivate failed"),
             Err(panic) => tracing::warn!(grain = %id, message = %panic_message(&*panic), "on_deactivate panicked"),
@@ -526,16 +632,16 @@ pub(crate) async fn run<H: ActivationHost>(mut start: ActivationStart<H>) {
     }
     // No turn runs from here on: the activation no longer counts as this grain's (its unregistration may wait
     // on a remote directory, and the grain may be activated elsewhere as soon as it lands).
-    start.shared.confirmed.store(false, Ordering::Release);
-    Box::pin(host.cluster().unregister(id.clone(), start.registration.clone())).await;
-    host.activations().remove(id, start.activation_id);
-    start.shared.mailbox.close();
+    shared.confirmed.store(false, Ordering::Release);
+    host.cluster().unregister(id.clone(), life.registration.clone()).await;
+    host.activations().remove(id, life.activation_id);
+    shared.mailbox.close();
     host.metrics().deactivations.fetch_add(1, Ordering::Relaxed);
-    tracing::debug!(grain = %id, activation = start.activation_id, evicted, "deactivated");
+    tracing::debug!(grain = %id, activation = life.activation_id, evicted, "deactivated");
     if let Some(call) = unrun {
         host.redeliver(id.clone(), *call);
     }
-    while let Some(mail) = start.shared.mailbox.try_recv() {
+    while let Some(mail) = shared.mailbox.try_recv() {
         if let Mail::Call(call) = mail {
             host.redeliver(id.clone(), call);
         }
@@ -553,8 +659,8 @@ enum TimerEnd {
 }
 
 /// Runs one tick of a timer as a turn of the activation.
-async fn run_timer<H: ActivationHost>(
-    host: &H,
+async fn run_timer(
+    host: &dyn ActivationHost,
     id: &GrainId,
     shared: &ActivationShared,
     timers: &ActivationTimers,
@@ -720,18 +826,18 @@ mod tests {
     use super::*;
 
     /// The size of what `f` returns, without calling it.
-    fn size_of_return<A, F>(_: fn(A) -> F) -> usize {
+    fn size_of_return<A, B, F>(_: fn(A, B) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
     #[test]
-    fn an_idle_activation_task_stays_small() {
-        // Tokio keeps a task's whole future for as long as the task lives, sized for its largest await: a
-        // large future awaited inline on a rare path (unregistering, say, at 3.9 KiB) costs every idle
-        // activation its size. Those are boxed; this keeps it so.
-        let size = size_of_return(run::<crate::silo::SiloInner>);
+    fn a_drain_task_stays_small() {
+        // A drain is a task of its own, allocated whole for every burst of queued mail, sized for its largest
+        // await: large futures awaited on rare paths (unregistering, say, at 3.9 KiB) are boxed; this keeps it
+        // so.
+        let size = size_of_return(drain);
         // Under 1 KiB, its task's allocation stays within what the allocator serves from its fast per-thread
         // cache (glibc's tcache: up to 1032 bytes) on most builds.
-        assert!(size <= 1024, "the activation task's future takes {size} bytes");
+        assert!(size <= 1024, "a drain's future takes {size} bytes");
     }
 }

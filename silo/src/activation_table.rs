@@ -70,7 +70,7 @@ impl ActivationTable {
         let mut mail = Mail::Call(invocation);
         for _ in 0..MAX_DELIVERY_ATTEMPTS {
             let Some(handle) = self.map.get(id) else { break };
-            match handle.shared.mailbox.send(mail) {
+            match handle.shared.send(mail) {
                 Ok(()) => return Ok(()),
                 Err(back) => {
                     drop(handle);
@@ -99,10 +99,10 @@ impl ActivationTable {
         for _ in 0..MAX_DELIVERY_ATTEMPTS {
             let mail = Mail::Call(invocation);
             let sent = match self.map.entry(id.clone()) {
-                Entry::Occupied(slot) => slot.get().shared.mailbox.send(mail),
+                Entry::Occupied(slot) => slot.get().shared.send(mail),
                 Entry::Vacant(slot) => {
                     let handle = activate();
-                    let sent = handle.shared.mailbox.send(mail);
+                    let sent = handle.shared.send(mail);
                     slot.insert(handle);
                     sent
                 }
@@ -143,7 +143,7 @@ impl ActivationTable {
     pub(crate) fn signal(&self, now_ms: u64, force: bool) {
         for entry in self.map.iter() {
             if force || entry.shared.is_idle(now_ms) {
-                let _ = entry.shared.mailbox.send(Mail::Deactivate { force });
+                let _ = entry.shared.send(Mail::Deactivate { force });
             }
         }
     }
@@ -153,7 +153,7 @@ impl ActivationTable {
     pub(crate) fn evict_all(&self) {
         for entry in self.map.iter() {
             entry.shared.evict();
-            let _ = entry.shared.mailbox.send(Mail::Deactivate { force: true });
+            let _ = entry.shared.send(Mail::Deactivate { force: true });
         }
     }
 
@@ -163,7 +163,7 @@ impl ActivationTable {
         let mut aborted = 0;
         self.map.retain(|_, handle| {
             handle.shared.evict();
-            handle.task.abort();
+            handle.shared.abort_drainer();
             aborted += 1;
             false
         });
@@ -185,7 +185,7 @@ impl LocalActivations for ActivationTable {
     fn evict(&self, grain: &GrainId, registration: &Registration) {
         if let Some(handle) = self.map.get(grain).filter(|h| &h.registration == registration) {
             handle.shared.evict();
-            let _ = handle.shared.mailbox.send(Mail::Deactivate { force: true });
+            let _ = handle.shared.send(Mail::Deactivate { force: true });
         }
     }
 

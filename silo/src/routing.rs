@@ -19,8 +19,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::activation::{
-    self, ActivationHandle, ActivationShared, ActivationStart, IdleClaim, Invocation, Mail, Turn, TurnCall, TurnEnd,
-    TurnGuard,
+    self, ActivationHandle, ActivationShared, IdleClaim, Invocation, Life, Mail, Turn, TurnCall, TurnEnd, TurnGuard,
 };
 use crate::cluster::{Backoff, Registration};
 use crate::silo::SiloInner;
@@ -82,13 +81,13 @@ impl Future for InlineTurn {
         match end {
             TurnEnd::Ran => {}
             TurnEnd::Panicked => {
-                *guard = None; // dropped without on_deactivate; the activation task leaves next
+                *guard = None; // dropped without on_deactivate; its drainer makes the activation leave next
                 drop(guard);
-                let _ = shared.mailbox.send(Mail::Deactivate { force: true });
+                let _ = shared.send(Mail::Deactivate { force: true });
             }
             TurnEnd::Deactivate => {
                 drop(guard);
-                let _ = shared.mailbox.send(Mail::Deactivate { force: true });
+                let _ = shared.send(Mail::Deactivate { force: true });
             }
         }
         Poll::Ready(result)
@@ -119,7 +118,7 @@ impl SiloInner {
 
     /// Runs `call` on the caller's task, at its grain's activation here, idle and claimed with
     /// [`ActivationTable::claim_idle`](crate::activation_table::ActivationTable::claim_idle): no mailbox, no
-    /// wake-up of the activation task, no reply channel. The turn holds the activation's turn lock, so it is
+    /// drainer started, no reply channel. The turn holds the activation's turn lock, so it is
     /// still the only turn of the grain running; calls arriving meanwhile queue in the mailbox and run after it.
     ///
     /// The turn is polled once at once: most finish there, and their answer is ready before `invoke` returns
@@ -152,33 +151,27 @@ impl SiloInner {
 
     /// Delivers the call here, activating the grain if it has no activation here.
     pub(crate) fn deliver_here(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
-        self.table.send_or_activate(id, invocation, || self.spawn_activation(id))?;
+        self.table.send_or_activate(id, invocation, || self.new_activation(id))?;
         self.metrics.calls.increment();
         Ok(())
     }
 
-    /// Starts the activation task of `id`; the table inserts the returned handle.
+    /// Creates the activation of `id`, idle until the call about to be put in its mailbox starts its first
+    /// drain; the table inserts the returned handle.
     ///
     /// Every activation registers under a fresh id, never one an earlier activation used: the late unregister
     /// of an activation that just ended must not remove the entry of the one that follows it.
-    fn spawn_activation(&self, id: &GrainId) -> ActivationHandle {
+    fn new_activation(&self, id: &GrainId) -> ActivationHandle {
         let registration = Registration { silo: self.me().clone(), id: crate::cluster::placement::registration_id() };
         let (grain_type, idle_timeout) = match self.types.get(id.grain_type()) {
             Some(&entry) => entry,
             None => unreachable!("calls are checked for their grain type first"),
         };
-        let mailbox = activation::Mailbox::with_limit(self.config.max_mailbox_length);
         let activation_id = self.table.next_activation_id();
+        let life = Life::new(self.arc(), id.clone(), activation_id, grain_type, registration.clone());
+        let mailbox = activation::Mailbox::new(self.config.max_mailbox_length, life);
         let shared = Arc::new(ActivationShared::new(mailbox, self.now_ms(), idle_timeout));
-        let task = tokio::spawn(activation::run(ActivationStart {
-            host: self.arc(),
-            id: id.clone(),
-            activation_id,
-            grain_type,
-            registration: registration.clone(),
-            shared: shared.clone(),
-        }));
-        ActivationHandle { activation_id, shared, registration, task: task.abort_handle() }
+        ActivationHandle { activation_id, shared, registration }
     }
 
     /// Finds where `id` lives and delivers the call there; answers the caller through `invocation.reply`.

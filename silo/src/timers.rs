@@ -137,7 +137,7 @@ async fn tick(activation: Weak<ActivationShared>, timer: u64, due: Duration, per
     loop {
         let (ran, turn_ended) = oneshot::channel();
         let Some(live) = activation.upgrade() else { return };
-        if live.mailbox.send(Mail::Timer(TimerTick { timer, _ran: ran })).is_err() {
+        if live.send(Mail::Timer(TimerTick { timer, _ran: ran })).is_err() {
             return;
         }
         drop(live);

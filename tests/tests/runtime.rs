@@ -149,10 +149,10 @@ async fn a_call_past_its_deadline_ends_in_timeout() {
 async fn a_warm_call_to_an_idle_activation_runs_on_the_callers_task_and_a_busy_one_queues() {
     let silo = start_silo(test_config()).await;
     let counter = silo.grain::<Counter>("inline");
-    counter.increment().await.unwrap().unwrap(); // activated (its first turn runs on the activation's task)
+    counter.increment().await.unwrap().unwrap(); // activated (its first turn runs on the activation's drainer)
     let here = format!("{:?}", tokio::task::try_id());
     assert_eq!(counter.task().await.unwrap(), here, "an idle activation's turn runs on the caller's task");
-    // While one caller's turn runs, another's call queues and runs on the activation's task, after it.
+    // While one caller's turn runs, another's call queues and runs on the activation's drainer, after it.
     let slow = tokio::spawn({
         let counter = counter.clone();
         async move { counter.increment_slowly(300).await }
@@ -162,6 +162,33 @@ async fn a_warm_call_to_an_idle_activation_runs_on_the_callers_task_and_a_busy_o
     assert_ne!(other, here);
     assert_eq!(slow.await.unwrap().unwrap().unwrap(), 2);
     silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_activation_holds_no_task() {
+    let silo = start_silo(test_config()).await;
+    let alive = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let before = alive();
+    let counters: Vec<_> = (0..500).map(|i| silo.grain::<Counter>(format!("taskless-{i}"))).collect();
+    for counter in &counters {
+        counter.increment().await.unwrap().unwrap();
+    }
+    assert_eq!(silo.activation_count(), 500);
+    // A drain's task ends once its mailbox is empty; wait for the last ones to end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while alive() > before + 10 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(alive() <= before + 10, "500 idle activations hold {} tasks", alive() - before);
+    // They serve on, with their state.
+    for counter in &counters {
+        assert_eq!(counter.increment().await.unwrap().unwrap(), 2);
+    }
+    // Shutdown's deactivation is mail too: it starts a drain of each, and each leaves.
+    silo.shutdown(Duration::from_secs(5)).await;
+    for i in 0..500 {
+        assert_eq!(LIFECYCLE.deactivations(&format!("taskless-{i}")), 1, "taskless-{i} ran on_deactivate once");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,29 @@ use tokio::sync::mpsc;
 
 use crate::local::Echo;
 
+/// Bytes the allocator has handed out and not had back (glibc's `mallinfo2().uordblks`): what live objects
+/// hold, without the free holes between them that RSS also counts. `None` off glibc.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn heap_in_use() -> Option<usize> {
+    /// glibc's `struct mallinfo2`: ten `size_t` fields.
+    #[repr(C)]
+    struct MallInfo2 {
+        fields: [usize; 10],
+    }
+    unsafe extern "C" {
+        fn mallinfo2() -> MallInfo2;
+    }
+    // SAFETY: `mallinfo2` takes nothing and returns a plain struct by value (glibc 2.33 and later); the bench
+    // uses the system allocator, whose statistics it reads.
+    Some(unsafe { mallinfo2() }.fields[7])
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap_in_use() -> Option<usize> {
+    None
+}
+
 /// Resident set size of this process, in bytes.
 fn rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/statm")
@@ -34,16 +57,28 @@ async fn activate_all(silo: &Silo, count: usize, concurrency: usize) -> anyhow::
     Ok(())
 }
 
-/// Activates `count` grains, measures memory, then passivates them all.
-pub(crate) async fn run(count: usize) -> anyhow::Result<()> {
-    let idle = Duration::from_secs(2);
-    let mut config =
-        SiloConfig { gateway: false, collection_interval: Duration::from_secs(3600), ..SiloConfig::default() };
-    config.grain.insert("Echo".into(), GrainTypeConfig { idle_timeout: Some(idle) });
-    let silo = Silo::builder().config(config).start().await?;
+/// The baseline in a process of its own (this binary, `--activations-baseline COUNT`): how long it took, its
+/// RSS delta per entity and its heap bytes in use per entity (negative where unknown).
+async fn baseline_in_child(count: usize) -> anyhow::Result<(Duration, f64, f64)> {
+    let output = tokio::process::Command::new(std::env::current_exe()?)
+        .args(["--activations-baseline", &count.to_string()])
+        .output()
+        .await?;
+    anyhow::ensure!(output.status.success(), "the baseline process failed: {output:?}");
+    let text = String::from_utf8(output.stdout)?;
+    let mut fields = text.split_whitespace();
+    let mut next = || fields.next().ok_or_else(|| anyhow::anyhow!("the baseline process printed {text:?}"));
+    let nanos: u64 = next()?.parse()?;
+    let bytes: f64 = next()?.parse()?;
+    let heap: f64 = next()?.parse()?;
+    Ok((Duration::from_nanos(nanos), bytes, heap))
+}
 
-    // Baseline: one task and one channel per entity, each served once.
+/// The baseline, run by the child process: one task and one channel per entity, each served once. Prints the
+/// time taken in nanoseconds, the RSS delta per entity and the heap bytes in use per entity (-1 if unknown).
+pub(crate) async fn baseline(count: usize) {
     let before = rss_bytes();
+    let heap_before = heap_in_use();
     let started = Instant::now();
     let mut actors = Vec::with_capacity(count);
     for _ in 0..count {
@@ -53,16 +88,31 @@ pub(crate) async fn run(count: usize) -> anyhow::Result<()> {
         actors.push(tx);
     }
     tokio::task::yield_now().await;
-    let baseline_time = started.elapsed();
-    let baseline_bytes = rss_bytes().saturating_sub(before) as f64 / count as f64;
-    drop(actors);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let time = started.elapsed();
+    let bytes = rss_bytes().saturating_sub(before) as f64 / count as f64;
+    let heap = heap_before.zip(heap_in_use()).map_or(-1.0, |(b, a)| a.saturating_sub(b) as f64 / count as f64);
+    println!("{} {bytes} {heap}", time.as_nanos());
+}
 
+/// Activates `count` grains, measures memory, then passivates them all.
+pub(crate) async fn run(count: usize) -> anyhow::Result<()> {
+    let idle = Duration::from_secs(2);
+    let mut config =
+        SiloConfig { gateway: false, collection_interval: Duration::from_secs(3600), ..SiloConfig::default() };
+    config.grain.insert("Echo".into(), GrainTypeConfig { idle_timeout: Some(idle) });
+    let silo = Silo::builder().config(config).start().await?;
+
+    // Each side on a heap of its own: the baseline runs in a child process. Measured in this process after the
+    // baseline, grains' RSS delta hid in the memory the baseline had freed and the allocator kept (before
+    // 2026-11-27 the bytes row read ~1.3 KB whatever grains held).
+    let (baseline_time, baseline_bytes, baseline_heap) = baseline_in_child(count).await?;
     let before = rss_bytes();
+    let heap_before = heap_in_use();
     let started = Instant::now();
     activate_all(&silo, count, 256).await?;
     let activation_time = started.elapsed();
     let bytes = rss_bytes().saturating_sub(before) as f64 / count as f64;
+    let heap_bytes = heap_before.zip(heap_in_use()).map(|(b, a)| a.saturating_sub(b) as f64 / count as f64);
     let active = silo.activation_count();
 
     tokio::time::sleep(idle + Duration::from_millis(100)).await;
@@ -88,6 +138,13 @@ pub(crate) async fn run(count: usize) -> anyhow::Result<()> {
         "| bytes per idle activation (RSS delta / count) | {bytes:.0} | {baseline_bytes:.0} | {:.2} |",
         bytes / baseline_bytes.max(1.0)
     );
+    if let Some(heap_bytes) = heap_bytes {
+        println!(
+            "| heap bytes per idle activation (in use: without the allocator's free holes) | {heap_bytes:.0} | \
+             {baseline_heap:.0} | {:.2} |",
+            heap_bytes / baseline_heap.max(1.0)
+        );
+    }
     println!(
         "| passivations/s (idle collector) | {:.0} | — | — |",
         count as f64 / passivation_time.as_secs_f64().max(f64::MIN_POSITIVE)

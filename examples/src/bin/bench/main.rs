@@ -36,11 +36,19 @@ struct Args {
     /// Postgres admin URL for the storage section.
     #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     database_url: String,
+    /// Internal: run only the activations baseline for this many entities and print its figures (the
+    /// activations section runs it in a child process, on a heap of its own).
+    #[arg(long, hide = true)]
+    activations_baseline: Option<usize>,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(count) = args.activations_baseline {
+        activations::baseline(count).await;
+        return Ok(());
+    }
     // As a silo binary does (`grains_silo::cli`): a subscriber is installed, so disabled spans cost what they
     // cost in production. Without one, `tracing`'s `log` fallback (which sqlx turns on) handles every span.
     grains_silo::cli::init_logging(&std::env::var("GRAINS_LOG").unwrap_or_else(|_| "warn".to_owned()));
