@@ -15,7 +15,7 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use grains::GrainId;
 
-use crate::activation::{ActivationHandle, IdleClaim, Invocation, Mail};
+use crate::activation::{ActivationHandle, Drain, Drainer, IdleClaim, Invocation, Mail};
 use crate::cluster::{LocalActivations, Registration};
 use crate::maps::FastHash;
 
@@ -65,13 +65,19 @@ impl ActivationTable {
         Some(IdleClaim { shared: handle.shared.clone(), guard })
     }
 
-    /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back.
-    pub(crate) fn send(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
+    /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back. A drain
+    /// the call starts is run by `drainer` (see [`Drainer`]).
+    pub(crate) fn send(
+        &self,
+        id: &GrainId,
+        invocation: Invocation,
+        drainer: Drainer,
+    ) -> Result<Option<Drain>, Invocation> {
         let mut mail = Mail::Call(invocation);
         for _ in 0..MAX_DELIVERY_ATTEMPTS {
             let Some(handle) = self.map.get(id) else { break };
-            match handle.shared.send(mail) {
-                Ok(()) => return Ok(()),
+            match handle.shared.deliver(mail, drainer) {
+                Ok(drain) => return Ok(drain),
                 Err(back) => {
                     drop(handle);
                     // That activation closed its mailbox (it failed or is leaving); drop its stale entry.
@@ -86,29 +92,31 @@ impl ActivationTable {
         }
     }
 
-    /// Puts the call in the mailbox of `id`'s activation here, first starting one with `activate` if there is
-    /// none. The slot is claimed and the activation started in one step, so concurrent first calls all land in
-    /// the one mailbox being built. Hands the call back if mailboxes keep closing under it.
+    /// Puts the call in the mailbox of `id`'s activation here, first creating one with `activate` if there is
+    /// none. The slot is claimed and the activation created in one step, so concurrent first calls all land in
+    /// the one mailbox being built. A drain the call starts (always, for a new activation) is run by `drainer`.
+    /// Hands the call back if mailboxes keep closing under it.
     pub(crate) fn send_or_activate(
         &self,
         id: &GrainId,
         invocation: Invocation,
+        drainer: Drainer,
         mut activate: impl FnMut() -> ActivationHandle,
-    ) -> Result<(), Invocation> {
+    ) -> Result<Option<Drain>, Invocation> {
         let mut invocation = invocation;
         for _ in 0..MAX_DELIVERY_ATTEMPTS {
             let mail = Mail::Call(invocation);
             let sent = match self.map.entry(id.clone()) {
-                Entry::Occupied(slot) => slot.get().shared.send(mail),
+                Entry::Occupied(slot) => slot.get().shared.deliver(mail, drainer),
                 Entry::Vacant(slot) => {
                     let handle = activate();
-                    let sent = handle.shared.send(mail);
+                    let sent = handle.shared.deliver(mail, drainer);
                     slot.insert(handle);
                     sent
                 }
             };
             match sent {
-                Ok(()) => return Ok(()),
+                Ok(drain) => return Ok(drain),
                 Err(Mail::Call(back)) => {
                     self.map.remove_if(id, |_, h| h.shared.mailbox.is_closed());
                     invocation = back;

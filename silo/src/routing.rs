@@ -19,7 +19,8 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::activation::{
-    self, ActivationHandle, ActivationShared, IdleClaim, Invocation, Life, Mail, Turn, TurnCall, TurnEnd, TurnGuard,
+    self, ActivationHandle, ActivationShared, Drain, Drainer, IdleClaim, Invocation, Life, Mail, Turn, TurnCall,
+    TurnEnd, TurnGuard,
 };
 use crate::cluster::{Backoff, Registration};
 use crate::silo::SiloInner;
@@ -40,6 +41,14 @@ pub(crate) fn wait_reply(
             Ok(Err(_)) => Err(CallError::Unavailable("the activation ended without replying".to_owned())),
             Err(_) => Err(CallError::Timeout(timeout)),
         }
+    }
+}
+
+/// Runs the drain a route task's delivery started, if any: the route task has nothing else to do (its caller
+/// waits on the reply channel), so a cold activation needs no task of its own. Boxed: a route task stays small.
+async fn run_drain(drain: Option<Drain>) {
+    if let Some(drain) = drain {
+        Box::pin(drain.run()).await;
     }
 }
 
@@ -109,11 +118,17 @@ impl Drop for InlineTurn {
 }
 
 impl SiloInner {
-    /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back.
-    pub(crate) fn try_local(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
-        self.table.send(id, invocation)?;
+    /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back. A drain
+    /// the call starts is run by `drainer`.
+    pub(crate) fn try_local(
+        &self,
+        id: &GrainId,
+        invocation: Invocation,
+        drainer: Drainer,
+    ) -> Result<Option<Drain>, Invocation> {
+        let drain = self.table.send(id, invocation, drainer)?;
         self.metrics.calls.increment();
-        Ok(())
+        Ok(drain)
     }
 
     /// Runs `call` on the caller's task, at its grain's activation here, idle and claimed with
@@ -149,11 +164,17 @@ impl SiloInner {
         })
     }
 
-    /// Delivers the call here, activating the grain if it has no activation here.
-    pub(crate) fn deliver_here(&self, id: &GrainId, invocation: Invocation) -> Result<(), Invocation> {
-        self.table.send_or_activate(id, invocation, || self.new_activation(id))?;
+    /// Delivers the call here, activating the grain if it has no activation here. A drain the call starts is
+    /// run by `drainer`.
+    pub(crate) fn deliver_here(
+        &self,
+        id: &GrainId,
+        invocation: Invocation,
+        drainer: Drainer,
+    ) -> Result<Option<Drain>, Invocation> {
+        let drain = self.table.send_or_activate(id, invocation, drainer, || self.new_activation(id))?;
         self.metrics.calls.increment();
-        Ok(())
+        Ok(drain)
     }
 
     /// Creates the activation of `id`, idle until the call about to be put in its mailbox starts its first
@@ -190,8 +211,8 @@ impl SiloInner {
             if Instant::now() >= deadline {
                 return fail(invocation, CallError::Timeout(Duration::ZERO));
             }
-            invocation = match self.try_local(&id, invocation) {
-                Ok(()) => return,
+            invocation = match self.try_local(&id, invocation, Drainer::Sender) {
+                Ok(drain) => return run_drain(drain).await,
                 Err(back) => back,
             };
             if self.cluster.view().version == 0 {
@@ -226,8 +247,8 @@ impl SiloInner {
                     self.cluster.cache.remove(&id); // cached here, but no activation: ask the directory
                     continue;
                 }
-                invocation = match self.deliver_here(&id, invocation) {
-                    Ok(()) => return,
+                invocation = match self.deliver_here(&id, invocation, Drainer::Sender) {
+                    Ok(drain) => return run_drain(drain).await,
                     Err(back) => back,
                 };
                 continue;

@@ -15,7 +15,7 @@ use grains_storage::SiloStatus;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::activation::Invocation;
+use crate::activation::{Drainer, Invocation};
 use crate::cluster::LocalActivations;
 use crate::cluster::system::{Refusal, SystemRequest, SystemResponse};
 use crate::filter::{CallInfo, CallerIdentity};
@@ -104,17 +104,17 @@ impl SiloInner {
         let deadline = invocation.deadline;
         match mode {
             Mode::Route => {
-                if let Err(invocation) = self.try_local(&id, invocation) {
+                if let Err(invocation) = self.try_local(&id, invocation, Drainer::Spawned) {
                     tokio::spawn(self.clone().route(id.clone(), invocation));
                 }
             }
             Mode::Cached => {
-                if self.try_local(&id, invocation).is_err() {
+                if self.try_local(&id, invocation, Drainer::Spawned).is_err() {
                     return Err(CallError::NotHere(format!("{id} is not active on {}", self.me())));
                 }
             }
             Mode::Placed => {
-                if self.deliver_here(&id, invocation).is_err() {
+                if self.deliver_here(&id, invocation, Drainer::Spawned).is_err() {
                     return Err(CallError::Unavailable(format!("{id}: activation kept closing under the call")));
                 }
             }

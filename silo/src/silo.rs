@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::activation::{ActivationHost, Invocation};
+use crate::activation::{ActivationHost, Drainer, Invocation};
 use crate::activation_table::ActivationTable;
 use crate::cluster::system::SystemRequest;
 use crate::cluster::{Cluster, ClusterView, membership};
@@ -271,7 +271,7 @@ impl GrainRuntime for SiloInner {
         let (reply, waiter) = oneshot::channel();
         let (id, invocation) = Invocation::of(call, reply);
         let deadline = invocation.deadline;
-        if let Err(invocation) = self.try_local(&id, invocation) {
+        if let Err(invocation) = self.try_local(&id, invocation, Drainer::Spawned) {
             tokio::spawn(self.arc().route(id, invocation));
         }
         if !encoded {
