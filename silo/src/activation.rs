@@ -114,7 +114,8 @@ struct MailQueue {
     items: std::collections::VecDeque<Mail>,
     closed: bool,
     /// The activation's life while no drainer runs (`None` while one does, and once the activation ended).
-    parked: Option<Life>,
+    /// Boxed: the mailbox sits beside the atomics every warm call reads, and stays small.
+    parked: Option<Box<Life>>,
     /// The running drainer, stopped where it stands by a shutdown past its grace period.
     drainer: Option<tokio::task::AbortHandle>,
 }
@@ -133,7 +134,7 @@ pub(crate) enum Drainer {
 /// A drain handed to its sender to run (see [`Drainer::Sender`]).
 pub(crate) struct Drain {
     shared: Arc<ActivationShared>,
-    life: Life,
+    life: Box<Life>,
 }
 
 impl Drain {
@@ -148,7 +149,7 @@ enum Parked {
     /// Parked: the drainer ends, and the next mail starts another.
     Done,
     /// Mail arrived meanwhile: the drainer keeps the life and serves it.
-    MailWaiting(Life),
+    MailWaiting(Box<Life>),
 }
 
 impl std::fmt::Debug for Mail {
@@ -169,8 +170,12 @@ impl Mailbox {
     /// An empty mailbox that queues at most `limit` calls, holding the activation's `life` until its first
     /// mail.
     pub(crate) fn new(limit: usize, life: Life) -> Self {
-        let queue =
-            MailQueue { items: std::collections::VecDeque::new(), closed: false, parked: Some(life), drainer: None };
+        let queue = MailQueue {
+            items: std::collections::VecDeque::new(),
+            closed: false,
+            parked: Some(Box::new(life)),
+            drainer: None,
+        };
         Self { queue: std::sync::Mutex::new(queue), queued: AtomicUsize::new(0), limit }
     }
 
@@ -184,7 +189,7 @@ impl Mailbox {
 
     /// Parks `life` if no mail is queued: its drainer ends, and the next mail starts another. The queue's buffer
     /// goes back too, so an idle activation holds none (warm calls mostly run inline and never touch it).
-    fn park(&self, life: Life) -> Parked {
+    fn park(&self, life: Box<Life>) -> Parked {
         let mut queue = self.lock();
         if !queue.items.is_empty() {
             return Parked::MailWaiting(life);
@@ -548,7 +553,7 @@ enum Drained {
 
 /// Drains the mailbox of an activation that mail found idle, on a task of its own, until it is empty (the
 /// activation's life is parked again and the task ends) or the activation leaves.
-pub(crate) async fn drain(shared: Arc<ActivationShared>, mut life: Life) {
+pub(crate) async fn drain(shared: Arc<ActivationShared>, mut life: Box<Life>) {
     // The large futures are boxed so that a drain's task stays small.
     if life.serving.is_none() {
         match Box::pin(begin(&shared, &life)).await {

@@ -6,6 +6,12 @@
 
 use std::process::ExitCode;
 
+/// With the `mimalloc` feature, the silo runs on mimalloc: under glibc's malloc the transient tasks of cold
+/// calls leave free holes between long-lived activations (see BENCHMARKS.md, Activations).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     grains_examples::link();
     grains_silo::cli::run_customized(grains_examples::silo_setup)

@@ -10,8 +10,8 @@ use tokio::sync::mpsc;
 use crate::local::Echo;
 
 /// Bytes the allocator has handed out and not had back (glibc's `mallinfo2().uordblks`): what live objects
-/// hold, without the free holes between them that RSS also counts. `None` off glibc.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// hold, without the free holes between them that RSS also counts. `None` off glibc's malloc.
+#[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]
 #[allow(unsafe_code)]
 fn heap_in_use() -> Option<usize> {
     /// glibc's `struct mallinfo2`: ten `size_t` fields.
@@ -27,7 +27,7 @@ fn heap_in_use() -> Option<usize> {
     Some(unsafe { mallinfo2() }.fields[7])
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[cfg(not(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc"))))]
 fn heap_in_use() -> Option<usize> {
     None
 }

@@ -24,6 +24,12 @@ mod storage;
 
 use harness::Section;
 
+/// With the `mimalloc` feature, the bench runs on the allocator a silo binary would pick for a large heap of
+/// small objects; by default, on the system's.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(about = "Grains benchmarks with in-run baselines")]
 struct Args {
