@@ -187,6 +187,16 @@ impl Mailbox {
         mail
     }
 
+    /// Takes everything queued, handing each call to `each` (the rest of the mail is for an activation that has
+    /// ended, or never served).
+    fn take_queued_calls(&self, mut each: impl FnMut(Invocation)) {
+        while let Some(mail) = self.try_recv() {
+            if let Mail::Call(call) = mail {
+                each(call);
+            }
+        }
+    }
+
     /// Parks `life` if no mail is queued: its drainer ends, and the next mail starts another. The queue's buffer
     /// goes back too, so an idle activation holds none (warm calls mostly run inline and never touch it).
     fn park(&self, life: Box<Life>) -> Parked {
@@ -427,7 +437,6 @@ impl std::fmt::Debug for Life {
 }
 
 /// What a built activation's drains share: its timers and the context its grain was built with.
-#[derive(Clone)]
 struct Serving {
     timers: Arc<ActivationTimers>,
     ctx: GrainContext,
@@ -476,11 +485,7 @@ async fn confirm_registration(shared: &ActivationShared, life: &Life) -> bool {
             host.activations().remove(&life.id, life.activation_id);
             shared.mailbox.close();
             host.cluster().remember(life.id.clone(), winner, host.cache_capacity());
-            while let Some(mail) = shared.mailbox.try_recv() {
-                if let Mail::Call(call) = mail {
-                    host.redeliver(life.id.clone(), call);
-                }
-            }
+            shared.mailbox.take_queued_calls(|call| host.redeliver(life.id.clone(), call));
             return false;
         }
         Err(error) => error,
@@ -488,11 +493,9 @@ async fn confirm_registration(shared: &ActivationShared, life: &Life) -> bool {
     tracing::warn!(grain = %life.id, %error, "activation not registered");
     host.activations().remove(&life.id, life.activation_id);
     shared.mailbox.close();
-    while let Some(mail) = shared.mailbox.try_recv() {
-        if let Mail::Call(call) = mail {
-            let _ = call.reply.send(Err(error.clone()));
-        }
-    }
+    shared.mailbox.take_queued_calls(|call| {
+        let _ = call.reply.send(Err(error.clone()));
+    });
     false
 }
 
@@ -517,11 +520,9 @@ async fn begin(shared: &Arc<ActivationShared>, life: &Life) -> Option<Serving> {
             host.cluster().unregister(id.clone(), life.registration.clone()).await;
             host.activations().remove(id, life.activation_id);
             shared.mailbox.close();
-            while let Some(mail) = shared.mailbox.try_recv() {
-                if let Mail::Call(call) = mail {
-                    let _ = call.reply.send(Err(error.clone()));
-                }
-            }
+            shared.mailbox.take_queued_calls(|call| {
+                let _ = call.reply.send(Err(error.clone()));
+            });
             return None;
         }
     };
@@ -561,16 +562,16 @@ pub(crate) async fn drain(shared: Arc<ActivationShared>, mut life: Box<Life>) {
             None => return,
         }
     }
-    let Some(serving) = life.serving.clone() else { unreachable!("set above") };
     loop {
+        let Some(serving) = life.serving.as_ref() else { unreachable!("set above") };
         // Boxed, as the rare paths are: a burst's turns need their room only while the burst lasts.
-        match Box::pin(serve(&shared, &life, &serving)).await {
+        match Box::pin(serve(&shared, &life, serving)).await {
             Drained::Empty => match shared.mailbox.park(life) {
                 Parked::Done => return,
                 Parked::MailWaiting(back) => life = back,
             },
             Drained::Leave { panicked, unrun } => {
-                return Box::pin(leave(&shared, &life, &serving, panicked, unrun)).await;
+                return Box::pin(leave(&shared, &life, serving, panicked, unrun)).await;
             }
         }
     }
@@ -685,11 +686,7 @@ async fn leave(
     if let Some(call) = unrun {
         host.redeliver(id.clone(), *call);
     }
-    while let Some(mail) = shared.mailbox.try_recv() {
-        if let Mail::Call(call) = mail {
-            host.redeliver(id.clone(), call);
-        }
-    }
+    shared.mailbox.take_queued_calls(|call| host.redeliver(id.clone(), call));
 }
 
 /// How a timer's turn ended.
