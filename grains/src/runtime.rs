@@ -182,15 +182,19 @@ impl RequestMetadata {
     /// The metadata calls made now carry: that of the innermost [`scope`](Self::scope), else that of the call
     /// the running grain turn serves, else none.
     pub fn current() -> Self {
-        SCOPED_METADATA
-            .try_with(Clone::clone)
-            .or_else(|_| CURRENT_TURN.try_with(|turn| turn.metadata.clone()))
+        CONTEXT
+            .try_with(|context| match (&context.metadata, &context.turn) {
+                (Some(metadata), _) => metadata.clone(),
+                (None, Some(turn)) => turn.metadata.clone(),
+                (None, None) => Self::new(),
+            })
             .unwrap_or_default()
     }
 
     /// Runs `fut` with this metadata on every call it makes (inside a grain turn too, in place of the turn's).
     pub fn scope<F: Future>(self, fut: F) -> impl Future<Output = F::Output> {
-        SCOPED_METADATA.scope(self, fut)
+        let turn = CONTEXT.try_with(|context| context.turn.clone()).ok().flatten();
+        CONTEXT.scope(Context { turn, metadata: Some(self) }, fut)
     }
 }
 
@@ -274,15 +278,24 @@ impl fmt::Debug for Invoked {
 
 /// The turn the current task is running: who is waiting on it, which grain runs it, and the metadata of the
 /// call it serves.
+#[derive(Clone)]
 struct Turn {
     parent: CallChain,
     grain: GrainId,
     metadata: RequestMetadata,
 }
 
+/// What calls made now carry, as the innermost scope of the current task set it: the turn they are made from
+/// (`None` outside any, or inside [`run_outside_turn`]), and metadata a [`RequestMetadata::scope`] put in place
+/// of the turn's. One task-local for both, so that each scope replaces the whole context: a turn run inside a
+/// caller's metadata scope (on its caller's task) carries its own call's metadata, not the caller's scope.
+struct Context {
+    turn: Option<Turn>,
+    metadata: Option<RequestMetadata>,
+}
+
 tokio::task_local! {
-    static CURRENT_TURN: Turn;
-    static SCOPED_METADATA: RequestMetadata;
+    static CONTEXT: Context;
 }
 
 /// Runs `fut` as a turn of `grain` called through `chain` with `metadata`, so calls it makes carry
@@ -295,18 +308,29 @@ pub fn run_in_turn<F: Future>(
     metadata: RequestMetadata,
     fut: F,
 ) -> impl Future<Output = F::Output> {
-    CURRENT_TURN.scope(Turn { parent: chain, grain, metadata }, fut)
+    CONTEXT.scope(Context { turn: Some(Turn { parent: chain, grain, metadata }), metadata: None }, fut)
+}
+
+/// Runs `fut` outside any grain's turn, even when the task polling it runs one: calls it makes carry no chain
+/// and no metadata. For the silo's own work done on a caller's task (routing the call, building the activation
+/// the call starts and serving its mailbox), which belongs to no turn of the caller.
+pub fn run_outside_turn<F: Future>(fut: F) -> impl Future<Output = F::Output> {
+    CONTEXT.scope(Context { turn: None, metadata: None }, fut)
 }
 
 /// The call chain for a call made now: the running turn's chain plus its grain, or empty outside any turn.
 pub fn current_chain() -> CallChain {
-    CURRENT_TURN
-        .try_with(|turn| {
-            let mut chain = Vec::with_capacity(turn.parent.len() + 1);
-            chain.extend(turn.parent.iter().cloned());
-            chain.push(turn.grain.clone());
-            CallChain::from(chain)
+    CONTEXT
+        .try_with(|context| {
+            context.turn.as_ref().map(|turn| {
+                let mut chain = Vec::with_capacity(turn.parent.len() + 1);
+                chain.extend(turn.parent.iter().cloned());
+                chain.push(turn.grain.clone());
+                CallChain::from(chain)
+            })
         })
+        .ok()
+        .flatten()
         .unwrap_or_default()
 }
 
@@ -331,5 +355,32 @@ mod tests {
         turn.await;
         assert_eq!(RequestMetadata::new().with("k", "v").iter().collect::<Vec<_>>(), [("k", "v")]);
         assert!(RequestMetadata::from_map(BTreeMap::new()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn work_outside_a_turn_carries_neither_its_chain_nor_its_metadata() {
+        let served = RequestMetadata::new().with("trace", "from-caller");
+        let turn = run_in_turn(CallChain::default(), GrainId::new("A", "a"), served.clone(), async {
+            assert_eq!(current_chain().len(), 1);
+            let (chain, metadata) = run_outside_turn(async { (current_chain(), RequestMetadata::current()) }).await;
+            assert!(chain.is_empty(), "silo work on a turn's task is no call of that turn");
+            assert!(metadata.is_empty());
+            assert_eq!(current_chain().len(), 1, "the turn's own scope is back after it");
+        });
+        turn.await;
+    }
+
+    #[tokio::test]
+    async fn a_turn_run_inside_a_callers_metadata_scope_carries_its_own_calls_metadata() {
+        // An inline turn runs on its caller's task, inside whatever scope the caller set: the turn's calls still
+        // carry the metadata of the call it serves (which the silo extends, with its trace context say).
+        let served = RequestMetadata::new().with("traceparent", "the turn's");
+        let callers = RequestMetadata::new().with("traceparent", "the caller's");
+        let seen = callers
+            .scope(run_in_turn(CallChain::default(), GrainId::new("A", "a"), served.clone(), async {
+                (RequestMetadata::current(), current_chain().len())
+            }))
+            .await;
+        assert_eq!(seen, (served, 1));
     }
 }

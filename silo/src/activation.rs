@@ -125,9 +125,14 @@ struct MailQueue {
 pub(crate) enum Drainer {
     /// A task of its own, spawned by the sender.
     Spawned,
-    /// The sender: a task with nothing else to do (a route task, whose caller waits on a reply channel, not on
-    /// the task), handed a [`Drain`] to run. It saves a task per cold activation. A shutdown past its grace
-    /// period cannot abort such a drain; it stops at its next turn (the activation is evicted).
+    /// The sender, handed a [`Drain`] to run: a caller, which runs it while it waits for its reply and leaves
+    /// the rest to a task of its own once the reply comes (`routing::Beside`). It saves a task and two wake-ups
+    /// per cold activation. A shutdown past its grace period cannot abort such a drain; it stops at its next
+    /// turn (the activation is evicted).
+    ///
+    /// Not while a turn runs inline (on its caller's task, holding the turn lock): the drain could only wait
+    /// for that turn, and a caller that stopped polling its call without dropping it would hold the activation's
+    /// life meanwhile, stalling every call behind it. That drain is spawned.
     Sender,
 }
 
@@ -328,20 +333,20 @@ impl ActivationShared {
         if queue.parked.is_none() {
             return Ok(None); // a drainer runs, and will find the mail
         }
-        match drainer {
-            Drainer::Sender => Ok(queue.parked.take().map(|life| Drain { shared: self.clone(), life })),
-            Drainer::Spawned => {
-                if let Ok(runtime) = tokio::runtime::Handle::try_current()
-                    && let Some(life) = queue.parked.take()
-                {
-                    // Started under the lock, so the abort handle stored is this drainer's: it cannot park (that
-                    // takes the lock) before its handle is in place.
-                    let task = runtime.spawn(drain(self.clone(), life));
-                    queue.drainer = Some(task.abort_handle());
-                }
-                Ok(None)
-            }
+        // A turn running inline holds the turn lock: a drain would only wait for it, and a sender does not wait
+        // holding the activation's life (see `Drainer::Sender`).
+        if matches!(drainer, Drainer::Sender) && self.turn.try_lock().is_ok() {
+            return Ok(queue.parked.take().map(|life| Drain { shared: self.clone(), life }));
         }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && let Some(life) = queue.parked.take()
+        {
+            // Started under the lock, so the abort handle stored is this drainer's: it cannot park (that takes
+            // the lock) before its handle is in place.
+            let task = runtime.spawn(drain(self.clone(), life));
+            queue.drainer = Some(task.abort_handle());
+        }
+        Ok(None)
     }
 
     /// Stops the running drainer, if any, where it stands (a shutdown past its grace period).

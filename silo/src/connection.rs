@@ -315,7 +315,7 @@ impl Connection {
             return Err(self.lost("connection closed"));
         }
         if let Outbound::Framed(writer) = &self.outbound {
-            // Awaited apart from the reply (not in one future with it): the call's future, which every route task
+            // Awaited apart from the reply (not in one future with it): the call's future, which every route
             // holds, stays the size of the larger of the two. A flush cut short by the deadline is finished by a
             // task of its own.
             if tokio::time::timeout_at(deadline, writer.flush()).await.is_err() {

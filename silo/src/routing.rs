@@ -13,7 +13,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use grains::__private::runtime::{Call, Invoked, Payload};
+use grains::__private::runtime::{BoxFuture, Call, Invoked, Payload, run_outside_turn};
 use grains::{CallError, GrainId};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -29,14 +29,22 @@ use crate::wire::{Envelope, Mode, WireGrainId};
 /// How many "not here" answers a call follows before it gives up (bounded forwarding).
 const MAX_NOT_HERE: usize = 8;
 
-/// Waits for the reply of a call queued at an activation, at most until `deadline`.
+/// Waits for the reply of a call queued at an activation, at most until `deadline`, running `beside` (the
+/// call's routing, or the drain its delivery started) meanwhile.
 pub(crate) fn wait_reply(
     waiter: oneshot::Receiver<Result<Payload, CallError>>,
     deadline: Instant,
+    beside: Beside,
 ) -> impl std::future::Future<Output = Result<Payload, CallError>> {
     let timeout = deadline.saturating_duration_since(Instant::now());
     async move {
-        match tokio::time::timeout_at(deadline, waiter).await {
+        let (mut beside, mut waiter) = (beside, waiter);
+        let reply = std::future::poll_fn(|cx| {
+            beside.poll(cx);
+            Pin::new(&mut waiter).poll(cx)
+        });
+        // Whatever of `beside` is left when this returns goes on on a task of its own (see `Beside`'s `Drop`).
+        match tokio::time::timeout_at(deadline, reply).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(CallError::Unavailable("the activation ended without replying".to_owned())),
             Err(_) => Err(CallError::Timeout(timeout)),
@@ -44,8 +52,56 @@ pub(crate) fn wait_reply(
     }
 }
 
-/// Runs the drain a route task's delivery started, if any: the route task has nothing else to do (its caller
-/// waits on the reply channel), so a cold activation needs no task of its own. Boxed: a route task stays small.
+/// Work a caller does for its own call while it waits for the reply, on its own task: routing the call (a
+/// directory lookup, perhaps a call to another silo), and building and serving the activation its delivery
+/// found idle. A cold call then costs no task and no wake-up besides its caller's.
+///
+/// - It runs outside any grain's turn, even when its caller is one: calls made by an `on_activate` it runs
+///   carry no chain or metadata of the caller's, as on a task of its own.
+/// - It is never cut short, and a caller never waits for other callers' turns: what is left of it when the
+///   reply comes (a drain serving calls queued behind this one), or when its caller stops waiting (a timeout,
+///   a `select!`), goes on on a task of its own.
+pub(crate) struct Beside(Option<BoxFuture<'static, ()>>);
+
+impl Beside {
+    /// Nothing to do besides waiting.
+    pub(crate) fn nothing() -> Self {
+        Self(None)
+    }
+
+    /// `work`, run beside the wait.
+    pub(crate) fn work(work: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self(Some(Box::pin(run_outside_turn(work))))
+    }
+
+    /// The drain a delivery started, if any.
+    pub(crate) fn drain(drain: Option<Drain>) -> Self {
+        drain.map_or_else(Self::nothing, |drain| Self::work(drain.run()))
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        if let Some(work) = self.0.as_mut()
+            && work.as_mut().poll(cx).is_ready()
+        {
+            self.0 = None;
+        }
+    }
+}
+
+impl Drop for Beside {
+    fn drop(&mut self) {
+        // Outside a runtime (the runtime itself shutting down) the work cannot go on; it goes with the runtime.
+        if let Some(work) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(work);
+        }
+    }
+}
+
+/// Runs the drain a route's delivery started, if any: a route has nothing else to do (its caller waits on the
+/// reply channel, running the route beside it), so a cold activation needs no task of its own. Boxed: a route
+/// future stays small.
 async fn run_drain(drain: Option<Drain>) {
     if let Some(drain) = drain {
         Box::pin(drain.run()).await;
@@ -223,7 +279,7 @@ impl SiloInner {
             let cached = self.cluster.cache.get(&id).map(|r| r.clone());
             let (registration, mode) = match cached {
                 Some(registration) => (registration, Mode::Cached),
-                // Cold and large (a directory round trip): boxed, so a route task stays small.
+                // Cold and large (a directory round trip): boxed, so a route's future stays small.
                 None => match Box::pin(self.cluster.locate(&id, self.placement(&id), deadline)).await {
                     Ok(registration) => {
                         // Local activations are found through the table; only remote locations are cached.
@@ -319,10 +375,10 @@ mod tests {
     }
 
     #[test]
-    fn a_route_task_stays_small() {
-        // Every first call to a grain not active here is a route task: its future, sized for its largest await,
-        // is allocated and freed once per activation.
+    fn a_route_stays_small() {
+        // Every first call to a grain not active here routes: its caller boxes the route's future, sized for its
+        // largest await, beside its wait, so it is allocated and freed once per activation.
         let size = size_of_return(SiloInner::route);
-        assert!(size <= 1536, "the route task's future takes {size} bytes");
+        assert!(size <= 1536, "a route's future takes {size} bytes");
     }
 }

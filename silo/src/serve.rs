@@ -19,7 +19,7 @@ use crate::activation::{Drainer, Invocation};
 use crate::cluster::LocalActivations;
 use crate::cluster::system::{Refusal, SystemRequest, SystemResponse};
 use crate::filter::{CallInfo, CallerIdentity};
-use crate::routing::wait_reply;
+use crate::routing::{Beside, wait_reply};
 use crate::silo::SiloInner;
 use crate::wire::{Envelope, Mode};
 
@@ -102,24 +102,24 @@ impl SiloInner {
         let (reply, waiter) = oneshot::channel();
         let (id, invocation) = Invocation::of(call, reply);
         let deadline = invocation.deadline;
-        match mode {
-            Mode::Route => {
-                if let Err(invocation) = self.try_local(&id, invocation, Drainer::Spawned) {
-                    tokio::spawn(self.clone().route(id.clone(), invocation));
-                }
-            }
-            Mode::Cached => {
-                if self.try_local(&id, invocation, Drainer::Spawned).is_err() {
-                    return Err(CallError::NotHere(format!("{id} is not active on {}", self.me())));
-                }
-            }
-            Mode::Placed => {
-                if self.deliver_here(&id, invocation, Drainer::Spawned).is_err() {
+        // This request's task routes the call itself, and runs the drain its delivery starts, while it waits.
+        let beside = match mode {
+            Mode::Route => match self.try_local(&id, invocation, Drainer::Sender) {
+                Ok(drain) => Beside::drain(drain),
+                Err(invocation) => Beside::work(self.clone().route(id.clone(), invocation)),
+            },
+            Mode::Cached => match self.try_local(&id, invocation, Drainer::Sender) {
+                Ok(drain) => Beside::drain(drain),
+                Err(_) => return Err(CallError::NotHere(format!("{id} is not active on {}", self.me()))),
+            },
+            Mode::Placed => match self.deliver_here(&id, invocation, Drainer::Sender) {
+                Ok(drain) => Beside::drain(drain),
+                Err(_) => {
                     return Err(CallError::Unavailable(format!("{id}: activation kept closing under the call")));
                 }
-            }
-        }
-        let payload = wait_reply(waiter, deadline).await?.into_bytes()?;
+            },
+        };
+        let payload = wait_reply(waiter, deadline, beside).await?.into_bytes()?;
         // A client's call that was not served by an activation here (now confirmed) — routed to another silo,
         // or handed on by an activation here that was leaving — gets a reply naming the grain's silo, so the
         // client's next calls go there.

@@ -38,7 +38,7 @@ use crate::gateway::GatewayHandle;
 use crate::maps::FastHash;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::reminders::{ReminderService, ReminderStats};
-use crate::routing::wait_reply;
+use crate::routing::{Beside, wait_reply};
 
 /// The grain types a silo hosts, with each one's idle timeout.
 pub(crate) type HostedTypes = HashMap<&'static str, (&'static GrainRegistration, Duration), FastHash>;
@@ -271,14 +271,16 @@ impl GrainRuntime for SiloInner {
         let (reply, waiter) = oneshot::channel();
         let (id, invocation) = Invocation::of(call, reply);
         let deadline = invocation.deadline;
-        if let Err(invocation) = self.try_local(&id, invocation, Drainer::Spawned) {
-            tokio::spawn(self.arc().route(id, invocation));
-        }
+        // The caller routes its call itself, and runs the drain its delivery starts, while it waits.
+        let beside = match self.try_local(&id, invocation, Drainer::Sender) {
+            Ok(drain) => Beside::drain(drain),
+            Err(invocation) => Beside::work(self.arc().route(id, invocation)),
+        };
         if !encoded {
-            return Invoked::pending(wait_reply(waiter, deadline));
+            return Invoked::pending(wait_reply(waiter, deadline, beside));
         }
         // Its arguments were decoded on arrival; an encoded call is still answered with an encoded reply.
-        Invoked::pending(async move { Ok(Payload::Encoded(wait_reply(waiter, deadline).await?.into_bytes()?)) })
+        Invoked::pending(async move { Ok(Payload::Encoded(wait_reply(waiter, deadline, beside).await?.into_bytes()?)) })
     }
 
     fn default_timeout(&self) -> Duration {

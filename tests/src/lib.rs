@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
+use grains::RequestMetadata;
 use grains::prelude::*;
 use grains_silo::{Silo, SiloConfig};
 use grains_storage::GrainStateStore;
@@ -207,6 +208,47 @@ impl Peer {
 
     async fn on_deactivate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
         LIFECYCLE.deactivated(ctx.id().key().to_string());
+        Ok(())
+    }
+}
+
+/// A grain whose `on_activate` takes as long as its key's number says (`"300-x"`: 300 ms) and remembers the
+/// request metadata it saw, and which can call others of its kind: what a cold call's caller runs for it.
+#[grain]
+pub struct SlowStart {
+    ctx: GrainContext,
+    metadata_on_activate: Vec<(String, String)>,
+}
+
+#[grain]
+impl SlowStart {
+    /// Answers at once.
+    pub async fn ping(&self) -> String {
+        self.ctx.id().key().to_string()
+    }
+
+    /// Sleeps for `ms` milliseconds inside a turn.
+    pub async fn sleep(&self, ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+
+    /// The request metadata `on_activate` saw.
+    pub async fn metadata_on_activate(&self) -> Vec<(String, String)> {
+        self.metadata_on_activate.clone()
+    }
+
+    /// Calls `SlowStart(other).metadata_on_activate()` from this turn.
+    pub async fn ask_metadata_on_activate(&self, other: String) -> Result<Vec<(String, String)>, CallError> {
+        self.ctx.grain::<SlowStart>(other).metadata_on_activate().await
+    }
+
+    async fn on_activate(&mut self, ctx: &GrainContext) -> Result<(), GrainError> {
+        let key = ctx.id().key().to_string();
+        LIFECYCLE.activated(key.clone());
+        self.metadata_on_activate =
+            RequestMetadata::current().iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+        let ms = key.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
         Ok(())
     }
 }

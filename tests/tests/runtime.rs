@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use grains::{CallError, GrainId, GrainKey, StorageError, Uuid};
+use grains::{CallError, GrainId, GrainKey, RequestMetadata, StorageError, Uuid};
 use grains_silo::GrainTypeConfig;
 use grains_storage::{GrainStateStore, MemoryStateStore};
-use grains_tests::{Counter, LIFECYCLE, Peer, start_silo, start_silo_with_store, test_config};
+use grains_tests::{Counter, LIFECYCLE, Peer, SlowStart, start_silo, start_silo_with_store, test_config};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_concurrent_first_calls_build_exactly_one_activation() {
@@ -216,6 +216,69 @@ async fn a_turn_run_inline_is_finished_after_its_caller_drops_the_call() {
     assert_eq!(counter.get().await.unwrap(), 2, "the abandoned turn ran to its end, before the next one");
     assert_eq!(counter.increment().await.unwrap().unwrap(), 3);
     assert_eq!(silo.activation_count(), 1, "the grain kept its activation");
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_cold_call_dropped_mid_activation_still_activates_the_grain() {
+    // A cold call's caller routes it and builds the activation on its own task. Dropped while `on_activate`
+    // runs (an outer timeout here), that work goes on on a task of its own: the activation is built once, and
+    // serves the next call.
+    let silo = start_silo(test_config()).await;
+    let key = "400-dropped-mid-activation";
+    let grain = silo.grain::<SlowStart>(key);
+    let abandoned = tokio::time::timeout(Duration::from_millis(100), grain.ping()).await;
+    assert!(abandoned.is_err(), "the outer timeout fired first: {abandoned:?}");
+    let next = tokio::time::timeout(Duration::from_secs(10), grain.ping()).await;
+    assert_eq!(next.expect("the next call was answered").unwrap(), key);
+    assert_eq!(LIFECYCLE.activations(key), 1, "the abandoned activation was finished, not built again");
+    assert_eq!(silo.activation_count(), 1);
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_callers_answer_does_not_wait_for_the_calls_queued_behind_it() {
+    // The first caller builds the activation and serves the mailbox on its own task; calls that queue behind
+    // its own meanwhile are not its to wait for: it returns with its answer, and they are served elsewhere.
+    let silo = start_silo(test_config()).await;
+    let grain = silo.grain::<SlowStart>("300-first-caller");
+    let first = tokio::spawn({
+        let grain = grain.clone();
+        async move {
+            let started = std::time::Instant::now();
+            grain.ping().await.unwrap();
+            started.elapsed()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await; // `on_activate` is still running
+    let behind: Vec<_> = (0..3)
+        .map(|_| {
+            let grain = grain.clone();
+            tokio::spawn(async move { grain.sleep(2_000).await })
+        })
+        .collect();
+    let first = first.await.unwrap();
+    assert!(first < Duration::from_millis(1_900), "the first caller waited {first:?} for the calls behind it");
+    for call in behind {
+        call.await.unwrap().unwrap();
+    }
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn an_activation_built_on_a_calling_grains_task_sees_none_of_its_metadata() {
+    // The caller of a cold grain builds it on its own task, here a grain's turn: `on_activate` still runs as
+    // on a task of its own, outside the caller's turn (its calls carry neither that turn's chain nor metadata).
+    let silo = start_silo(test_config()).await;
+    let caller = silo.grain::<SlowStart>("0-metadata-caller");
+    caller.ping().await.unwrap();
+    let seen = RequestMetadata::new()
+        .with("tenant", "caller's")
+        .scope(caller.ask_metadata_on_activate("0-metadata-callee".into()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen, Vec::<(String, String)>::new());
     silo.shutdown(Duration::from_secs(5)).await;
 }
 

@@ -2,6 +2,8 @@
 //! and how fast the idle collector passivates them — beside one tokio task + channel per entity (the floor of
 //! any actor-per-entity design) measured in the same run.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use grains_silo::{GrainTypeConfig, Silo, SiloConfig};
@@ -40,19 +42,28 @@ fn rss_bytes() -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
-async fn activate_all(silo: &Silo, count: usize, concurrency: usize) -> anyhow::Result<()> {
-    let mut next = 0usize;
-    while next < count {
-        let batch: Vec<_> = (next..(next + concurrency * 16).min(count))
-            .map(|i| {
-                let echo = silo.grain::<Echo>(i as i64);
-                tokio::spawn(async move { echo.bump(0).await })
+/// Activates grains `0..count` from `concurrency` caller tasks, each calling the next grain not yet taken as
+/// soon as its previous call is answered (a closed loop, like the other sections' callers): `concurrency` first
+/// calls in flight at every moment, and no task spawned per call (the caller's task is the harness's, not the
+/// grain's; until 2026-11-27 the bench spawned one per call, see BENCHMARKS.md).
+async fn activate_all(silo: &Arc<Silo>, count: usize, concurrency: usize) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let callers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (silo, next) = (silo.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        return anyhow::Ok(());
+                    }
+                    silo.grain::<Echo>(i as i64).bump(0).await?;
+                }
             })
-            .collect();
-        next += batch.len();
-        for call in batch {
-            call.await??;
-        }
+        })
+        .collect();
+    for caller in callers {
+        caller.await??;
     }
     Ok(())
 }
@@ -100,7 +111,7 @@ pub(crate) async fn run(count: usize) -> anyhow::Result<()> {
     let mut config =
         SiloConfig { gateway: false, collection_interval: Duration::from_secs(3600), ..SiloConfig::default() };
     config.grain.insert("Echo".into(), GrainTypeConfig { idle_timeout: Some(idle) });
-    let silo = Silo::builder().config(config).start().await?;
+    let silo = Arc::new(Silo::builder().config(config).start().await?);
 
     // Each side on a heap of its own: the baseline runs in a child process. Measured in this process after the
     // baseline, grains' RSS delta hid in the memory the baseline had freed and the allocator kept (before
@@ -155,6 +166,8 @@ pub(crate) async fn run(count: usize) -> anyhow::Result<()> {
         activation_time.as_secs_f64(),
         passivation_time.as_secs_f64()
     );
-    silo.shutdown(Duration::from_secs(30)).await;
+    if let Ok(silo) = Arc::try_unwrap(silo) {
+        silo.shutdown(Duration::from_secs(30)).await;
+    }
     Ok(())
 }
