@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
+use serde_json::value::RawValue;
+use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 use tokio::time::Instant;
@@ -94,7 +96,8 @@ const WRITERS: usize = 2;
 #[derive(Debug)]
 struct PendingWrite {
     key: StateKey,
-    document: serde_json::Value,
+    /// The document, serialized by its writer (not by the writer task that commits the batch) and sent as is.
+    document: Box<RawValue>,
     expected: Option<i64>,
     reply: oneshot::Sender<Result<ETag, StorageError>>,
 }
@@ -295,10 +298,10 @@ async fn apply_batch(conn: &mut PgConnection, batch: &[PendingWrite]) -> Result<
         Vec::with_capacity(n),
     );
     for write in batch {
-        types.push(write.key.grain_type.clone());
-        keys.push(write.key.grain_key.clone());
-        names.push(write.key.state_name.clone());
-        documents.push(write.document.clone());
+        types.push(write.key.grain_type.as_str());
+        keys.push(write.key.grain_key.as_str());
+        names.push(write.key.state_name.as_str());
+        documents.push(Json(&*write.document));
         expected.push(write.expected);
     }
     let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
@@ -338,7 +341,7 @@ async fn apply_batch(conn: &mut PgConnection, batch: &[PendingWrite]) -> Result<
 async fn write_one(
     conn: &mut PgConnection,
     key: &StateKey,
-    document: &serde_json::Value,
+    document: &RawValue,
     expected: Option<i64>,
 ) -> Result<Option<i64>, StorageError> {
     let insert = "INSERT INTO grains_state (grain_type, grain_key, state_name, document, etag)
@@ -352,7 +355,7 @@ async fn write_one(
         .bind(&key.grain_type)
         .bind(&key.grain_key)
         .bind(&key.state_name)
-        .bind(document);
+        .bind(Json(document));
     let query = match expected {
         Some(etag) => query.bind(etag),
         None => query,
@@ -412,7 +415,9 @@ impl GrainStateStore for PostgresStateStore {
     ) -> Result<ETag, StorageError> {
         let expected_etag = parse_etag(key, expected)?;
         let (reply, answer) = oneshot::channel();
-        let write = PendingWrite { key: key.clone(), document: document.clone(), expected: expected_etag, reply };
+        let document =
+            serde_json::value::to_raw_value(document).map_err(|e| StorageError::Codec(format!("{key}: {e}")))?;
+        let write = PendingWrite { key: key.clone(), document, expected: expected_etag, reply };
         if self.batcher().send(write).is_err() {
             return Err(StorageError::Unavailable("the state writer stopped".to_owned()));
         }
@@ -463,7 +468,12 @@ mod tests {
 
     fn write(key: &str) -> PendingWrite {
         let (reply, _) = oneshot::channel();
-        PendingWrite { key: StateKey::new("T", key, "state"), document: serde_json::Value::Null, expected: None, reply }
+        PendingWrite {
+            key: StateKey::new("T", key, "state"),
+            document: RawValue::NULL.to_owned(),
+            expected: None,
+            reply,
+        }
     }
 
     /// A queue with one batch (of one write) being committed until its guard is dropped.
