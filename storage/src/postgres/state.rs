@@ -28,9 +28,9 @@ use crate::{ETag, GrainStateStore, SiloAddress, StateKey, StorageError, StoredSt
 /// batch, each row still checked against its own etag — and committed once. Each writer is answered only after that commit, so an acknowledged write is
 /// durable exactly as with one commit per write, while the commit (the fsync) is paid once per batch instead
 /// of once per grain. A single writer sees the latency of one small transaction. Two batches may be committed
-/// at once, but a second is sent beside a first only with [`MIN_BESIDE`] writes or more; fewer wait for the first
-/// to end (at most [`BESIDE_WAIT`]), so that under load batches stay large instead of alternating with a batch of
-/// one or two writes.
+/// at once, but a second is sent beside a first only with 32 writes or more; fewer wait for the first to end
+/// (at most 5 ms), so that under load batches stay large instead of alternating with a batch of one or two
+/// writes.
 ///
 /// **One bad write fails alone.** A statement is all or nothing, so a record Postgres refuses (a string with
 /// U+0000, which JSONB cannot hold; a key too long for the index) would fail every write batched with it. When a
