@@ -116,12 +116,8 @@ impl AppendQueue {
         if candidates.is_empty() {
             candidates.push_back(self.rx.recv().await?);
         }
-        while candidates.len() < MAX_BATCH {
-            match self.rx.try_recv() {
-                Ok(append) => candidates.push_back(append),
-                Err(_) => break,
-            }
-        }
+        let room = MAX_BATCH.saturating_sub(candidates.len());
+        candidates.extend(std::iter::from_fn(|| self.rx.try_recv().ok()).take(room));
         let mut streams = HashSet::new();
         let mut batch = Vec::with_capacity(candidates.len());
         let mut events = 0;

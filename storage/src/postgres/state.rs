@@ -172,17 +172,13 @@ impl BatchQueue {
     /// being committed until the returned guard is dropped.
     async fn next_batch(&mut self) -> Option<(Vec<PendingWrite>, Committing)> {
         let mut candidates: Vec<PendingWrite> = self.deferred.drain(..).collect();
-        let mut waited_since = None;
+        let mut wait_until = None;
         loop {
             if candidates.is_empty() {
                 candidates.push(self.rx.recv().await?);
             }
-            while candidates.len() < MAX_BATCH {
-                match self.rx.try_recv() {
-                    Ok(write) => candidates.push(write),
-                    Err(_) => break,
-                }
-            }
+            let room = MAX_BATCH.saturating_sub(candidates.len());
+            candidates.extend(std::iter::from_fn(|| self.rx.try_recv().ok()).take(room));
             if candidates.len() >= MIN_BESIDE {
                 break;
             }
@@ -192,7 +188,7 @@ impl BatchQueue {
             if self.in_flight.batches.load(Ordering::SeqCst) == 0 {
                 break;
             }
-            let deadline = *waited_since.get_or_insert_with(|| Instant::now() + BESIDE_WAIT);
+            let deadline = *wait_until.get_or_insert_with(|| Instant::now() + BESIDE_WAIT);
             tokio::select! {
                 write = self.rx.recv() => match write {
                     Some(write) => candidates.push(write),
