@@ -242,6 +242,8 @@ pub(crate) struct ActivationShared {
     last_active_ms: AtomicU64,
     /// How long this activation may idle.
     pub(crate) idle_timeout: Duration,
+    /// The activation's grain type.
+    pub(crate) grain_type: &'static GrainRegistration,
     /// Set once the directory has confirmed this activation as the grain's one activation; cleared once it
     /// has run its last turn (it is leaving: unregistering, then out of the table).
     confirmed: std::sync::atomic::AtomicBool,
@@ -292,11 +294,17 @@ impl std::fmt::Debug for Built {
 }
 
 impl ActivationShared {
-    pub(crate) fn new(mailbox: Mailbox, now_ms: u64, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        mailbox: Mailbox,
+        now_ms: u64,
+        idle_timeout: Duration,
+        grain_type: &'static GrainRegistration,
+    ) -> Self {
         Self {
             mailbox,
             last_active_ms: AtomicU64::new(now_ms),
             idle_timeout,
+            grain_type,
             confirmed: std::sync::atomic::AtomicBool::new(false),
             evicted: std::sync::atomic::AtomicBool::new(false),
             turn: Arc::new(tokio::sync::Mutex::new(None)),

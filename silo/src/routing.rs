@@ -196,7 +196,7 @@ impl SiloInner {
     /// (no future is boxed, no timer armed). A turn outliving the call's deadline, or whose caller stops
     /// waiting, is finished on a task of its own (a turn is never cut short) while the caller gets its timeout.
     pub(crate) fn run_inline(&self, claim: IdleClaim, call: Call, encoded: bool) -> Invoked {
-        // The call was made a moment ago (see `check`): its clock reading is the turn's start.
+        // The call was made a moment ago (see `admit`): its clock reading is the turn's start.
         let started = call.issued;
         let deadline = call.deadline;
         if started >= deadline {
@@ -247,7 +247,7 @@ impl SiloInner {
         let activation_id = self.table.next_activation_id();
         let life = Life::new(self.arc(), id.clone(), activation_id, grain_type, registration.clone());
         let mailbox = activation::Mailbox::new(self.config.max_mailbox_length, life);
-        let shared = Arc::new(ActivationShared::new(mailbox, self.now_ms(), idle_timeout));
+        let shared = Arc::new(ActivationShared::new(mailbox, self.now_ms(), idle_timeout, grain_type));
         ActivationHandle { activation_id, shared, registration }
     }
 

@@ -89,7 +89,8 @@ impl SiloInner {
                 call.target, call.method
             )));
         }
-        self.check(&mut call)?;
+        self.admit(&call)?;
+        crate::silo::decode_arguments(&mut call, registration)?;
         let mode = Mode::try_from(envelope.mode).unwrap_or(Mode::Route);
         // A call enters the cluster routed; one delivered here by a peer was filtered where it entered.
         if mode == Mode::Route && !self.filters.is_empty() {

@@ -151,12 +151,12 @@ impl SiloInner {
         self.grain_type(id.grain_type()).map_or(Placement::Random, |r| r.options.placement)
     }
 
-    /// Refuses calls the silo cannot take, before any routing, and decodes an encoded call's arguments: a call
-    /// to an unknown method or with undecodable arguments never costs an activation (or its storage read).
+    /// Refuses calls the silo cannot run now, before anything else: while it shuts down, while it cannot
+    /// confirm its membership, and calls that would close a cycle.
     ///
     /// The lease is judged at the call's `issued` time, read by whoever made the call just before handing it
     /// over: a freeze after that reading is no different from one after this check.
-    pub(crate) fn check(&self, call: &mut Call) -> Result<(), CallError> {
+    pub(crate) fn admit(&self, call: &Call) -> Result<(), CallError> {
         if self.is_shutting_down() {
             return Err(CallError::ShuttingDown);
         }
@@ -171,12 +171,13 @@ impl SiloInner {
             let chain = call.chain.iter().chain(std::iter::once(&call.target)).map(ToString::to_string).collect();
             return Err(CallError::Deadlock { chain });
         }
-        let Some(&(registration, _)) = self.types.get(call.target.grain_type()) else {
-            return Err(CallError::UnknownGrainType(call.target.grain_type().to_owned()));
-        };
-        let payload = std::mem::replace(&mut call.payload, Payload::Encoded(Bytes::new()));
-        call.payload = registration.decode_payload(&call.method, payload)?;
         Ok(())
+    }
+
+    /// The registration of the call's grain type, refusing a type this silo does not host.
+    pub(crate) fn registration_of(&self, call: &Call) -> Result<&'static GrainRegistration, CallError> {
+        self.grain_type(call.target.grain_type())
+            .ok_or_else(|| CallError::UnknownGrainType(call.target.grain_type().to_owned()))
     }
 
     /// The silo's counters now.
@@ -253,19 +254,35 @@ impl ActivationHost for SiloInner {
 impl GrainRuntime for SiloInner {
     fn invoke(&self, mut call: Call) -> Invoked {
         let encoded = matches!(call.payload, Payload::Encoded(_));
-        if let Err(error) = self.check(&mut call) {
+        let refuse = |error| {
             self.metrics.call_errors.fetch_add(1, Ordering::Relaxed);
-            return Invoked::ready(Err(error));
+            Invoked::ready(Err(error))
+        };
+        if let Err(error) = self.admit(&call) {
+            return refuse(error);
+        }
+        // An idle activation here: its grain type is hosted here (no lookup of it), and the turn runs on this
+        // task once the call is decoded and filtered (refused, it only lets the claim go).
+        let claim = self.table.claim_idle(&call.target);
+        let registration = match &claim {
+            Some(claim) => claim.shared.grain_type,
+            None => match self.registration_of(&call) {
+                Ok(registration) => registration,
+                Err(error) => return refuse(error),
+            },
+        };
+        // A call with undecodable arguments never costs an activation (or its storage read).
+        if let Err(error) = decode_arguments(&mut call, registration) {
+            return refuse(error);
         }
         if !self.filters.is_empty() {
             // A call from a grain's turn names its caller last in its chain.
             let caller = call.chain.last().map_or(CallerIdentity::Local, |grain| CallerIdentity::Grain(grain.clone()));
             if let Err(error) = self.filter(&caller, &call) {
-                self.metrics.call_errors.fetch_add(1, Ordering::Relaxed);
-                return Invoked::ready(Err(error));
+                return refuse(error);
             }
         }
-        if let Some(claim) = self.table.claim_idle(&call.target) {
+        if let Some(claim) = claim {
             return self.run_inline(claim, call, encoded);
         }
         let (reply, waiter) = oneshot::channel();
@@ -293,6 +310,16 @@ impl GrainRuntime for SiloInner {
     fn default_timeout(&self) -> Duration {
         self.config.call_timeout
     }
+}
+
+/// Decodes an encoded call's arguments for `registration`'s grain type (a local call's are typed already), so
+/// that a call to an unknown method, or with arguments that do not decode, is refused before it is delivered.
+pub(crate) fn decode_arguments(call: &mut Call, registration: &GrainRegistration) -> Result<(), CallError> {
+    if matches!(call.payload, Payload::Encoded(_)) {
+        let payload = std::mem::replace(&mut call.payload, Payload::Encoded(Bytes::new()));
+        call.payload = registration.decode_payload(&call.method, payload)?;
+    }
+    Ok(())
 }
 
 /// A running silo. Dropping it does not stop it; call [`Silo::shutdown`].
