@@ -21,8 +21,8 @@
 //! activations.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -238,12 +238,11 @@ impl Mailbox {
 pub(crate) struct ActivationShared {
     /// The activation's queue of calls.
     pub(crate) mailbox: Mailbox,
-    /// Milliseconds since the silo's clock origin at the end of the last turn.
-    last_active_ms: AtomicU64,
+    /// Milliseconds since the silo's clock origin at the end of the last turn; shared with the built grain,
+    /// so that a turn run inline stamps it holding the turn lock alone.
+    last_active_ms: Arc<AtomicU64>,
     /// How long this activation may idle.
     pub(crate) idle_timeout: Duration,
-    /// The activation's grain type.
-    pub(crate) grain_type: &'static GrainRegistration,
     /// Set once the directory has confirmed this activation as the grain's one activation; cleared once it
     /// has run its last turn (it is leaving: unregistering, then out of the table).
     confirmed: std::sync::atomic::AtomicBool,
@@ -257,11 +256,20 @@ pub(crate) struct ActivationShared {
 /// The turn lock of an activation, held by a caller running its call inline.
 pub(crate) type TurnGuard = tokio::sync::OwnedMutexGuard<Option<Built>>;
 
-/// An idle activation claimed by a caller to run its call inline: the turn lock, and what the turn's end may
-/// need (the idle stamp; the mailbox, to queue the activation's departure).
+/// An idle activation claimed by a caller to run its call inline: its turn lock, holding the built grain and
+/// what the turn's end may need (the idle stamp; the way to queue the activation's departure).
 pub(crate) struct IdleClaim {
-    pub(crate) shared: Arc<ActivationShared>,
     pub(crate) guard: TurnGuard,
+}
+
+impl IdleClaim {
+    /// The claimed activation's grain type.
+    pub(crate) fn grain_type(&self) -> &'static GrainRegistration {
+        match self.guard.as_ref() {
+            Some(built) => built.grain_type,
+            None => unreachable!("claimed with its grain built"),
+        }
+    }
 }
 
 /// A built grain and what its turns need, so that a caller running a turn inline needs nothing of the silo
@@ -271,6 +279,12 @@ pub(crate) struct Built {
     /// once a turn has panicked.
     grain: Option<Box<dyn ErasedGrain>>,
     ctx: GrainContext,
+    /// The activation's idle stamp (see [`ActivationShared::touch`]).
+    last_active_ms: Arc<AtomicU64>,
+    /// The activation, for a turn run inline that ends it (its departure is queued in its mailbox).
+    shared: Weak<ActivationShared>,
+    /// The activation's grain type.
+    pub(crate) grain_type: &'static GrainRegistration,
     /// The grain type's per-method counters.
     stats: Option<Arc<TypeStats>>,
     /// The silo's coarse clock, for idleness.
@@ -285,6 +299,16 @@ impl Built {
     pub(crate) fn now_ms(&self) -> u64 {
         self.clock.load(Ordering::Relaxed)
     }
+
+    /// Stamps the activation active now (see [`ActivationShared::touch`]).
+    pub(crate) fn touch(&self) {
+        self.last_active_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// The activation, while it still exists.
+    pub(crate) fn activation(&self) -> Option<Arc<ActivationShared>> {
+        self.shared.upgrade()
+    }
 }
 
 impl std::fmt::Debug for Built {
@@ -294,17 +318,11 @@ impl std::fmt::Debug for Built {
 }
 
 impl ActivationShared {
-    pub(crate) fn new(
-        mailbox: Mailbox,
-        now_ms: u64,
-        idle_timeout: Duration,
-        grain_type: &'static GrainRegistration,
-    ) -> Self {
+    pub(crate) fn new(mailbox: Mailbox, now_ms: u64, idle_timeout: Duration) -> Self {
         Self {
             mailbox,
-            last_active_ms: AtomicU64::new(now_ms),
+            last_active_ms: Arc::new(AtomicU64::new(now_ms)),
             idle_timeout,
-            grain_type,
             confirmed: std::sync::atomic::AtomicBool::new(false),
             evicted: std::sync::atomic::AtomicBool::new(false),
             turn: Arc::new(tokio::sync::Mutex::new(None)),
@@ -542,6 +560,9 @@ async fn begin(shared: &Arc<ActivationShared>, life: &Life) -> Option<Serving> {
     *shared.turn.lock().await = Some(Built {
         grain: Some(grain),
         ctx: ctx.clone(),
+        last_active_ms: shared.last_active_ms.clone(),
+        shared: Arc::downgrade(shared),
+        grain_type: life.grain_type,
         stats: host.metrics().grain_type(life.grain_type.type_name).cloned(),
         clock: host.coarse_clock().clone(),
         #[cfg(feature = "otlp")]
@@ -621,8 +642,8 @@ async fn serve(shared: &ActivationShared, life: &Life, serving: &Serving) -> Dra
                     return Drained::Leave { panicked: false, unrun: Some(Box::new(call)) };
                 };
                 let Invocation { method, payload, chain, metadata, reply, .. } = call;
-                let request = TurnCall { method, payload, chain, metadata, started };
-                let (end, result) = run_call(id, built, request).await;
+                let request = TurnCall { grain: id.clone(), method, payload, chain, metadata, started };
+                let (end, result) = run_call(built, request).await;
                 shared.touch(host.now_ms());
                 let _ = reply.send(result);
                 match end {
@@ -752,6 +773,8 @@ pub(crate) enum TurnEnd {
 
 /// One call as a turn runs it.
 pub(crate) struct TurnCall {
+    /// The grain called.
+    pub(crate) grain: GrainId,
     pub(crate) method: std::borrow::Cow<'static, str>,
     pub(crate) payload: Payload,
     pub(crate) chain: CallChain,
@@ -762,9 +785,9 @@ pub(crate) struct TurnCall {
 
 /// Runs `call` as one turn of `built`, on whichever task holds its turn lock; the caller has checked the
 /// lease, eviction and the deadline. Returns how the turn ended and the call's answer.
-pub(crate) async fn run_call(id: &GrainId, built: &mut Built, call: TurnCall) -> (TurnEnd, Result<Payload, CallError>) {
-    let mut turn = Turn::start(id, built, call);
-    std::future::poll_fn(|cx| turn.poll_end(cx, id, built)).await
+pub(crate) async fn run_call(built: &mut Built, call: TurnCall) -> (TurnEnd, Result<Payload, CallError>) {
+    let mut turn = Turn::start(built, call);
+    std::future::poll_fn(|cx| turn.poll_end(cx, built)).await
 }
 
 /// One turn under way. Its grain is out of its [`Built`], owned by the turn's future, until the turn ends
@@ -781,8 +804,8 @@ pub(crate) struct Turn {
 
 impl Turn {
     /// Starts `call` as a turn of `built`'s grain (nothing runs until it is polled).
-    pub(crate) fn start(id: &GrainId, built: &mut Built, call: TurnCall) -> Turn {
-        let TurnCall { method, payload, chain, metadata, started } = call;
+    pub(crate) fn start(built: &mut Built, call: TurnCall) -> Turn {
+        let TurnCall { grain: id, method, payload, chain, metadata, started } = call;
         let span = tracing::debug_span!("grain.turn", grain = %id, method = %method);
         #[cfg(feature = "otlp")]
         let (metadata, trace) = crate::otlp::start(
@@ -791,7 +814,7 @@ impl Turn {
             metadata,
             || vec![("grains.grain", id.to_string()), ("grains.silo", built.silo.to_string())],
         );
-        let scope = TurnScope { chain, grain: id.clone(), metadata, span };
+        let scope = TurnScope { chain, grain: id, metadata, span };
         let future = built.grain.take().map(|grain| grain.run_turn(method, payload, scope));
         Turn {
             future,
@@ -806,9 +829,9 @@ impl Turn {
     pub(crate) fn poll_end(
         &mut self,
         cx: &mut Context<'_>,
-        id: &GrainId,
         built: &mut Built,
     ) -> Poll<(TurnEnd, Result<Payload, CallError>)> {
+        let id = built.ctx.id();
         let Some(future) = self.future.as_mut() else {
             let error = CallError::Unavailable(format!("the activation of {id} lost its grain to a panic"));
             return Poll::Ready((TurnEnd::Panicked, Err(error)));

@@ -60,9 +60,8 @@ impl ActivationTable {
     /// The activation of `id` here with its turn lock, if it can run a call on the caller's task right now
     /// (see [`ActivationShared::claim_idle`](crate::activation::ActivationShared::claim_idle)).
     pub(crate) fn claim_idle(&self, id: &GrainId) -> Option<IdleClaim> {
-        let handle = self.map.get(id)?;
-        let guard = handle.shared.claim_idle()?;
-        Some(IdleClaim { shared: handle.shared.clone(), guard })
+        let guard = self.map.get(id)?.shared.claim_idle()?;
+        Some(IdleClaim { guard })
     }
 
     /// Puts the call in the mailbox of `id`'s activation if it has one here; else hands the call back. A drain

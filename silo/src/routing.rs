@@ -120,17 +120,15 @@ struct InlineTurn {
 struct InlineState {
     turn: Turn,
     guard: TurnGuard,
-    shared: Arc<ActivationShared>,
-    id: GrainId,
 }
 
 impl InlineTurn {
     /// Starts `call` as a turn of the claimed activation (nothing runs until it is polled).
-    fn start(IdleClaim { shared, mut guard }: IdleClaim, call: Call, started: Instant) -> Self {
-        let Call { target: id, method, payload, chain, metadata, .. } = call;
+    fn start(IdleClaim { mut guard }: IdleClaim, call: Call, started: Instant) -> Self {
+        let Call { target: grain, method, payload, chain, metadata, .. } = call;
         let Some(built) = guard.as_mut() else { unreachable!("claimed with its grain built") };
-        let turn = Turn::start(&id, built, TurnCall { method, payload, chain, metadata, started });
-        Self { state: Some(InlineState { turn, guard, shared, id }), detached: false }
+        let turn = Turn::start(built, TurnCall { grain, method, payload, chain, metadata, started });
+        Self { state: Some(InlineState { turn, guard }), detached: false }
     }
 }
 
@@ -140,18 +138,16 @@ impl Future for InlineTurn {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let Some(state) = self.state.as_mut() else { panic!("an inline turn polled after its end") };
         let Some(built) = state.guard.as_mut() else { unreachable!("the turn lock holds the built grain") };
-        let (end, result) = std::task::ready!(state.turn.poll_end(cx, &state.id, built));
-        state.shared.touch(built.now_ms());
-        let InlineState { mut guard, shared, .. } = self.state.take().expect("checked above");
-        match end {
-            TurnEnd::Ran => {}
-            TurnEnd::Panicked => {
+        let (end, result) = std::task::ready!(state.turn.poll_end(cx, built));
+        built.touch();
+        let InlineState { mut guard, .. } = self.state.take().expect("checked above");
+        if !matches!(end, TurnEnd::Ran) {
+            let shared = guard.as_ref().and_then(activation::Built::activation);
+            if matches!(end, TurnEnd::Panicked) {
                 *guard = None; // dropped without on_deactivate; its drainer makes the activation leave next
-                drop(guard);
-                let _ = shared.send(Mail::Deactivate { force: true });
             }
-            TurnEnd::Deactivate => {
-                drop(guard);
+            drop(guard);
+            if let Some(shared) = shared {
                 let _ = shared.send(Mail::Deactivate { force: true });
             }
         }
@@ -247,7 +243,7 @@ impl SiloInner {
         let activation_id = self.table.next_activation_id();
         let life = Life::new(self.arc(), id.clone(), activation_id, grain_type, registration.clone());
         let mailbox = activation::Mailbox::new(self.config.max_mailbox_length, life);
-        let shared = Arc::new(ActivationShared::new(mailbox, self.now_ms(), idle_timeout, grain_type));
+        let shared = Arc::new(ActivationShared::new(mailbox, self.now_ms(), idle_timeout));
         ActivationHandle { activation_id, shared, registration }
     }
 

@@ -265,7 +265,7 @@ impl GrainRuntime for SiloInner {
         // task once the call is decoded and filtered (refused, it only lets the claim go).
         let claim = self.table.claim_idle(&call.target);
         let registration = match &claim {
-            Some(claim) => claim.shared.grain_type,
+            Some(claim) => claim.grain_type(),
             None => match self.registration_of(&call) {
                 Ok(registration) => registration,
                 Err(error) => return refuse(error),
