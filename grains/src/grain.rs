@@ -11,15 +11,13 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::task::Poll;
 use std::time::Duration;
 
-use tracing::Instrument;
-
 use crate::codec::CodecError;
 use crate::context::GrainContext;
 use crate::error::{CallError, GrainError};
 use crate::id::GrainId;
 use crate::reference::GrainRef;
 use crate::reminder::{REMINDER_METHOD, ReminderAck, ReminderTick};
-use crate::runtime::{BoxFuture, CallChain, LocalMessage, Payload, RequestMetadata, run_in_turn};
+use crate::runtime::{BoxFuture, CallChain, LocalMessage, Payload, RequestMetadata, in_span, run_in_turn};
 
 /// Per-type options set with `#[grain(...)]` on the struct.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -226,7 +224,7 @@ impl<G: Grain> ErasedGrain for G {
             let TurnScope { chain, grain: id, metadata, span } = scope;
             let result = {
                 let turn = run_in_turn(chain, id, metadata, handle_call(&mut *grain, &method, payload));
-                let mut turn = std::pin::pin!(turn.instrument(span));
+                let mut turn = std::pin::pin!(in_span(turn, span));
                 std::future::poll_fn(|cx| match catch_unwind(AssertUnwindSafe(|| turn.as_mut().poll(cx))) {
                     Ok(Poll::Pending) => Poll::Pending,
                     Ok(Poll::Ready(answer)) => Poll::Ready(Ok(answer)),

@@ -319,6 +319,37 @@ impl<F: Future> Future for Scoped<F> {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// `fut` in `span` (see [`in_span`]).
+    #[project = InSpanProj]
+    pub(crate) enum InSpan<F> {
+        Bare { #[pin] fut: F },
+        Traced { #[pin] fut: tracing::instrument::Instrumented<F> },
+    }
+}
+
+/// `fut`, entered in `span` on every poll as [`Instrument`](tracing::Instrument) does, unless no subscriber
+/// wants the span: then `fut` runs bare, with no span to enter, leave and drop on each poll (measured: the two
+/// spans of a warm local call, the caller's and the turn's, cost 1.7% of its instructions when disabled).
+pub(crate) fn in_span<F: Future>(fut: F, span: tracing::Span) -> InSpan<F> {
+    if span.is_disabled() {
+        InSpan::Bare { fut }
+    } else {
+        InSpan::Traced { fut: tracing::Instrument::instrument(fut, span) }
+    }
+}
+
+impl<F: Future> Future for InSpan<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        match self.project() {
+            InSpanProj::Bare { fut } => fut.poll(cx),
+            InSpanProj::Traced { fut } => fut.poll(cx),
+        }
+    }
+}
+
 /// Runs `fut` with `context` as the current one, as a task-local scope would.
 fn scope<F: Future>(context: Context, fut: F) -> Scoped<F> {
     Scoped { context, fut }

@@ -437,3 +437,56 @@ async fn shutdown_deactivates_every_grain_and_refuses_new_calls() {
     }
     assert!(matches!(late.get().await, Err(CallError::ShuttingDown)));
 }
+
+/// A span's name, and the name of the span it was opened in.
+type OpenedIn = (&'static str, Option<&'static str>);
+
+/// Records the `grain.*` spans opened, each with the span it was opened in.
+#[derive(Clone, Default)]
+struct GrainSpans(Arc<std::sync::Mutex<Vec<OpenedIn>>>);
+
+impl<S> tracing_subscriber::Layer<S> for GrainSpans
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        _id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let name = attrs.metadata().name();
+        if name.starts_with("grain.") {
+            let parent = ctx.lookup_current().map(|span| span.name());
+            self.0.lock().unwrap().push((name, parent));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_warm_grain_to_grain_call_is_traced_turn_inside_call_when_a_subscriber_wants_the_spans() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // Spans nobody wants are skipped on the warm path (no span entered per poll): one that is wanted must still
+    // enclose what runs inside it, on the caller's task, turn inside call inside turn inside call.
+    let spans = GrainSpans::default();
+    let _subscriber = tracing_subscriber::registry().with(spans.clone()).set_default();
+    let silo = start_silo(test_config()).await;
+    let (asker, asked) = (silo.grain::<Peer>("asker"), silo.grain::<Peer>("asked"));
+    assert_eq!(asked.name().await.unwrap(), "asked");
+    assert_eq!(asker.name().await.unwrap(), "asker");
+    spans.0.lock().unwrap().clear();
+
+    assert_eq!(asker.ask_name("asked".to_owned()).await.unwrap().unwrap(), "asked");
+    let seen = std::mem::take(&mut *spans.0.lock().unwrap());
+    assert_eq!(
+        seen,
+        [
+            ("grain.call", None),
+            ("grain.turn", Some("grain.call")),
+            ("grain.call", Some("grain.turn")),
+            ("grain.turn", Some("grain.call")),
+        ]
+    );
+    silo.shutdown(Duration::from_secs(5)).await;
+}
