@@ -130,10 +130,28 @@ impl From<(i64, String)> for GrainKey {
 }
 
 /// The identity of one virtual grain: its type name and its key.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct GrainId {
     grain_type: Cow<'static, str>,
     key: GrainKey,
+}
+
+impl PartialEq for GrainId {
+    /// The key first (an integer compare, for most grains), then the type name: one pointer compare when both
+    /// name the same string, as the ids of every typed reference to one grain type do (they name
+    /// `G::TYPE_NAME`). Every warm call compares two ids, in the silo's activation table.
+    fn eq(&self, other: &Self) -> bool {
+        let same_name = |a: &str, b: &str| (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b;
+        self.key == other.key && same_name(&self.grain_type, &other.grain_type)
+    }
+}
+
+impl std::hash::Hash for GrainId {
+    /// As a derived `Hash` would: the type name, then the key (consistent with `eq`, which compares the same).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.grain_type.hash(state);
+        self.key.hash(state);
+    }
 }
 
 impl GrainId {
@@ -168,6 +186,20 @@ impl fmt::Display for GrainId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_equal_by_name_and_key_wherever_their_name_is_stored() {
+        use std::hash::BuildHasher;
+        let fixed = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+        let named = GrainId::new("Cart", 7);
+        let owned = GrainId::new(String::from("Cart"), 7);
+        assert_eq!(named, owned, "a static name and an owned copy of it");
+        assert_eq!(fixed.hash_one(&named), fixed.hash_one(&owned));
+        assert_ne!(named, GrainId::new("Cart", 8));
+        assert_ne!(named, GrainId::new("Car", 7));
+        assert_ne!(GrainId::new(&"Carts"[..4], 7), GrainId::new("Carts", 7), "same start, not the same name");
+        assert_eq!(GrainId::new(&"Carts"[..4], 7), named);
+    }
 
     #[test]
     fn every_key_shape_has_a_readable_text_form() {
