@@ -303,7 +303,9 @@ scoped_tls::scoped_thread_local! {
 
 pin_project_lite::pin_project! {
     /// `fut`, polled with `context` as the current one: what a task-local scope is, with the context left in
-    /// place and only a pointer to it swapped on each poll.
+    /// place and only a pointer to it swapped on each poll. Unlike tokio's, the scope is not set while `fut` is
+    /// dropped: the futures it wraps (turns, a silo's work on a caller's task) are run to their end, not dropped
+    /// half-way, but for the runtime's own shutdown.
     struct Scoped<F> {
         context: Context,
         #[pin]
@@ -330,8 +332,8 @@ pin_project_lite::pin_project! {
 }
 
 /// `fut`, entered in `span` on every poll as [`Instrument`](tracing::Instrument) does, unless no subscriber
-/// wants the span: then `fut` runs bare, with no span to enter, leave and drop on each poll (measured: the two
-/// spans of a warm local call, the caller's and the turn's, cost 1.7% of its instructions when disabled).
+/// wants the span: then `fut` runs bare, with no span to enter, leave and drop on each poll (measured: a warm
+/// local call's turn, instrumented with its disabled span, spent 1.5% of the call's instructions on it).
 pub(crate) fn in_span<F: Future>(fut: F, span: tracing::Span) -> InSpan<F> {
     if span.is_disabled() {
         InSpan::Bare { fut }
