@@ -87,6 +87,46 @@ impl<T: WireMessage> LocalMessage for T {
     }
 }
 
+/// A typed reference's call, in one allocation: its request on the way in, its response on the way back. The
+/// turn takes the request out and puts the response in the same box, so a local call allocates one box for
+/// both instead of one each. (A request decoded from the wire travels as a plain `G::Request`, answered with a
+/// plain `G::Response`.)
+pub(crate) struct CallCell<G: Grain> {
+    request: Option<G::Request>,
+    response: Option<G::Response>,
+}
+
+impl<G: Grain> CallCell<G> {
+    /// A cell holding `request`.
+    pub(crate) fn new(request: G::Request) -> Self {
+        Self { request: Some(request), response: None }
+    }
+
+    /// The response a turn put in.
+    pub(crate) fn into_response(self) -> Option<G::Response> {
+        self.response
+    }
+}
+
+impl<G: Grain> LocalMessage for CallCell<G> {
+    /// The response once there is one, else the request (a call sent on to another silo).
+    fn encode(&self) -> Result<Vec<u8>, CodecError> {
+        match (&self.response, &self.request) {
+            (Some(response), _) => response.encode_body(),
+            (None, Some(request)) => request.encode_body(),
+            (None, None) => Err(CodecError("encode: a call whose request was taken and no response given".to_owned())),
+        }
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+
+    fn is_error(&self) -> bool {
+        self.response.as_ref().is_some_and(WireMessage::is_error)
+    }
+}
+
 /// The behaviour half of a grain, implemented by `#[grain]` on the impl block (never by hand): what
 /// `silo.grain::<Cart>(key)` and `ctx.grain::<Cart>(key)` need to name `Cart`'s reference, [`Grain::Ref`].
 /// The lifecycle hooks' defaults do nothing (see the [crate docs](crate#lifecycle-hooks)).
@@ -256,14 +296,20 @@ async fn handle_call<G: Grain>(grain: &mut G, method: &str, payload: Payload) ->
         return deliver_reminder(grain, payload).await;
     }
     match payload {
-        Payload::Local(message) => {
-            let request = message
-                .into_any()
-                .downcast::<G::Request>()
-                .map_err(|_| CallError::Protocol(format!("local request is not a {} request", G::TYPE_NAME)))?;
-            let response = Grain::handle(grain, *request).await;
-            Ok(Payload::Local(Box::new(response)))
-        }
+        Payload::Local(message) => match message.into_any().downcast::<CallCell<G>>() {
+            Ok(mut cell) => {
+                let request = cell.request.take().ok_or_else(|| CallError::Protocol("a call run twice".to_owned()))?;
+                cell.response = Some(Grain::handle(grain, request).await);
+                Ok(Payload::Local(cell))
+            }
+            Err(message) => {
+                let request = message
+                    .downcast::<G::Request>()
+                    .map_err(|_| CallError::Protocol(format!("local request is not a {} request", G::TYPE_NAME)))?;
+                let response = Grain::handle(grain, *request).await;
+                Ok(Payload::Local(Box::new(response)))
+            }
+        },
         Payload::Encoded(body) => {
             let request = G::decode_request(method, &body)?;
             let response = Grain::handle(grain, request).await;

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::error::CallError;
-use crate::grain::Grain;
+use crate::grain::{CallCell, Grain};
 use crate::id::GrainId;
 use crate::runtime::{Call, GrainRuntime, Payload, RequestMetadata, current_chain};
 
@@ -62,7 +62,7 @@ impl RefCore {
         let call = Call {
             target: self.id.clone(),
             method: method.into(),
-            payload: Payload::Local(Box::new(request)),
+            payload: Payload::Local(Box::new(CallCell::<G>::new(request))),
             deadline: issued + self.timeout.unwrap_or_else(|| self.runtime.default_timeout()),
             issued,
             chain: current_chain(),
@@ -70,11 +70,11 @@ impl RefCore {
         };
         let reply = async move {
             match self.runtime.invoke(call).await? {
-                Payload::Local(reply) => reply
-                    .into_any()
-                    .downcast::<G::Response>()
-                    .map(|r| *r)
-                    .map_err(|_| CallError::Protocol(format!("local reply is not a {} response", G::TYPE_NAME))),
+                Payload::Local(reply) => match reply.into_any().downcast::<CallCell<G>>() {
+                    Ok(cell) => cell.into_response(),
+                    Err(reply) => reply.downcast::<G::Response>().ok().map(|r| *r),
+                }
+                .ok_or_else(|| CallError::Protocol(format!("local reply is not a {} response", G::TYPE_NAME))),
                 Payload::Encoded(body) => G::decode_response(method, &body),
             }
         };
