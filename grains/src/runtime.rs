@@ -5,9 +5,11 @@
 //! from another process). The runtime moves the call by [`GrainId`], method name and [`Payload`]; it knows
 //! nothing about the grain's types.
 //!
-//! A payload starts out [`Payload::Local`]: the typed request, boxed. A runtime that delivers it inside the same
-//! process moves it as it is; one that sends it over the wire encodes it there ([`LocalMessage::encode`]).
-//! Replies come back the same way, so a call between grains on one silo is never serialized.
+//! A payload starts out [`Payload::Local`]: the typed request, boxed (by a typed reference, in a cell the turn
+//! puts the response back into, so that a local call allocates one box for both). A runtime that delivers it
+//! inside the same process moves it as it is; one that sends it over the wire encodes it there
+//! ([`LocalMessage::encode`]). Replies come back the same way, so a call between grains on one silo is never
+//! serialized.
 //!
 //! # Request metadata
 //!
