@@ -193,6 +193,28 @@ async fn metrics_include_latency_histograms_per_grain_type_and_method() {
 }
 
 #[tokio::test]
+async fn a_typed_local_calls_own_err_counts_as_an_error_of_its_method() {
+    // A typed reference's call carries its request, and brings its response back, in one cell: the method's
+    // own `Err` in it still counts as the method's error.
+    let (silo, addr) = silo().await;
+    let cart = silo.grain::<grains_examples::cart::Cart>("typed");
+    assert_eq!(cart.add("apple".to_owned(), 1).await.unwrap(), Ok(1));
+    assert!(cart.add("apple".to_owned(), 0).await.unwrap().is_err());
+    let text = request(addr, "GET", "/metrics", &[], b"").await.unwrap().text();
+    let line = |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).map(str::to_owned);
+    assert_eq!(
+        line(r#"grains_grain_calls_total{grain_type="Cart",method="add"}"#).as_deref(),
+        Some(r#"grains_grain_calls_total{grain_type="Cart",method="add"} 2"#)
+    );
+    assert_eq!(
+        line(r#"grains_grain_errors_total{grain_type="Cart",method="add"}"#).as_deref(),
+        Some(r#"grains_grain_errors_total{grain_type="Cart",method="add"} 1"#),
+        "{text}"
+    );
+    silo.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
 async fn stopping_a_silo_over_http_needs_the_admin_token_or_the_cluster_secret() {
     let (silo, addr) = silo().await;
     let requested = silo.shutdown_requested();
