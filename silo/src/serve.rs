@@ -61,9 +61,7 @@ impl SiloInner {
             // Refused before running: the caller may safely send it elsewhere.
             return Err(CallError::ShuttingDown);
         }
-        let registration = self
-            .grain_type(&target.grain_type)
-            .ok_or_else(|| CallError::UnknownGrainType(target.grain_type.clone()))?;
+        let registration = self.registration_of(&target.grain_type)?;
         let id = target.to_grain_id(Some(registration.type_name))?;
         let chain = envelope
             .call_chain

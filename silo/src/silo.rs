@@ -174,10 +174,9 @@ impl SiloInner {
         Ok(())
     }
 
-    /// The registration of the call's grain type, refusing a type this silo does not host.
-    pub(crate) fn registration_of(&self, call: &Call) -> Result<&'static GrainRegistration, CallError> {
-        self.grain_type(call.target.grain_type())
-            .ok_or_else(|| CallError::UnknownGrainType(call.target.grain_type().to_owned()))
+    /// The registration of grain type `name`, refusing a type this silo does not host.
+    pub(crate) fn registration_of(&self, name: &str) -> Result<&'static GrainRegistration, CallError> {
+        self.grain_type(name).ok_or_else(|| CallError::UnknownGrainType(name.to_owned()))
     }
 
     /// The silo's counters now.
@@ -266,7 +265,7 @@ impl GrainRuntime for SiloInner {
         let claim = self.table.claim_idle(&call.target);
         let registration = match &claim {
             Some(claim) => claim.grain_type(),
-            None => match self.registration_of(&call) {
+            None => match self.registration_of(call.target.grain_type()) {
                 Ok(registration) => registration,
                 Err(error) => return refuse(error),
             },
