@@ -40,7 +40,17 @@ pub(crate) fn wait_reply(
     async move {
         let (mut beside, mut waiter) = (beside, waiter);
         let reply = std::future::poll_fn(|cx| {
-            beside.poll(cx);
+            if beside.is_running() {
+                // The work beside may answer this very call (a route run here ends by sending its reply, a
+                // drain by running its turn). Its send must not wake this task while it runs: tokio reschedules
+                // a task woken during its own poll as if it had yielded, and wakes a parked worker to steal it.
+                // So the waiter waits on a waker that does nothing while `beside` runs, and on this task's
+                // once it has.
+                if let Poll::Ready(reply) = Pin::new(&mut waiter).poll(&mut Context::from_waker(Waker::noop())) {
+                    return Poll::Ready(reply);
+                }
+                beside.poll(cx);
+            }
             Pin::new(&mut waiter).poll(cx)
         });
         // Whatever of `beside` is left when this returns goes on on a task of its own (see `Beside`'s `Drop`).
@@ -77,6 +87,11 @@ impl Beside {
     /// The drain a delivery started, if any.
     pub(crate) fn drain(drain: Option<Drain>) -> Self {
         drain.map_or_else(Self::nothing, |drain| Self::work(drain.run()))
+    }
+
+    /// Whether there is work left.
+    fn is_running(&self) -> bool {
+        self.0.is_some()
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) {
@@ -368,6 +383,45 @@ mod tests {
 
     fn size_of_return<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
         std::mem::size_of::<F>()
+    }
+
+    /// A waker that counts its wakes.
+    struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn work_beside_a_wait_that_answers_it_does_not_wake_the_waiting_task() {
+        // A route run beside its caller's wait ends by sending the reply: a wake of the caller's own task while
+        // it runs makes tokio reschedule it as a yield and wake a parked worker, once per call.
+        let (reply, waiter) = oneshot::channel();
+        let (go, gate) = oneshot::channel::<()>();
+        let beside = Beside::work(async move {
+            let _ = gate.await;
+            let _ = reply.send(Ok(Payload::Encoded(Bytes::from_static(b"done"))));
+        });
+        let mut wait = std::pin::pin!(wait_reply(waiter, Instant::now() + Duration::from_secs(5), beside));
+        let counter = Arc::new(CountingWaker(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = Waker::from(counter.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(wait.as_mut().poll(&mut cx).is_pending(), "the work beside waits for its gate");
+        go.send(()).expect("the gate is awaited");
+        let woken_by_gate = counter.0.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(woken_by_gate, 1, "the gate wakes the waiting task");
+        match wait.as_mut().poll(&mut cx) {
+            Poll::Ready(Ok(Payload::Encoded(body))) => assert_eq!(&body[..], b"done"),
+            other => panic!("the reply sent beside is the call's: {:?}", other.map(|r| r.map(|_| ()))),
+        }
+        let woken = counter.0.load(std::sync::atomic::Ordering::Relaxed) - woken_by_gate;
+        assert_eq!(woken, 0, "the reply sent during the task's own poll woke it {woken} time(s)");
     }
 
     #[test]
