@@ -6,8 +6,9 @@
 
 use std::process::ExitCode;
 
-/// With the `mimalloc` feature, the silo runs on mimalloc: under glibc's malloc the transient tasks of cold
-/// calls leave free holes between long-lived activations (see BENCHMARKS.md, Activations).
+/// With the `mimalloc` feature (the default), the silo runs on mimalloc: under glibc's malloc, buffers freed on
+/// another worker thread than the one that allocated them make the threads contend for arena locks, which halves
+/// remote-call throughput in some runs (see BENCHMARKS.md, "Cross-silo calls").
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

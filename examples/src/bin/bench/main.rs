@@ -24,8 +24,8 @@ mod storage;
 
 use harness::Section;
 
-/// With the `mimalloc` feature, the bench runs on the allocator a silo binary would pick for a large heap of
-/// small objects; by default, on the system's.
+/// With the `mimalloc` feature (the default), the bench runs on the allocator a silo binary should pick (README,
+/// "Benchmarks"); with `--no-default-features`, on the system's. The baselines share the bench's allocator.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
